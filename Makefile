@@ -1,0 +1,33 @@
+# Two commands for a new machine:  `make demo` (the end-to-end demo) and `make test`.
+# Each creates .venv on first use and installs everything minilora needs into it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# A CPU build of PyTorch is enough for everything here; on a CUDA machine set TORCH=torch.
+TORCH ?= torch==2.13.0
+
+export TRITON_DEFAULT_FP_FUSION ?= 1
+
+.PHONY: setup demo test bench notebooks clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev,triton,notebooks]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m minilora demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

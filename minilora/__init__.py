@@ -1,0 +1,11 @@
+"""minilora: LoRA and QLoRA built by hand, small enough to read in one sitting.
+
+Public API (everything a lecture notebook needs is importable from here).
+"""
+from .gpt import GPT, GPTConfig
+from .lora import LoRALinear
+from .inject import add_lora, find_targets, lora_layers, mark_only_lora_trainable, merge_lora
+from .adapters import adapter_state_dict, load_adapter, save_adapter
+from .params import ParamCount, count_parameters, format_count, lora_params_real, slide_table
+
+__version__ = "0.1.0"

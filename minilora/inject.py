@@ -1,0 +1,88 @@
+"""Apply LoRA to any model from outside: find target modules by name, wrap them, freeze everything else.
+
+A target pattern matches a module name when it is the exact name, a dotted suffix of it ("c_attn" matches
+"transformer.h.0.attn.c_attn"), or a regular expression that matches the whole name ("h\\.[01]\\..*c_fc").
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+
+import torch.nn as nn
+
+from .lora import LoRALinear
+
+# Which wrapper turns which kind of layer into a LoRA layer. Layers defined elsewhere (the NF4 linear of
+# minilora.qlora) register themselves here, so this module never needs to know about them.
+LORA_WRAPPERS: dict[type, Callable[..., nn.Module]] = {nn.Linear: LoRALinear}
+
+
+def register_lora_wrapper(base_type: type, wrapper: Callable[..., nn.Module]) -> None:
+    """Teach add_lora to wrap modules of base_type with wrapper(module, r=, alpha=, dropout=, ...)."""
+    LORA_WRAPPERS[base_type] = wrapper
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    """Names of the modules that the patterns select; every pattern must select at least one module."""
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    if not patterns:
+        raise ValueError("targets must name at least one module")
+    names = [n for n, _ in model.named_modules() if n]
+    chosen: list[str] = []
+    for p in patterns:
+        hits = [n for n in names if _matches(n, p)]
+        if not hits:
+            raise ValueError(f"target {p!r} matches no module of {type(model).__name__} "
+                             f"(module names look like {names[min(5, len(names) - 1)]!r})")
+        chosen += [n for n in hits if n not in chosen]
+    return chosen
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def add_lora(model: nn.Module, targets: str | Iterable[str], r: int = 8, alpha: float = 16.0,
+             dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming") -> nn.Module:
+    """Wrap each target layer W0 as W0 + (alpha/r)·B·A (in place) and leave only lora_A / lora_B trainable."""
+    for name in find_targets(model, targets):
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear) or hasattr(module, "lora_A"):
+            raise ValueError(f"target {name!r} already has a LoRA adapter")
+        wrapper = next((w for t, w in LORA_WRAPPERS.items() if type(module) is t), None)
+        if wrapper is None:
+            kinds = ", ".join(t.__name__ for t in LORA_WRAPPERS)
+            raise TypeError(f"target {name!r} is a {type(module).__name__}; LoRA wraps only {kinds}")
+        _set_submodule(model, name, wrapper(module, r=r, alpha=alpha, dropout=dropout,
+                                            use_rslora=use_rslora, init=init))
+    mark_only_lora_trainable(model)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name -> LoRA layer, for every layer carrying lora_A / lora_B."""
+    return {n: m for n, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), nn.Parameter)}
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """requires_grad = True for lora_A / lora_B, False for every other parameter."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(("lora_A", "lora_B")))
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight, W = W0 + scaling·B·A, and put the plain layer back (in place)."""
+    for name, layer in lora_layers(model).items():
+        _set_submodule(model, name, layer.merged_layer())
+    return model

@@ -1,0 +1,116 @@
+"""LoRA: a frozen weight W0 plus a trainable low-rank update, h = W0 x + (alpha / r) · B A x.
+
+A (r × in) starts random and B (out × r) starts at zero, so at initialisation the wrapped layer is exactly
+the base layer; training moves only A and B. After training, W0 + scaling · B A can be folded into one
+matrix (merge) so inference costs nothing extra.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scaling · B (A dropout(x)), scaling = alpha / r (rsLoRA: alpha / sqrt(r)).
+
+    base: a frozen nn.Linear (its parameters get requires_grad=False).
+    init: "kaiming" (A ~ Kaiming-uniform, the default) or "gaussian" (A ~ N(0, 1/r²), the slides' normal init).
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming"):
+        super().__init__()
+        in_features, out_features = getattr(base, "in_features", None), getattr(base, "out_features", None)
+        if in_features is None or out_features is None:
+            raise TypeError(f"base must be a linear layer with in_features/out_features, got {type(base).__name__}")
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r (LoRA rank) must be a positive int, got {r!r}")
+        if r > min(in_features, out_features):
+            raise ValueError(f"r (LoRA rank) = {r} exceeds min(in_features, out_features) = "
+                             f"{min(in_features, out_features)}: the update would not be low-rank")
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.use_rslora, self.init = r, alpha, use_rslora, init
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dtype = self._adapter_dtype(base)
+        device = next(base.parameters(), torch.empty(0)).device
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        self.reset_lora_parameters()
+        self.merged = False
+
+    @staticmethod
+    def _adapter_dtype(base: nn.Module) -> torch.dtype:
+        w = getattr(base, "weight", None)
+        return w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
+
+    def reset_lora_parameters(self) -> None:
+        """A random, B = 0: the update B A is zero, so the layer starts as the base layer."""
+        with torch.no_grad():
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # same law nn.Linear uses
+            else:
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            self.lora_B.zero_()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling · B A, shape (out, in), computed in fp32."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling · (dropout(x) Aᵀ) Bᵀ: two thin matmuls, never the full (out × in) update."""
+        x = self.lora_dropout(x).to(self.lora_A.dtype)
+        return (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        return y + self.lora_forward(x).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 <- W0 + scaling · B A. Merging twice would add the update twice, so it is an error."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge: adapter is already merged (call unmerge() first)")
+        w = self.base_layer.weight
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W0 <- W0 - scaling · B A, undoing merge()."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge: adapter is not merged")
+        w = self.base_layer.weight
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def merged_layer(self) -> nn.Module:
+        """The base layer with the update folded in (a plain nn.Linear), for merge_lora."""
+        if not self.merged:
+            self.merge()
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"

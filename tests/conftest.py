@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from minilora import GPT, GPTConfig
+
+
+@pytest.fixture
+def tiny_config():
+    return GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture
+def tiny_gpt(tiny_config):
+    torch.manual_seed(0)
+    return GPT(tiny_config)
+
+
+@pytest.fixture
+def hf_gpt2_dir(tmp_path):
+    """A random tiny transformers GPT-2, saved as config.json + model.safetensors."""
+    transformers = pytest.importorskip("transformers", reason="transformers (dev extra) compares GPT-2 logits")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=101, n_positions=40, n_embd=48, n_layer=3, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # random biases and norms, so a mix-up between them would show
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    return tmp_path, model

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from minilora import GPT, GPTConfig
+
+
+def test_logits_and_greedy_generation_match_hf_gpt2(hf_gpt2_dir):
+    path, hf = hf_gpt2_dir
+    model = GPT.from_pretrained(path).eval()
+    idx = torch.randint(0, 101, (3, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    prompt = idx[:, :5]
+    ref = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                      attention_mask=torch.ones_like(prompt))
+    assert torch.equal(model.generate(prompt, 12, greedy=True), ref)
+
+
+def test_save_pretrained_round_trips_through_hf(hf_gpt2_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    path, hf = hf_gpt2_dir
+    GPT.from_pretrained(path).save_pretrained(tmp_path / "again")
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "again").eval()
+    idx = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(back(idx).logits, hf(idx).logits, atol=1e-5)
+
+
+def test_loss_ignores_masked_targets(tiny_gpt):
+    idx = torch.randint(0, 97, (2, 8))
+    targets = idx.clone()
+    logits, loss = tiny_gpt(idx, targets)
+    targets[:, :4] = -100
+    _, masked = tiny_gpt(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 97), idx[:, 4:].reshape(-1))
+    assert logits.shape == (2, 8, 97)
+    assert torch.allclose(masked, expected, atol=1e-6) and not torch.allclose(loss, masked)
+
+
+def test_attention_is_causal(tiny_gpt):
+    tiny_gpt.eval()
+    a = torch.randint(0, 97, (1, 10))
+    b = a.clone()
+    b[0, 7:] = (b[0, 7:] + 1) % 97  # change only the future
+    assert torch.allclose(tiny_gpt(a)[0, :7], tiny_gpt(b)[0, :7], atol=1e-6)
+    assert not torch.allclose(tiny_gpt(a)[0, 7:], tiny_gpt(b)[0, 7:])
+
+
+def test_generate_sampling_top_k_and_temperature(tiny_gpt):
+    idx = torch.zeros(4, 1, dtype=torch.long)
+    out = tiny_gpt.generate(idx, 6, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, tiny_gpt.generate(idx, 6, greedy=True))  # top-1 sampling is greedy
+    hot = tiny_gpt.generate(idx, 20, temperature=5.0, generator=torch.Generator().manual_seed(0))
+    assert hot.shape == (4, 21) and len(set(hot[:, 1:].flatten().tolist())) > 10
+    with pytest.raises(ValueError, match="temperature"):
+        tiny_gpt.generate(idx, 3, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        tiny_gpt.generate(idx, 3, top_k=0)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, dropout=0.5))
+    idx = torch.randint(0, 50, (2, 8))
+    model.train()
+    assert not torch.allclose(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+
+
+def test_bad_config_and_input(tiny_gpt):
+    with pytest.raises(ValueError, match="n_head"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="n_layer"):
+        GPTConfig(n_layer=0)
+    with pytest.raises(ValueError, match="block_size"):
+        tiny_gpt(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained("/nonexistent")
