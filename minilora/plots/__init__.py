@@ -1,7 +1,5 @@
 """The figures lecture notebooks and benchmark scripts share (matplotlib, drawn from measured numbers).
 
-One module per topic; each function takes numbers computed by the library and returns a Figure.
+One module per topic (plots.quant, plots.memory, plots.training, ...); each function takes numbers the
+library computed and returns a matplotlib Figure. Names are re-exported here.
 """
-import matplotlib
-
-matplotlib.use("Agg") if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline") else None
