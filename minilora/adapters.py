@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -33,6 +34,15 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _target_modules(model: nn.Module, wrapped: set[str]) -> list[str] | str:
+    """Short names ("c_attn") when they select exactly the wrapped layers, else one regex of the full names."""
+    short = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
+    selected = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in short}
+    if selected == wrapped:
+        return short
+    return "(" + "|".join(re.escape(n) for n in sorted(wrapped)) + ")"
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
     """Write adapter_model.safetensors + adapter_config.json (each atomically)."""
     from safetensors.torch import save_file
@@ -47,7 +57,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": first.r, "lora_alpha": first.alpha, "use_rslora": first.use_rslora,
         "lora_dropout": getattr(first.lora_dropout, "p", 0.0), "bias": "none",
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+        "target_modules": _target_modules(model, set(layers)),
         "rank_pattern": {n: r for n, r in ranks.items() if r != first.r},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != first.alpha},
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
