@@ -1,0 +1,64 @@
+"""minilora.kernels: Triton kernels for NF4 weights (dequantize, fused dequant-matmul, dX).
+
+The QLoRA forward pass, Y = X · doubleDequant(c1, c2, W_nf4)ᵀ + scaling · X·Aᵀ·Bᵀ, read the
+weight as packed 4-bit codes: 0.5 byte per weight plus the double-quantized block constants,
+instead of 2 bytes for a bf16 copy (plus another 2 + 2 to write and re-read one).
+
+Layout of an NF4 weight W (N out_features × K in_features), the fields of a QuantState:
+    packed         uint8 ((N·K + 1) // 2,)  flat row-major W, first element in the high nibble
+    code           fp32 (16,)               the NF4 table
+    absmax         uint8 (num_blocks,)      double quant: indices into nested_code
+                   or fp32 (num_blocks,)    no double quant: the block scales themselves
+    nested_code    fp32 (256,)              (double quant only)
+    nested_absmax  fp32 (ceil(num_blocks / 256),)
+    offset         fp32 scalar
+    blocksize      power of two, 32..4096 (64 by default); block of element j = j // blocksize
+    absmax_fp32[i] = nested_code[absmax[i]] · nested_absmax[i // 256] + offset
+    W[j]           = code[nibble_j] · absmax_fp32[j // blocksize]
+
+API (all take keyword arguments blocksize=64, nested_absmax=None, nested_code=None, offset=None):
+    nf4_dequantize(packed, absmax, code, *, shape, dtype)            -> W (shape), bit-identical
+                                                                        to the PyTorch reference
+    nf4_matmul(x, packed, absmax, code, *, N, K, bias=None,
+               lora_xa=None, lora_B=None, lora_scaling=1.0)          -> Y = X·Wᵀ (+ bias)
+                                                                        (+ scaling·XA·Bᵀ), (..., N)
+    nf4_matmul_dx(dy, packed, absmax, code, *, N, K)                 -> dX = dY·W, (..., K)
+    nf4_dequantize_state(state, dtype=None), nf4_matmul_state(x, state, **epilogue),
+    nf4_matmul_dx_state(dy, state)                                   the same, for any object
+                                                                        with the fields above
+    kernels_available(device)                                        can the compiled kernels
+                                                                        run there?
+
+Tensors on a CUDA device run compiled kernels (bf16/fp16 operands multiply on tensor cores
+with fp32 accumulation; fp32 operands in full fp32 unless torch allows TF32). CPU tensors run
+the same kernels under the Triton interpreter (slow; for tests and lectures). The kernel and
+tile sizes are chosen by M, deterministically (configs.py): a GEMV path for M <= 4, a split-K
+tile path for M <= 64 and a 128 × 128 tiled path above. Any K works (odd K and K not a
+multiple of the blocksize included, at some cost: one scale lookup per element).
+
+In QLoRALinear the autograd function would call nf4_matmul in forward (with lora_xa =
+X·lora_Aᵀ and lora_B to fuse the adapter) and nf4_matmul_dx in backward; the adapter
+gradients stay in PyTorch.
+"""
+if __name__ != "minilora.kernels":      # e.g. `import kernels` run from the repository root
+    raise ImportError("this folder is the package minilora.kernels; import it under that name "
+                      "(a top-level `kernels` is a different published package)")
+
+import torch as _torch
+
+from .ops import (nf4_dequantize, nf4_dequantize_state, nf4_matmul, nf4_matmul_dx,
+                  nf4_matmul_dx_state, nf4_matmul_state)
+
+
+def kernels_available(device=None) -> bool:
+    """True when Triton is installed and `device` (default: cuda) is a CUDA device to compile for."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    device = _torch.device("cuda") if device is None else _torch.device(device)
+    return device.type == "cuda" and _torch.cuda.is_available()
+
+
+__all__ = ["nf4_dequantize", "nf4_matmul", "nf4_matmul_dx", "nf4_dequantize_state",
+           "nf4_matmul_state", "nf4_matmul_dx_state", "kernels_available"]
