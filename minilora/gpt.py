@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpointing import checkpoint_sequential
+
 
 @dataclass
 class GPTConfig:
@@ -40,6 +42,10 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        s = self.checkpoint_segments
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= self.n_layer):
+            raise ValueError(f"GPTConfig.checkpoint_segments must be None (⌈√n_layer⌉) or an int in "
+                             f"[1, n_layer={self.n_layer}], got {s!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -138,6 +144,8 @@ class GPT(nn.Module):
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """The transformer blocks in order; with gradient checkpointing, in recomputed segments."""
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint_sequential(self.transformer.h, x, segments=self.config.checkpoint_segments)
         for block in self.transformer.h:
             x = block(x)
         return x

@@ -3,3 +3,4 @@
 One module per topic (plots.quant, plots.memory, plots.training, ...); each function takes numbers the
 library computed and returns a matplotlib Figure. Names are re-exported here.
 """
+from .memory_savers import plot_checkpointing, plot_paging_demo

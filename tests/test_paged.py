@@ -1,0 +1,147 @@
+import io
+
+import pytest
+import torch
+
+from minilora import GPT, GPTConfig, PagedAdamW, long_sequence_demo
+
+HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+PAGE = 4096  # 512 elements' m and v per page
+
+
+def new_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32))
+
+
+def batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 97, (4, 16), generator=g) for _ in range(n)]
+
+
+def train(model, opt, data, sched=None, after_step=None):
+    for idx in data:
+        opt.zero_grad()
+        model(idx, idx)[1].backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if after_step is not None:
+            after_step(opt)
+    return model
+
+
+def max_rel(a: GPT, b: GPT) -> float:
+    return max(((p - q).norm() / q.norm()).item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model = new_model()
+    return train(model, torch.optim.AdamW(model.parameters(), **HP), batches(50))
+
+
+def quarter_budget(model) -> int:
+    full = PagedAdamW(model.parameters(), page_size=PAGE).state_nbytes()
+    return full // 4 // PAGE * PAGE
+
+
+def test_quarter_budget_matches_adamw_and_counts_every_byte(reference):
+    model = new_model()
+    budget = quarter_budget(model)
+    opt = PagedAdamW(model.parameters(), **HP, page_size=PAGE, device_budget=budget)
+    peaks = []
+    train(model, opt, batches(50), after_step=lambda o: peaks.append(o.stats.peak_resident_bytes))
+    assert max_rel(model, reference) <= 1e-6
+    s, N, C = opt.stats, opt.state_nbytes() // PAGE, budget // PAGE
+    assert max(peaks) == s.peak_resident_bytes <= budget and opt.pager.resident_bytes <= budget
+    assert s.bytes_in == s.pages_in * PAGE and s.bytes_out == s.pages_out * PAGE
+    assert s.bytes_moved == (s.pages_in + s.pages_out) * PAGE
+    # conservation: pages created on the device + copied in − copied out = pages on the device now
+    assert s.pages_born == N and s.pages_born + s.pages_in - s.pages_out == len(opt.pager.on_device)
+    # LRU under a cyclic scan of N > C pages misses every page on every step after the first
+    assert s.pages_in == 49 * N and s.pages_out == 50 * N - C
+    assert len(opt.pager.on_host) == N and all(t.shape == (2, PAGE // 8) for t in opt.pager.on_host.values())
+
+
+@pytest.mark.parametrize("budget", [0, None])
+def test_everything_paged_and_nothing_paged(reference, budget):
+    model = new_model()
+    opt = PagedAdamW(model.parameters(), **HP, page_size=PAGE, device_budget=budget)
+    train(model, opt, batches(50))
+    assert max_rel(model, reference) <= 1e-6
+    s, N = opt.stats, opt.state_nbytes() // PAGE
+    if budget is None:
+        assert s.pages_in == s.pages_out == 0 and s.peak_resident_bytes == N * PAGE == opt.pager.resident_bytes
+    else:  # one page in flight during its own update, none kept
+        assert opt.pager.resident_bytes == 0 and s.peak_resident_bytes == PAGE
+        assert s.pages_out == 50 * N and s.pages_in == 49 * N
+
+
+def test_state_dict_mid_run_resumes_identically(reference):
+    data = batches(50)
+    model = new_model()
+    opt = PagedAdamW(model.parameters(), **HP, page_size=PAGE, device_budget=quarter_budget(model))
+    train(model, opt, data[:20])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    assert ckpt["opt"]["state"][0]["exp_avg"].shape == model.transformer.wte.weight.shape
+    for budget in (0, None, quarter_budget(model)):  # resume under any budget
+        resumed = new_model()
+        resumed.load_state_dict(ckpt["model"])
+        opt2 = PagedAdamW(resumed.parameters(), **HP, page_size=2 * PAGE, device_budget=budget)
+        opt2.load_state_dict(ckpt["opt"])
+        train(resumed, opt2, data[20:])
+        assert max_rel(resumed, reference) <= 1e-6
+    # the layout is torch.optim.AdamW's: the state continues there too
+    resumed = new_model()
+    resumed.load_state_dict(ckpt["model"])
+    plain = torch.optim.AdamW(resumed.parameters(), **HP)
+    plain.load_state_dict(ckpt["opt"])
+    train(resumed, plain, data[20:])
+    assert max_rel(resumed, reference) <= 1e-6
+
+
+def test_lr_scheduler_and_param_groups():
+    results = []
+    for paged in (False, True):
+        model = new_model()
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        groups = [dict(params=decay, weight_decay=0.1), dict(params=no_decay, weight_decay=0.0, lr=3e-3)]
+        opt = (PagedAdamW(groups, lr=1e-2, page_size=PAGE, device_budget=quarter_budget(model)) if paged
+               else torch.optim.AdamW(groups, lr=1e-2))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[2e-2, 5e-3], total_steps=30)
+        results.append(train(model, opt, batches(30), sched=sched))
+        lrs = [g["lr"] for g in opt.param_groups]
+    assert max_rel(results[1], results[0]) <= 1e-6
+    assert lrs[0] != 2e-2 and len(lrs) == 2
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(page_size=0), "page_size"), (dict(page_size=-8), "page_size"), (dict(page_size=4), "page_size"),
+    (dict(page_size=12), "page_size"), (dict(device_budget=-1), "device_budget"),
+    (dict(page_size=4096, device_budget=100), "device_budget"), (dict(lr=-1.0), "lr"),
+    (dict(betas=(0.9, 1.0)), "betas"),
+])
+def test_nonsense_sizes_are_clear_errors(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        PagedAdamW(new_model().parameters(), **kwargs)
+    with pytest.raises(TypeError, match="page_size"):
+        PagedAdamW(new_model().parameters(), page_size=1024.0)
+
+
+def test_long_sequence_spike_completes_only_with_paging():
+    demo = long_sequence_demo(long_len=96, n_short=3, long_at=2)
+    long_step = demo.steps[2]
+    assert demo.unpaged_oom_step == 2  # plain AdamW: full state + the spike exceed the device
+    assert len(demo.steps) == 4 and [s.fits_unpaged for s in demo.steps] == [True, True, False, True]
+    assert long_step.seq_len == 96 and long_step.pages_out > 0 and long_step.pages_in == long_step.pages_out
+    assert long_step.resident_at_peak < demo.state_bytes
+    assert long_step.resident_at_peak + long_step.activation_peak + demo.fixed_bytes <= demo.device_bytes
+    assert all(s.pages_in == s.pages_out == 0 for i, s in enumerate(demo.steps) if i != 2)
+    assert demo.max_used_bytes <= demo.device_bytes
+    assert demo.total_bytes_moved == (demo.total_pages_in + demo.total_pages_out) * demo.page_size
+    assert demo.max_param_rel_diff <= 1e-6
