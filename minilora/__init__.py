@@ -11,5 +11,6 @@ from .checkpointing import checkpoint_sequential, segment_bounds
 from .activation_memory import SavedBytes, SavedTensorMeter, measure_saved_activations
 from .paged import PagedAdamW, PagerStats
 from .paging_demo import PagingDemo, SimulatedOutOfMemory, long_sequence_demo
+from .memory import MemoryBreakdown, estimate as estimate_memory, measure as measure_memory
 
 __version__ = "0.1.0"

@@ -4,3 +4,4 @@ One module per topic (plots.quant, plots.memory, plots.training, ...); each func
 library computed and returns a matplotlib Figure. Names are re-exported here.
 """
 from .memory_savers import plot_checkpointing, plot_paging_demo
+from .memory import plot_memory_breakdown

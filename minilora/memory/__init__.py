@@ -1,0 +1,23 @@
+"""Memory accounting for fine-tuning: the analytic model and the measured bytes, side by side.
+
+    from minilora.memory import estimate, measure
+
+    est = estimate(config, "qlora", batch_size=8, seq_len=256, r=16, checkpointing=True)
+    got = measure(model, optimizer, (idx, targets))      # one real training step
+    print(format_table([est, got]))                       # same MemoryBreakdown fields, column by column
+
+estimate() derives every byte from the GPTConfig and the recipe (mode, dtypes, rank, optimizer,
+checkpointing): weights, NF4 storage, gradients, AdamW state, adapters, and the tensors autograd saves
+per block (minilora.memory.activations). measure() counts the tensors of a model being trained.
+The lecture's figures follow from estimate(): a 10B model with fp16 weights and gradients and fp32 Adam
+state is 12 bytes per parameter, 120 GB (benchmarks/memory_vs_slides.py prints the rest).
+"""
+from .activations import ActivationSetup, SavedActivations, saved_activations
+from .breakdown import GB, PARTS, MemoryBreakdown, format_bytes, format_table
+from .estimate import (DEFAULT_TARGETS, MODES, OPTIMIZERS, activation_bytes_per_token, as_dtype, estimate,
+                       gpt_param_count, nf4_nbytes, scaled_config)
+from .measure import measure
+
+__all__ = ["ActivationSetup", "SavedActivations", "saved_activations", "GB", "PARTS", "MemoryBreakdown",
+           "format_bytes", "format_table", "DEFAULT_TARGETS", "MODES", "OPTIMIZERS", "activation_bytes_per_token",
+           "as_dtype", "estimate", "gpt_param_count", "nf4_nbytes", "scaled_config", "measure"]

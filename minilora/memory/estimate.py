@@ -1,0 +1,253 @@
+"""The analytic side: bytes of a training step from a GPTConfig and a recipe, without running anything.
+
+Per parameter of the base model (full fine-tuning, AdamW, torch's defaults):
+
+    weights  +  gradients  +  exp_avg + exp_avg_sq          bytes/param
+    fp32:         4        +      4       +   4 + 4       =  16
+    lecture:  fp16 2       +  fp16 2      +  fp32 4 + 4   =  12   -> 10B params: 120 GB
+    mixed precision: the lecture's 12 + an fp32 master copy 4 = 16
+
+LoRA freezes the base (weights only) and trains A (r × in) and B (out × r) per target layer, each with its
+gradient and AdamW state. QLoRA stores the base linears as NF4 with double quantization:
+
+    4 bits (code) + 8/64 (an 8-bit absmax per 64 weights) + 32/(64·256) (an fp32 absmax per 256 blocks)
+    = 4.127 bits per weight (+ 4 bytes of offset per tensor)
+
+while the embeddings, norms, biases and the tied lm_head stay in the model's dtype. Activations come from
+minilora.memory.activations. The parameter inventory is taken from a GPT built on the "meta" device:
+shapes only, no memory, so a 65B model costs nothing to describe.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from ..gpt import GPT, GPTConfig
+from ..inject import find_targets
+from .activations import LINEARS, ActivationSetup, SavedActivations, itemsize, saved_activations
+from .breakdown import MemoryBreakdown
+
+MODES = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "paged")
+DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer of every block
+PAGED_STATE_BYTES = 8  # PagedAdamW: exp_avg + exp_avg_sq in fp32 per element
+STEP_BYTES = 4  # AdamW's step counter: one fp32 scalar tensor per parameter tensor
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def as_dtype(value: torch.dtype | str, name: str) -> torch.dtype:
+    """A torch floating dtype from a dtype or a name ('fp16', 'bf16', 'fp32', 'float16', ...)."""
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    if isinstance(value, str) and value.lower() in _DTYPES:
+        return _DTYPES[value.lower()]
+    raise TypeError(f"{name} must be a floating torch.dtype or one of {sorted(_DTYPES)}, got {value!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def nf4_nbytes(n: int, blocksize: int = 64, double_quant: bool = True, blocksize2: int = 256) -> int:
+    """Bytes of n weights in NF4: ⌈n/2⌉ packed codes + per-block absmax (1 byte each with double quantization,
+    else 4) + with double quantization an fp32 absmax per blocksize2 blocks and an fp32 offset.
+    n·(4 + 8/64 + 32/(64·256))/8 bytes plus rounding and the offset: 4.127 bits per weight."""
+    if n < 0 or blocksize <= 0 or blocksize2 <= 0:
+        raise ValueError(f"nf4_nbytes: n, blocksize and blocksize2 must be positive, got {n}, {blocksize}, {blocksize2}")
+    blocks = math.ceil(n / blocksize)
+    if not double_quant:
+        return math.ceil(n / 2) + 4 * blocks
+    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / blocksize2) + 4
+
+
+def gpt_param_count(config: GPTConfig) -> int:
+    """Parameters of minilora's GPT (lm_head tied to wte): V·C + T·C + L·(12C² + 13C) + 2C (with biases)."""
+    C, L = config.n_embd, config.n_layer
+    per_block = 12 * C * C + (13 * C if config.bias else 4 * C)
+    return (config.vocab_size + config.block_size) * C + L * per_block + (2 if config.bias else 1) * C
+
+
+def scaled_config(n_params: int, n_layer: int, n_embd: int, n_head: int, block_size: int = 2048,
+                  **overrides) -> GPTConfig:
+    """minilora's GPT with the given depth and width, its vocabulary sized so the model has n_params
+    parameters (exactly when n_params is a multiple of n_embd, else the nearest count)."""
+    probe = GPTConfig(block_size=block_size, vocab_size=1, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                      **overrides)
+    vocab = round((n_params - gpt_param_count(probe)) / n_embd) + 1
+    if vocab < 1:
+        raise ValueError(f"scaled_config: {n_layer} layers of width {n_embd} already exceed n_params={n_params:.3g}; "
+                         f"use fewer layers or a smaller n_embd")
+    return GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                     **overrides)
+
+
+def _meta_gpt(config: GPTConfig) -> GPT:
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def _untied_linears(model: nn.Module) -> list[str]:
+    """quantize_model's default: every nn.Linear whose weight is not shared (the tied lm_head is)."""
+    counts: dict[int, int] = {}
+    for p in model.parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and counts[id(m.weight)] == 1]
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_len: int | None = None,
+             r: int = 8, targets: str | Iterable[str] = DEFAULT_TARGETS, lora_dropout: float = 0.0,
+             dtype: torch.dtype | str = torch.float32, adapter_dtype: torch.dtype | str | None = None,
+             compute_dtype: torch.dtype | str = torch.bfloat16, grad_dtype: torch.dtype | str | None = None,
+             state_dtype: torch.dtype | str | None = None, master_weights: bool = False,
+             optimizer: str = "adamw", page_size: int = 2**20, device_budget: int | None = None,
+             checkpointing: bool | None = None, checkpoint_segments: int | None = None,
+             quant_targets: str | Iterable[str] | None = None, blocksize: int = 64, double_quant: bool = True,
+             device: str = "cuda", label: str = "") -> MemoryBreakdown:
+    """Analytic training memory of minilora's GPT for one step (see the module docstring for the formulas).
+
+    mode: "full" (every parameter trained), "lora" (frozen base + adapters on `targets`, rank r) or "qlora"
+    (the `quant_targets` linears in NF4 — default every untied nn.Linear — plus adapters).
+    dtype: the model's weights and activations. adapter_dtype: LoRA's A and B (default: dtype for LoRA,
+    compute_dtype for QLoRA, as minilora creates them). grad_dtype, state_dtype: gradients and AdamW state
+    (default: each parameter's own dtype, as torch does; the lecture's recipe is dtype=fp16, state_dtype=fp32).
+    master_weights: add an fp32 copy of every 16-bit trainable parameter (mixed precision).
+    optimizer: "adamw" or "paged" (PagedAdamW: fp32 state in page_size pages, at most device_budget bytes
+    of them on the device, the rest in host memory -> `offloaded`).
+    checkpointing / checkpoint_segments: default to the config's gradient_checkpointing / checkpoint_segments.
+    device: "cuda" or "cpu", the kernels whose saved tensors are modelled (they differ only under dropout,
+    and in the dtype of LayerNorm statistics of 16-bit models).
+    """
+    if not isinstance(config, GPTConfig):
+        raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    batch_size, r = _check_positive_int(batch_size, "batch_size"), _check_positive_int(r, "r")
+    seq_len = config.block_size if seq_len is None else _check_positive_int(seq_len, "seq_len")
+    if seq_len > config.block_size:
+        raise ValueError(f"seq_len={seq_len} exceeds config.block_size={config.block_size}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    dtype = as_dtype(dtype, "dtype")
+    compute_dtype = as_dtype(compute_dtype, "compute_dtype")
+    if adapter_dtype is None:
+        adapter_dtype = compute_dtype if mode == "qlora" else dtype
+    adapter_dtype = as_dtype(adapter_dtype, "adapter_dtype")
+    grad_dtype = None if grad_dtype is None else as_dtype(grad_dtype, "grad_dtype")
+    state_dtype = None if state_dtype is None else as_dtype(state_dtype, "state_dtype")
+    if checkpointing is None:
+        checkpointing = config.gradient_checkpointing
+    if checkpoint_segments is None:
+        checkpoint_segments = config.checkpoint_segments
+
+    model = _meta_gpt(config)
+    lora_names = set(find_targets(model, targets)) if mode != "full" else set()
+    quant_names: set[str] = set()
+    if mode == "qlora":
+        quant_names = set(_untied_linears(model) if quant_targets is None else find_targets(model, quant_targets))
+    for name in lora_names | quant_names:
+        if not isinstance(model.get_submodule(name), nn.Linear):
+            raise ValueError(f"target {name!r} is a {type(model.get_submodule(name)).__name__}, not a linear layer")
+
+    out = MemoryBreakdown(label=label or mode, tokens=batch_size * seq_len)
+    by_dtype: dict[str, int] = {}
+    paged_elems: list[int] = []  # numel of every trainable tensor, for page rounding
+
+    def train(numel: int, p_dtype: torch.dtype, adapter: bool) -> None:
+        g = itemsize(grad_dtype or p_dtype)
+        st = itemsize(state_dtype or p_dtype)
+        grads = numel * g
+        state = 2 * numel * st + STEP_BYTES
+        if optimizer == "paged":
+            paged_elems.append(numel)
+            state = STEP_BYTES
+        if adapter:
+            out.adapter_gradients += grads
+            out.adapter_optimizer_state += state
+        else:
+            out.gradients += grads
+            out.optimizer_state += state
+        if master_weights and itemsize(p_dtype) < 4:
+            out.master_weights += 4 * numel
+        out.n_trainable += numel
+
+    for name, p in model.named_parameters():  # each tied tensor once
+        module, _, leaf = name.rpartition(".")
+        n = p.numel()
+        out.n_params += n
+        if module in quant_names and leaf == "weight":
+            b = nf4_nbytes(n, blocksize, double_quant)
+            out.quantized_weights += b
+            by_dtype["nf4"] = by_dtype.get("nf4", 0) + b
+        else:
+            out.weights += n * itemsize(dtype)
+            by_dtype[dtype_name(dtype)] = by_dtype.get(dtype_name(dtype), 0) + n * itemsize(dtype)
+        if mode == "full":
+            train(n, dtype, adapter=False)
+    for name in sorted(lora_names):
+        lin = model.get_submodule(name)
+        for numel in (r * lin.in_features, lin.out_features * r):  # A (r × in), B (out × r)
+            out.adapters += numel * itemsize(adapter_dtype)
+            key = dtype_name(adapter_dtype)
+            by_dtype[key] = by_dtype.get(key, 0) + numel * itemsize(adapter_dtype)
+            train(numel, adapter_dtype, adapter=True)
+    out.weights_by_dtype = by_dtype
+
+    if optimizer == "paged":
+        pages = sum(math.ceil(n * PAGED_STATE_BYTES / page_size) for n in paged_elems) * page_size
+        resident = pages if device_budget is None else min(pages, device_budget // page_size * page_size)
+        state_field = "optimizer_state" if mode == "full" else "adapter_optimizer_state"
+        setattr(out, state_field, getattr(out, state_field) + resident)
+        out.offloaded = pages if resident < pages else 0  # steady state: every page has a host copy
+
+    acts = activation_model(config, mode, batch_size=batch_size, seq_len=seq_len, r=r, lora_names=lora_names,
+                            quant_names=quant_names, lora_dropout=lora_dropout, dtype=dtype,
+                            adapter_dtype=adapter_dtype, compute_dtype=compute_dtype,
+                            checkpoint_segments=checkpoint_segments if checkpointing else False, device=device)
+    out.activations, out.saved = acts.peak, acts
+    return out
+
+
+def activation_model(config: GPTConfig, mode: str, *, batch_size: int, seq_len: int, r: int,
+                     lora_names: set[str], quant_names: set[str], lora_dropout: float, dtype: torch.dtype,
+                     adapter_dtype: torch.dtype, compute_dtype: torch.dtype,
+                     checkpoint_segments: int | None | bool, device: str) -> SavedActivations:
+    """The saved-tensor walk (minilora.memory.activations) for a mode and the layers it adapts/quantizes."""
+    def kind(name: str) -> str:
+        if mode == "full":
+            return "trained"
+        if name in lora_names:
+            return "qlora" if name in quant_names else "lora"
+        return "frozen"
+
+    kinds = [{lin: kind(f"transformer.h.{i}.{lin}") for lin in LINEARS} for i in range(config.n_layer)]
+    setup = ActivationSetup(batch_size=batch_size, seq_len=seq_len, kinds=kinds, head_kind=kind("lm_head"),
+                            embeddings_trained=mode == "full", norms_trained=mode == "full",
+                            act=itemsize(dtype), adapter=itemsize(adapter_dtype), compute=itemsize(compute_dtype),
+                            adapter_cast=mode == "qlora" and adapter_dtype != compute_dtype, r=r,
+                            dropout=config.dropout, lora_dropout=lora_dropout, device=device)
+    return saved_activations(config.n_layer, config.n_head, config.n_embd, config.vocab_size, setup,
+                             checkpoint_segments)
+
+
+def activation_bytes_per_token(config: GPTConfig, mode: str = "full", **kwargs) -> dict[str, float]:
+    """Saved-activation bytes per token, without checkpointing: per transformer block ('per_block', the last
+    block), for embeddings + head + loss ('outside') and in all ('total'). kwargs as for estimate()."""
+    acts = estimate(config, mode, **{**kwargs, "checkpointing": False}).saved
+    outside = sum(acts.pre.values()) + sum(acts.post.values())
+    return dict(per_block=acts.per_token_per_block(), outside=outside / acts.tokens,
+                total=acts.peak / acts.tokens)

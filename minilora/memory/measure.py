@@ -1,0 +1,131 @@
+"""The measured side: bytes of the tensors a real training step holds, in the same MemoryBreakdown.
+
+Parameters, buffers, gradients and optimizer state are counted from the tensors themselves (each storage
+once). Activations are the peak bytes autograd keeps for backward during the step, read by
+minilora.activation_memory's saved-tensor meter (so it works on the CPU too, checkpointed recomputation
+included). On CUDA, torch.cuda.max_memory_allocated() of the step is reported beside them: it also sees
+what the meter does not (temporaries, the logits, allocator rounding).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..activation_memory import SavedTensorMeter
+from ..params import count_parameters
+from .breakdown import MemoryBreakdown
+from .estimate import dtype_name
+
+ADAPTER_NAMES = ("lora_A", "lora_B")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """model(idx, targets) -> (logits, loss) for batch = (idx, targets): minilora's GPT."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError("batch must be (idx, targets) for the default loss; pass loss_fn for anything else")
+    _, loss = model(*batch)
+    return loss
+
+
+def _optimizer_bytes(optimizer: torch.optim.Optimizer, adapter_ids: set[int]) -> tuple[int, int, int]:
+    """(base state on device, adapter state on device, host-resident paged state)."""
+    base = adapter = 0
+    pager = getattr(optimizer, "pager", None)
+    seen: set[int] = set()
+    for p, st in optimizer.state.items():
+        b = 0
+        for v in st.values():
+            if isinstance(v, torch.Tensor) and v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                b += _nbytes(v)
+        if pager is not None:  # PagedAdamW: the parameter's pages that are on the device now
+            b += sum(pager.page_size for pid in st.get("pages", ()) if pid in pager.on_device)
+        if id(p) in adapter_ids:
+            adapter += b
+        else:
+            base += b
+    host = sum(_nbytes(t) for t in pager.on_host.values()) if pager is not None else 0
+    return base, adapter, host
+
+
+def measure(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
+            loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None, steps: int = 1,
+            label: str = "measured") -> MemoryBreakdown:
+    """Run `steps` training steps (zero_grad, forward, backward, optimizer.step) and count the bytes held.
+
+    This trains the model: call it on a copy, or as the first step(s) of a run. activations is the largest
+    saved-for-backward peak of the steps; the other parts are counted after the last step (gradients are
+    still there). loss_fn(model, batch) -> scalar loss; the default expects batch = (idx, targets) for
+    minilora's GPT. Returns a MemoryBreakdown with the same fields estimate() fills.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    loss_fn = loss_fn or default_loss
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    peak_saved = 0
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        meter = SavedTensorMeter(exclude=model)
+        with meter:
+            loss = loss_fn(model, batch)
+            loss.backward()
+            del loss
+        peak_saved = max(peak_saved, meter.peak)
+        optimizer.step()
+
+    out = MemoryBreakdown(label=label, activations=peak_saved)
+    if cuda:
+        torch.cuda.synchronize()
+        out.peak_allocated = torch.cuda.max_memory_allocated()
+    by_dtype: dict[str, int] = {}
+    seen: set[int] = set()
+    adapter_ids = set()
+    for name, p in model.named_parameters():
+        adapter = name.endswith(ADAPTER_NAMES)
+        if adapter:
+            adapter_ids.add(id(p))
+        seen.add(p.data_ptr())
+        b = _nbytes(p)
+        by_dtype[dtype_name(p.dtype)] = by_dtype.get(dtype_name(p.dtype), 0) + b
+        grad = _nbytes(p.grad) if p.grad is not None else 0
+        if adapter:
+            out.adapters += b
+            out.adapter_gradients += grad
+        else:
+            out.weights += b
+            out.gradients += grad
+    for module in model.modules():
+        if not hasattr(module, "n_quantized_params"):
+            continue  # plain buffers are counted below
+        bufs = [t for t in module.buffers(recurse=False) if t.data_ptr() not in seen]
+        seen.update(t.data_ptr() for t in bufs)
+        b = int(getattr(module, "quantized_nbytes", sum(_nbytes(t) for t in bufs)))
+        out.quantized_weights += b
+        by_dtype["nf4"] = by_dtype.get("nf4", 0) + b
+    for t in model.buffers():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out.weights += _nbytes(t)
+            by_dtype[dtype_name(t.dtype)] = by_dtype.get(dtype_name(t.dtype), 0) + _nbytes(t)
+    out.weights_by_dtype = by_dtype
+    out.optimizer_state, out.adapter_optimizer_state, out.offloaded = _optimizer_bytes(optimizer, adapter_ids)
+    count = count_parameters(model)
+    n_adapter = sum(p.numel() for name, p in model.named_parameters() if name.endswith(ADAPTER_NAMES))
+    out.n_params, out.n_trainable = count.total - n_adapter, count.trainable
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    out.tokens = first.numel() if isinstance(first, torch.Tensor) else 0
+    return out
