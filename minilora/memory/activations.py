@@ -16,7 +16,7 @@ Each operation saves only what its backward needs, and only if something upstrea
 
 A tensor saved by several operations is stored once (ln_1's output feeds the attention's LoRA and its
 base at once), so saved tensors are keyed by name and summed once. Per block and token with no dropout,
-full fine-tuning saves 15·C activation values + (4 + n_head) fp32 statistics: x, ln_1(x), qkv (3C),
+full fine-tuning saves 16·C activation values + (4 + n_head) fp32 statistics: x, ln_1(x), qkv (3C),
 the attention output (which c_proj saves too: the fused kernels write it as (B, T, heads, head size), so
 the transpose back to (B, T, C) copies nothing), x₂, ln_2(x₂), c_fc output (4C), GELU output (4C).
 

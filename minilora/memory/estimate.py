@@ -19,11 +19,14 @@ shapes only, no memory, so a 65B model costs nothing to describe.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from ..gpt import GPT, GPTConfig
 from ..inject import find_targets
@@ -86,15 +89,31 @@ def scaled_config(n_params: int, n_layer: int, n_embd: int, n_head: int, block_s
                      **overrides)
 
 
+class _SkipRandomInit(TorchFunctionMode):
+    """Leave normal_ initialisation out: on the meta device there are no values to draw anyway."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.nn.init.normal_, torch.Tensor.normal_):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_gpt_cached(config_items: tuple) -> GPT:
+    with torch.device("meta"), _SkipRandomInit():
+        return GPT(GPTConfig(**dict(config_items)))
+
+
 def _meta_gpt(config: GPTConfig) -> GPT:
-    with torch.device("meta"):
-        return GPT(config)
+    """The GPT's module tree and parameter shapes, no memory behind them (read-only: the model is cached)."""
+    return _meta_gpt_cached(tuple(sorted(asdict(config).items())))
 
 
 def _untied_linears(model: nn.Module) -> list[str]:
     """quantize_model's default: every nn.Linear whose weight is not shared (the tied lm_head is)."""
     counts: dict[int, int] = {}
-    for p in model.parameters(remove_duplicate=False):
+    for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
     return [n for n, m in model.named_modules() if type(m) is nn.Linear and counts[id(m.weight)] == 1]
 
