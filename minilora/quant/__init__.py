@@ -1,0 +1,25 @@
+"""minilora.quant: storage formats for quantized weights (plain tensors, no nn.Module).
+
+    int8 absmax          quantize_int8 / dequantize_int8                  X_int8 = round(127/absmax · X)
+    codebooks            nf4_code, fp4_code, int4_code, dynamic_code      the tables, derived in code
+    blockwise 4-bit      quantize_blockwise_4bit / dequantize_blockwise_4bit (any codebook)
+    double quantization  quantize_absmax / dequantize_absmax_8bit; int8 teaching mode double_quantize_int8
+    QuantState           quantize_nf4 / dequantize_nf4, nbytes, bits_per_param, dequantize_absmax
+    interchange          to_bnb_state_dict / from_bnb_state_dict          bitsandbytes / HF checkpoint layout
+"""
+from .codebooks import dynamic_code, fp4_code, get_code, int4_code, max_gap, nf4_code
+from .int8 import dequantize_int8, quantize_int8
+from .blockwise import dequantize_blockwise_4bit, quantize_blockwise_4bit
+from .double import (Int8DoubleQuant, dequantize_absmax_8bit, double_dequantize_int8, double_quantize_int8,
+                     quantize_absmax)
+from .state import QuantState, dequantize_4bit, dequantize_absmax, dequantize_nf4, quantize_4bit, quantize_nf4
+from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
+
+__all__ = [
+    "nf4_code", "fp4_code", "int4_code", "dynamic_code", "get_code", "max_gap",
+    "quantize_int8", "dequantize_int8",
+    "quantize_blockwise_4bit", "dequantize_blockwise_4bit",
+    "quantize_absmax", "dequantize_absmax_8bit", "Int8DoubleQuant", "double_quantize_int8", "double_dequantize_int8",
+    "QuantState", "quantize_4bit", "dequantize_4bit", "quantize_nf4", "dequantize_nf4", "dequantize_absmax",
+    "to_bnb_state_dict", "from_bnb_state_dict",
+]

@@ -1,0 +1,148 @@
+"""Blockwise 4-bit quantization: one absmax per block, nearest code, two codes per byte.
+
+For block b of `blocksize` consecutive elements (the flattened tensor; a ragged last block gets its own):
+
+    absmax_b = max_j |x_j|                      (float32)
+    s_j      = x_j · (1 / absmax_b)             (scaled into [-1, 1])
+    q_j      = index of the nearest code to s_j (ties to the lower code, see nearest.py)
+    byte_k   = q_{2k} · 16 + q_{2k+1}           (first element in the HIGH nibble; an odd count is
+                                                 padded with the code of 0)
+    w_j      = code[q_j] · absmax_b             (dequantize, in float32, then cast to the dtype)
+
+This is bitsandbytes' 4-bit layout, byte for byte (its ragged last block divides, x / absmax, and so
+does this one). Outlier elements only stretch their own block's scale.
+
+The work is done in chunks of CHUNK elements so that the temporaries stay in the CPU cache.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .nearest import check_code, nearest_index, nearest_table
+
+CHUNK = 1 << 17          # elements per pass (a multiple of every allowed blocksize)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TINY = 1e-38             # absmax is clamped to this before 1/absmax (all-zero blocks give s = 0)
+
+
+def check_blocksize(blocksize: int, name: str = "blocksize") -> int:
+    """blocksize must be a power of two from 32 to 4096."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"{name} must be an int (a power of two from 32 to 4096), got {blocksize!r}")
+    if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"{name} must be a power of two from 32 to 4096, got {blocksize}")
+    return blocksize
+
+
+def check_float_tensor(x: torch.Tensor, name: str = "x") -> None:
+    """x must be a float32, float16 or bfloat16 tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def quantize_blockwise_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q = nearest(code, x_b / absmax_b) per block b; returns (packed uint8 ((n+1)//2,), absmax fp32 (blocks,)).
+
+    x: float32/float16/bfloat16 tensor of any shape (flattened row-major); NaN or Inf raise ValueError.
+    An empty x gives two empty tensors.
+    """
+    check_float_tensor(x)
+    check_blocksize(blocksize)
+    table = nearest_table(check_code(code), x.device)
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    full = n - n % blocksize
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=x.device)
+    bufs = _Buffers(min(CHUNK, full), x.device)
+    for start in range(0, full, CHUNK):
+        stop = min(start + CHUNK, full)
+        xb = flat[start:stop].float().view(-1, blocksize)                  # (blocks, blocksize)
+        a = torch.maximum(xb.amax(1), xb.amin(1).neg()).abs()              # max |x| without a copy of |x|
+        absmax[start // blocksize:stop // blocksize] = a
+        s = torch.mul(xb, (1.0 / a.clamp(min=TINY))[:, None], out=bufs.s[:stop - start].view(-1, blocksize))
+        q = _nearest_into(s.view(-1), table, bufs)                       # (stop - start,) uint8
+        q = q.view(-1, 2)
+        torch.add(q[:, 1], q[:, 0], alpha=16, out=packed[start // 2:stop // 2])
+    if full < n:  # the ragged last block
+        tail = flat[full:].float()
+        a = tail.abs().max()
+        absmax[-1] = a
+        q = nearest_index(tail / a.clamp(min=TINY), table)
+        if q.numel() % 2:
+            q = torch.cat([q, q.new_full((1,), table.zero_index)])
+        packed[full // 2:] = q[0::2] * 16 + q[1::2]
+    if not torch.isfinite(absmax).all():
+        raise ValueError("x contains NaN or Inf; quantization needs finite values")
+    return packed, absmax
+
+
+class _Buffers:
+    """Scratch tensors reused by every chunk (s, t, q, the looked-up midpoint, the comparison)."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.s = torch.empty(size, dtype=torch.float32, device=device)
+        self.f = torch.empty(size, dtype=torch.float32, device=device)
+        self.t = torch.empty(size, dtype=torch.int32, device=device)
+        self.q = torch.empty(size, dtype=torch.uint8, device=device)
+        self.gt = torch.empty(size, dtype=torch.bool, device=device)
+
+
+def _nearest_into(s: torch.Tensor, table, bufs: _Buffers) -> torch.Tensor:
+    """nearest_index(s) with every temporary in bufs: q = base[t] + (s > mid[t]), t = trunc(s·K) + K."""
+    m = s.numel()
+    f, t, q, gt = bufs.f[:m], bufs.t[:m], bufs.q[:m], bufs.gt[:m]
+    torch.mul(s, table.K, out=f)
+    t.copy_(f).add_(table.K)                     # float -> int32 truncates toward zero; |s| <= 1 + 2^-23
+    torch.index_select(table.base, 0, t, out=q)
+    torch.index_select(table.mid, 0, t, out=f)
+    return q.add_(torch.gt(s, f, out=gt))
+
+
+@functools.lru_cache(maxsize=16)
+def _pair_table(code_values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(256,) int64 whose 8 bytes are the float32 pair (code[byte >> 4], code[byte & 15])."""
+    code = torch.tensor(code_values, dtype=torch.float32)
+    byte = torch.arange(256)
+    pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1)  # (256, 2), high nibble first
+    return pairs.contiguous().view(torch.int64).view(256).to(device)
+
+
+def dequantize_blockwise_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                              shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32
+                              ) -> torch.Tensor:
+    """w_j = code[q_j] · absmax_{j // blocksize} in float32, cast to dtype and reshaped to shape.
+
+    Each byte is looked up once in a 256-entry table of float32 pairs (high nibble first).
+    """
+    check_blocksize(blocksize)
+    n = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed must be uint8 with {(n + 1) // 2} bytes for shape {tuple(shape)}, "
+                         f"got {packed.numel()} of {packed.dtype}")
+    if absmax.numel() != math.ceil(n / blocksize):
+        raise ValueError(f"absmax must hold {math.ceil(n / blocksize)} values, got {absmax.numel()}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    lut = _pair_table(tuple(check_code(code).tolist()), packed.device)
+    packed, absmax = packed.reshape(-1), absmax.reshape(-1).float()
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    full = n - n % blocksize
+    idx = torch.empty(min(CHUNK, full) // 2, dtype=torch.int32, device=packed.device)
+    pairs = torch.empty_like(idx, dtype=torch.int64)
+    for start in range(0, full, CHUNK):
+        stop = min(start + CHUNK, full)
+        i = idx[:(stop - start) // 2].copy_(packed[start // 2:stop // 2])
+        w = torch.index_select(lut, 0, i, out=pairs[:i.numel()]).view(torch.float32)  # code[q], (stop-start,)
+        torch.mul(w.view(-1, blocksize), absmax[start // blocksize:stop // blocksize, None],
+                  out=out[start:stop].view(-1, blocksize))
+    if full < n:
+        w = lut[packed[full // 2:].long()].view(torch.float32)[:n - full]
+        out[full:] = w * absmax[-1]
+    return out.view(shape)
