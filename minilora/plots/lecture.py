@@ -114,3 +114,23 @@ def plot_output_drift(steps: Sequence[int], drift: Sequence[float], ylabel: str 
     ax.set_title("B = 0 at init: the adapted layer starts as the base layer")
     fig.tight_layout()
     return fig
+
+
+def plot_segment_sweep(segments: Sequence[int], peak_bytes: Sequence[float], n_blocks: int,
+                       no_checkpointing: float | None = None) -> Figure:
+    """Peak saved-activation bytes of an n-block model checkpointed in s segments, against s; ⌈√n⌉ marked."""
+    MiB = 2**20
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(list(segments), [b / MiB for b in peak_bytes], marker="o", label="checkpointed in s segments")
+    if no_checkpointing is not None:
+        ax.axhline(no_checkpointing / MiB, color="gray", ls="--", label="no checkpointing")
+    root = int(np.ceil(np.sqrt(n_blocks)))
+    ax.axvline(root, color="C3", ls=":", label=f"s = ⌈√n⌉ = {root}")
+    ax.set_xlabel("segments s (inputs kept)")
+    ax.set_ylabel("peak saved activations (MiB)")
+    ax.set_title(f"{n_blocks} blocks: memory against number of checkpoints")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
