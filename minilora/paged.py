@@ -6,31 +6,34 @@ pages memory: the state is cut into fixed-size pages, a page lives either on the
 (pinned) CPU memory, and a page is brought to the device just before the update that needs it, evicting
 the least recently used page when the device budget is full.
 
-    page k of a parameter p  =  a (2, E) fp32 tensor: row 0 = m, row 1 = v for elements [k·E, (k+1)·E) of p
+Layout, as in virtual memory: the state of all parameters is one long array of elements, parameter after
+parameter (p gets the elements [offset_p, offset_p + numel_p)), cut into pages of E elements:
+
+    page k  =  a (2, E) fp32 tensor: row 0 = m, row 1 = v for state elements [k·E, (k+1)·E)
     E = page_size / 8        (8 bytes of state per element)
 
-The update itself is AdamW (Loshchilov & Hutter), element-wise, so it runs page by page:
+so small tensors (LoRA adapters) share pages instead of each wasting most of one. The update is AdamW
+(Loshchilov & Hutter), element-wise, so it runs page by page:
 
     p ← p · (1 − lr·λ)                                  decoupled weight decay
     m ← β1·m + (1 − β1)·g          v ← β2·v + (1 − β2)·g²
     p ← p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε)  bias-corrected step
 
-in fp32, with the same operations in the same order as torch.optim.AdamW, so the results agree with it.
+in fp32, with the operations of torch.optim.AdamW in its order, so the results agree with it.
 
-On CUDA, host pages are pinned (page-locked) so copies run asynchronously, all copies go through one side
-stream, and while one chunk of pages is being updated the next chunk is already being copied in (an
-event per page tells the compute stream when its data has arrived). On a CPU-only machine the same pager
-runs with the CPU as the "device": pages are copied between two sets of CPU buffers and the budget is an
-explicit byte limit the pager obeys, so paging is visible in the counters even though no real device
-memory is saved. The counters (pages in, pages out, bytes moved, peak resident bytes) count page
-transfers made by the pager; state_dict()/load_state_dict() copies are not paging and are not counted.
+On CUDA, host pages are pinned (page-locked) so copies run asynchronously on two side streams, one per
+direction (PCIe moves both ways at once); while one chunk of pages is being updated the next chunk is
+already being copied in, and per-page events tell each stream when it may touch a page. On a CPU-only
+machine the same pager runs with the CPU as the "device": pages are copied between two sets of CPU buffers
+and the budget is an explicit byte limit the pager obeys, so paging is visible in the counters even though
+no real device memory is saved. The counters (pages in, pages out, bytes moved, peak resident bytes) count
+the pager's page transfers; state_dict()/load_state_dict() copies are not paging and are not counted.
 
 device_budget: None keeps every page on the device (nothing is paged); 0 keeps none there between
 updates: each page visits the device for its own update and leaves straight after (one page in flight).
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -84,23 +87,32 @@ def _check_budget(device_budget, page_size: int) -> int | None:
 
 
 class Pager:
-    """A page table for fixed-size fp32 pages: which pages are on the device (in LRU order), which wait in
-    host memory, and the copies between the two. Pages never touched yet are 'unborn' (all zeros)."""
+    """A page table for fixed-size (2, E) fp32 pages: which pages are on the device (in LRU order), which
+    wait in host memory, and the copies between the two. Pages never touched yet are 'unborn' (zeros)."""
 
     def __init__(self, page_size: int, device: torch.device | str, device_budget: int | None):
         self.page_size = _check_page_size(page_size)
         self.page_elems = page_size // STATE_BYTES_PER_ELEMENT  # E
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.on_device: OrderedDict[int, torch.Tensor] = OrderedDict()  # first = least recently used
-        self.on_host: dict[int, torch.Tensor] = {}  # host buffers (pinned on CUDA), valid when not on device
-        self.in_use: set[int] = set()  # pages an update is using now: never evicted
-        self.ready: dict[int, torch.cuda.Event] = {}  # CUDA: page copy-in finished
-        self.n_pages = 0
         self.stats = PagerStats()
+        if self.cuda:
+            self.in_stream, self.out_stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+        self.clear()
         self.budget: int | None = None
         self.set_budget(_check_budget(device_budget, page_size))
+
+    def clear(self) -> None:
+        """Forget every page (the counters stay)."""
+        if self.cuda:
+            self.out_stream.synchronize()
+            self.in_stream.synchronize()
+        self.on_device: OrderedDict[int, torch.Tensor] = OrderedDict()  # first = least recently used
+        self.on_host: dict[int, torch.Tensor] = {}  # host buffers (pinned on CUDA); valid when not on device
+        self.in_use: set[int] = set()  # pages an update is using now: never evicted
+        self.arrived: dict[int, torch.cuda.Event] = {}  # CUDA: copy-in of the page finished
+        self.left: dict[int, torch.cuda.Event] = {}  # CUDA: copy-out of the page finished
+        self.n_pages = 0
 
     # ----- budget and residency -----
 
@@ -140,15 +152,20 @@ class Pager:
 
     def _evict(self, pid: int) -> None:
         dev = self.on_device.pop(pid)
-        self.ready.pop(pid, None)
         host = self.on_host.get(pid)
         if host is None:
             host = self.on_host[pid] = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=self.cuda)
-        if self.cuda:  # wait for the updates already queued on this page, then copy out on the side stream
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.copy_stream):
+        if self.cuda:
+            # after the updates queued on this page (and its copy-in, if it was prefetched and never used)
+            self.out_stream.wait_stream(torch.cuda.current_stream(self.device))
+            arrived = self.arrived.pop(pid, None)
+            if arrived is not None:
+                self.out_stream.wait_event(arrived)
+            with torch.cuda.stream(self.out_stream):
                 host.copy_(dev, non_blocking=True)
-            dev.record_stream(self.copy_stream)  # its device memory is reused only after the copy finished
+                self.left[pid] = torch.cuda.Event()
+                self.left[pid].record(self.out_stream)
+            dev.record_stream(self.out_stream)  # its memory is reused only once the copy has finished
         else:
             host.copy_(dev)
         self.stats.pages_out += 1
@@ -160,17 +177,19 @@ class Pager:
         if host is None:  # first use: the state starts at zero, there is nothing to copy
             dev.zero_()
             self.stats.pages_born += 1
-        elif self.cuda:
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.copy_stream):
-                dev.copy_(host, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self.copy_stream)
-            dev.record_stream(self.copy_stream)
-            self.ready[pid] = event
         else:
-            dev.copy_(host)
-        if host is not None:
+            if self.cuda:
+                self.in_stream.wait_stream(torch.cuda.current_stream(self.device))  # dev's memory is free
+                left = self.left.pop(pid, None)
+                if left is not None:
+                    self.in_stream.wait_event(left)  # the host copy is complete
+                with torch.cuda.stream(self.in_stream):
+                    dev.copy_(host, non_blocking=True)
+                    self.arrived[pid] = torch.cuda.Event()
+                    self.arrived[pid].record(self.in_stream)
+                dev.record_stream(self.in_stream)
+            else:
+                dev.copy_(host)
             self.stats.pages_in += 1
             self.stats.bytes_in += self.page_size
         self.on_device[pid] = dev
@@ -178,13 +197,12 @@ class Pager:
 
     # ----- what the optimizer calls -----
 
-    def new_pages(self, n: int) -> list[int]:
-        ids = list(range(self.n_pages, self.n_pages + n))
-        self.n_pages += n
-        return ids
+    def grow(self, n_pages: int) -> None:
+        """Make the state n_pages long (new pages are unborn: zeros, nowhere yet)."""
+        self.n_pages = max(self.n_pages, n_pages)
 
     def prefetch(self, pids: Iterable[int]) -> None:
-        """Start copying pages in (on CUDA asynchronously) if they fit without evicting pages in use."""
+        """Start copying pages in (on CUDA asynchronously) while they fit without evicting pages in use."""
         for pid in pids:
             if pid in self.on_device:
                 continue
@@ -198,83 +216,81 @@ class Pager:
             if pid in self.on_device:
                 self.on_device.move_to_end(pid)
             else:
-                self._make_room(1)  # budget 0: nothing can stay, the page is the one page in flight
+                self._make_room(1)  # budget 0: nothing can stay, this page is the one page in flight
                 self._bring_in(pid)
             self.in_use.add(pid)
         if self.cuda:
             stream = torch.cuda.current_stream(self.device)
             for pid in pids:
-                event = self.ready.pop(pid, None)
-                if event is not None:
-                    stream.wait_event(event)
+                arrived = self.arrived.pop(pid, None)
+                if arrived is not None:
+                    stream.wait_event(arrived)
         return [self.on_device[pid] for pid in pids]
 
-    def release(self, pids: list[int]) -> None:
+    def release(self, pids: Iterable[int]) -> None:
         """The update is done with these pages; evict whatever the budget no longer allows."""
         self.in_use.difference_update(pids)
         self._make_room(0)
 
     def read(self, pid: int) -> torch.Tensor:
         """A CPU copy of a page wherever it is (for state_dict; not counted as paging)."""
-        if pid in self.on_device:
-            event = self.ready.pop(pid, None)
-            if event is not None:
-                event.synchronize()
-            return self.on_device[pid].to("cpu", copy=True)
         if self.cuda:
-            self.copy_stream.synchronize()
+            self.in_stream.synchronize()
+            self.out_stream.synchronize()
+        if pid in self.on_device:
+            return self.on_device[pid].to("cpu", copy=True)
         host = self.on_host.get(pid)
         return torch.zeros(2, self.page_elems) if host is None else host.clone()
 
     def write(self, pid: int, data: torch.Tensor) -> None:
-        """Set a page's contents (for load_state_dict; not counted as paging). Goes to the host unless
-        there is no budget, in which case it goes straight to the device."""
+        """Set a page's contents (for load_state_dict; not counted as paging): into host memory, or straight
+        onto the device when there is no budget."""
         data = data.to(torch.float32).reshape(2, self.page_elems)
-        self.free([pid])
+        self.grow(pid + 1)
         if self.budget is None:
             self.on_device[pid] = data.to(self.device, copy=True)
         else:
             self.on_host[pid] = torch.empty_like(data, pin_memory=self.cuda).copy_(data)
 
-    def free(self, pids: Iterable[int]) -> None:
-        if self.cuda:
-            self.copy_stream.synchronize()
-        for pid in pids:
-            self.on_device.pop(pid, None)
-            self.on_host.pop(pid, None)
-            self.ready.pop(pid, None)
-            self.in_use.discard(pid)
 
-
-def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
-    """One AdamW step on matching slices, in place, in fp32 (the operation order of torch.optim.AdamW):
+def adamw_update_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                  exp_avg_sqs: list[torch.Tensor], step: float, lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float) -> None:
+    """One AdamW step, in place, on lists of matching slices (one per page a parameter spans), in fp32,
+    with the operations of torch.optim.AdamW in its order:
     p ← p(1 − lr·λ); m ← lerp(m, g, 1 − β1); v ← β2 v + (1 − β2) g²;
-    p ← p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε)."""
-    p = param if param.dtype == torch.float32 else param.float()
-    g = grad.float()
+    p ← p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε).
+    torch._foreach_* apply one operation to every slice of a list in one call (one fused launch on CUDA)."""
+    low = any(p.dtype != torch.float32 for p in params)
+    ps = [p.float() for p in params] if low else params
+    gs = [g.float() for g in grads]
     if weight_decay != 0:
-        p.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        torch._foreach_mul_(ps, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=1 - beta2)
     step_size = lr / (1 - beta1 ** step)
-    denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-step_size)
-    if p is not param:
-        param.copy_(p)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, (1 - beta2 ** step) ** 0.5)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(ps, exp_avgs, denom, value=-step_size)
+    if low:
+        torch._foreach_copy_(params, ps)
 
 
 class PagedAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW with its state (exp_avg, exp_avg_sq) in fixed-size pages under a device budget.
 
     page_size: bytes per page (a multiple of 8: one element's m and v). device_budget: bytes of pages that
-    may stay on the device (None: all of them, nothing paged; 0: none between updates).
-    state_dict() has torch.optim.AdamW's layout (step, exp_avg, exp_avg_sq per parameter, on the CPU), so
-    states move between the two optimizers.
+    may stay on the device (None: all of them, nothing paged; 0: none between updates). prefetch: copy the
+    next chunk's pages in while the current chunk is updated (turn it off to see what the overlap buys).
+    state_dict() has torch.optim.AdamW's layout (step, exp_avg, exp_avg_sq per parameter, on the CPU), so a
+    state moves between the two optimizers.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, page_size: int = 2**20, device_budget: int | None = None):
+                 weight_decay: float = 1e-2, page_size: int = 2**21, device_budget: int | None = None,
+                 prefetch: bool = True):
         if not 0.0 <= lr:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0.0 <= eps:
@@ -289,18 +305,16 @@ class PagedAdamW(torch.optim.Optimizer):
         devices = {p.device for g in self.param_groups for p in g["params"]}
         if len(devices) > 1:
             raise ValueError(f"params must all be on one device for one pager, got {sorted(map(str, devices))}")
-        device = devices.pop() if devices else torch.device("cpu")
-        self.pager = Pager(page_size, device, device_budget)
+        self.pager = Pager(page_size, devices.pop() if devices else "cpu", device_budget)
+        self.prefetch = prefetch
+        self.n_elements = 0  # length of the state laid out so far, in elements
 
     # ----- sizes and counters -----
 
-    def _pages_for(self, p: torch.Tensor) -> int:
-        return math.ceil(p.numel() / self.pager.page_elems)
-
     def state_nbytes(self) -> int:
-        """Bytes of pages the full state occupies (all trainable parameters, page-rounded)."""
-        return sum(self._pages_for(p) for g in self.param_groups for p in g["params"]
-                   if p.requires_grad) * self.pager.page_size
+        """Bytes of pages the full state occupies: all trainable parameters laid end to end, page-rounded."""
+        n = sum(p.numel() for g in self.param_groups for p in g["params"] if p.requires_grad)
+        return -(-n // self.pager.page_elems) * self.pager.page_size
 
     @property
     def stats(self) -> PagerStats:
@@ -312,30 +326,38 @@ class PagedAdamW(torch.optim.Optimizer):
 
     # ----- the step -----
 
-    def _units(self):
-        """(param, group, page ids, first page index) work units, in update order, chunked to the budget."""
+    def _place(self, p: torch.Tensor) -> dict:
+        """Give p its range of state elements at the end of the state laid out so far."""
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0)
+        state["offset"] = self.n_elements
+        self.n_elements += p.numel()
+        self.pager.grow(-(-self.n_elements // self.pager.page_elems))
+        return state
+
+    def _units(self) -> list[tuple]:
+        """Work units (param, group, page ids), in update order, with at most half the budget's pages each
+        so the next unit can be prefetched beside the current one."""
         cap = self.pager.capacity
-        chunk = None if cap is None else max(1, cap // 2)  # half the budget: room to prefetch the next chunk
+        chunk = None if cap is None else max(1, cap // 2)
+        E = self.pager.page_elems
         units = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or p.numel() == 0:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("PagedAdamW does not support sparse gradients")
-                state = self.state[p]
-                if "pages" not in state:
-                    state["step"] = torch.tensor(0.0)
-                    state["pages"] = self.pager.new_pages(self._pages_for(p))
-                pages = state["pages"]
-                size = len(pages) if chunk is None else chunk
-                for k in range(0, len(pages), size):
-                    units.append((p, group, pages[k:k + size], k))
+                state = self.state[p] if "offset" in self.state.get(p, {}) else self._place(p)
+                off = state["offset"]
+                pages = list(range(off // E, (off + p.numel() - 1) // E + 1))
+                size = chunk or len(pages)
+                units += [(p, group, pages[k:k + size]) for k in range(0, len(pages), size)]
         return units
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One AdamW step for every parameter with a gradient, page chunk by page chunk."""
+        """One AdamW step for every parameter with a gradient, chunk of pages by chunk of pages."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -344,46 +366,53 @@ class PagedAdamW(torch.optim.Optimizer):
         for p in {id(u[0]): u[0] for u in units}.values():
             self.state[p]["step"] += 1
         E = self.pager.page_elems
-        for i, (p, group, pids, first) in enumerate(units):
+        for i, (p, group, pids) in enumerate(units):
             pages = self.pager.acquire(pids)
-            if i + 1 < len(units):
-                self.pager.prefetch(units[i + 1][2])  # overlaps with this chunk's update on CUDA
-            flat_p = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
+            if self.prefetch and i + 1 < len(units):
+                self.pager.prefetch(units[i + 1][2])  # on CUDA this copy overlaps the update below
+            off, n = self.state[p]["offset"], p.numel()
+            flat_p = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
             flat_g = p.grad.reshape(-1)
+            spans = []  # (slice of p, slice of the page) for each page: [a, b) in state elements
+            for pid, page in zip(pids, pages):
+                a, b = max(pid * E, off), min((pid + 1) * E, off + n)
+                spans.append((slice(a - off, b - off), slice(a - pid * E, b - pid * E), page))
             beta1, beta2 = group["betas"]
-            t = self.state[p]["step"].item()
-            for k, page in enumerate(pages):
-                a = (first + k) * E
-                b = min(a + E, flat_p.numel())
-                adamw_update_(flat_p[a:b], flat_g[a:b], page[0, :b - a], page[1, :b - a], t,
-                              group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+            adamw_update_([flat_p[s] for s, _, _ in spans], [flat_g[s] for s, _, _ in spans],
+                          [pg[0, q] for _, q, pg in spans], [pg[1, q] for _, q, pg in spans],
+                          self.state[p]["step"].item(), group["lr"], beta1, beta2, group["eps"],
+                          group["weight_decay"])
             if not p.is_contiguous():
                 p.copy_(flat_p.view_as(p))
             self.pager.release(pids)
         return loss
 
-    # ----- checkpointing the optimizer -----
+    # ----- saving and resuming -----
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
+    def _flat_state(self) -> torch.Tensor:
+        """(2, n_pages · E) CPU copy of the whole state: row 0 = m, row 1 = v."""
+        pages = [self.pager.read(pid) for pid in range(self.pager.n_pages)]
+        return torch.cat(pages, dim=1) if pages else torch.zeros(2, 0)
+
     def state_dict(self) -> dict:
         """torch.optim.AdamW's layout: state[i] = {step, exp_avg, exp_avg_sq} with full-shape CPU tensors."""
         sd = super().state_dict()
+        flat = self._flat_state()
         state = {}
         for i, p in enumerate(self._params()):
-            st = self.state.get(p)
-            if not st or "pages" not in st:
-                continue
-            pages = torch.stack([self.pager.read(pid) for pid in st["pages"]], dim=1)  # (2, n_pages, E)
-            m, v = pages.reshape(2, -1)[:, :p.numel()]
-            state[i] = dict(step=st["step"].clone(), exp_avg=m.reshape(p.shape).clone(),
-                            exp_avg_sq=v.reshape(p.shape).clone())
+            st = self.state.get(p, {})
+            if "offset" in st:
+                m, v = flat[:, st["offset"]:st["offset"] + p.numel()]
+                state[i] = dict(step=st["step"].clone(), exp_avg=m.reshape(p.shape).clone(),
+                                exp_avg_sq=v.reshape(p.shape).clone())
         sd["state"] = state
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a PagedAdamW or torch.optim.AdamW state dict; the moments are written into pages in fp32."""
+        """Load a PagedAdamW or torch.optim.AdamW state dict; the moments are laid out anew, in fp32 pages."""
         state_dict = dict(state_dict)
         for g in state_dict.get("param_groups", []):
             for flag in ("amsgrad", "maximize"):
@@ -391,26 +420,26 @@ class PagedAdamW(torch.optim.Optimizer):
                     raise ValueError(f"state_dict: a param group has {flag}=True, which PagedAdamW does not do")
         saved = state_dict.pop("state")
         state_dict["state"] = {}
-        for st in self.state.values():  # pages of the state being replaced
-            self.pager.free(st.get("pages", []))
         super().load_state_dict(state_dict)  # checks and loads the param groups (lr, betas, ...)
         params = self._params()
-        E = self.pager.page_elems
-        for key, st in saved.items():
-            p = params[int(key)]
+        self.pager.clear()
+        self.n_elements = 0
+        chunks = []
+        for key in sorted(saved, key=int):
+            st, p = saved[key], params[int(key)]
             missing = {"step", "exp_avg", "exp_avg_sq"} - set(st)
             if missing:
                 raise ValueError(f"state_dict: state {key} lacks {sorted(missing)}")
-            n = self._pages_for(p)
-            if st["exp_avg"].numel() != p.numel() or st["exp_avg_sq"].numel() != p.numel():
-                raise ValueError(f"state_dict: state {key} has {st['exp_avg'].numel()} elements, "
-                                 f"parameter has {p.numel()}")
-            flat = torch.zeros(2, n * E)
-            flat[0, :p.numel()] = st["exp_avg"].detach().reshape(-1).float().cpu()
-            flat[1, :p.numel()] = st["exp_avg_sq"].detach().reshape(-1).float().cpu()
-            pages = self.pager.new_pages(n)
-            for k, pid in enumerate(pages):
-                self.pager.write(pid, flat[:, k * E:(k + 1) * E])
-            step = st["step"]
-            self.state[p] = dict(step=torch.tensor(float(step.item() if torch.is_tensor(step) else step)),
-                                 pages=pages)
+            for name in ("exp_avg", "exp_avg_sq"):
+                if st[name].numel() != p.numel():
+                    raise ValueError(f"state_dict: state {key} {name} has {st[name].numel()} elements, "
+                                     f"parameter {key} has {p.numel()}")
+            self._place(p)["step"] = torch.tensor(float(st["step"]))
+            chunks.append(torch.stack([st["exp_avg"].detach().reshape(-1).float().cpu(),
+                                       st["exp_avg_sq"].detach().reshape(-1).float().cpu()]))
+        E = self.pager.page_elems
+        flat = torch.zeros(2, self.pager.n_pages * E)
+        if chunks:
+            flat[:, :self.n_elements] = torch.cat(chunks, dim=1)
+        for pid in range(self.pager.n_pages):
+            self.pager.write(pid, flat[:, pid * E:(pid + 1) * E])

@@ -73,9 +73,10 @@ def test_everything_paged_and_nothing_paged(reference, budget):
     s, N = opt.stats, opt.state_nbytes() // PAGE
     if budget is None:
         assert s.pages_in == s.pages_out == 0 and s.peak_resident_bytes == N * PAGE == opt.pager.resident_bytes
-    else:  # one page in flight during its own update, none kept
+    else:  # one page in flight during its own update, none kept; pages two parameters share visit twice
         assert opt.pager.resident_bytes == 0 and s.peak_resident_bytes == PAGE
-        assert s.pages_out == 50 * N and s.pages_in == 49 * N
+        assert s.pages_born + s.pages_in == s.pages_out >= 50 * N
+        assert s.bytes_moved == (s.pages_in + s.pages_out) * PAGE
 
 
 def test_state_dict_mid_run_resumes_identically(reference):
@@ -145,3 +146,41 @@ def test_long_sequence_spike_completes_only_with_paging():
     assert demo.max_used_bytes <= demo.device_bytes
     assert demo.total_bytes_moved == (demo.total_pages_in + demo.total_pages_out) * demo.page_size
     assert demo.max_param_rel_diff <= 1e-6
+
+
+def test_lora_adapters_share_pages_and_train_like_adamw_with_checkpointing():
+    from minilora import add_lora
+
+    def lora_model(ckpt):
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32, dropout=0.1,
+                          gradient_checkpointing=ckpt))
+        return add_lora(m, ["c_attn", "c_fc"], r=4, alpha=8)
+
+    data = batches(10)
+    plain = lora_model(False)
+    torch.manual_seed(5)
+    train(plain, torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], **HP), data)
+    model = lora_model(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = PagedAdamW(trainable, **HP, page_size=1024, device_budget=2048)
+    # 16 small adapters laid end to end: the pages hold them with less than one page of slack
+    assert 0 <= opt.state_nbytes() - 8 * sum(p.numel() for p in trainable) < 1024
+    torch.manual_seed(5)
+    train(model, opt, data)
+    assert max_rel(model, plain) <= 1e-6 and opt.stats.pages_in > 0
+
+
+def test_bf16_parameter_updates_in_fp32_then_rounds():
+    torch.manual_seed(0)
+    p32 = torch.randn(1000)
+    g = torch.randn(1000)
+    p = torch.nn.Parameter(p32.bfloat16())
+    p.grad = g.bfloat16()
+    opt = PagedAdamW([p], **HP, page_size=1024, device_budget=1024)
+    opt.step()
+    ref = torch.nn.Parameter(p32.bfloat16().float())
+    ref.grad = g.bfloat16().float()
+    torch.optim.AdamW([ref], **HP).step()
+    assert torch.equal(p.detach(), ref.detach().bfloat16())
+    assert all(t.dtype == torch.float32 for t in opt.pager.on_host.values())
