@@ -45,7 +45,7 @@ def small_gpt_table(args) -> None:
             if mode == "qlora":
                 try:
                     from minilora.qlora import quantize_model
-                    quantize_model(model)
+                    quantize_model(model, TARGETS)
                 except Exception as e:  # noqa: BLE001 - reported, not hidden
                     print(f"{mode:<8} {str(ckpt):<5} skipped: minilora.qlora unavailable ({type(e).__name__}: {e})")
                     continue

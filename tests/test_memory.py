@@ -32,7 +32,7 @@ def _measured(mode: str, cfg: GPTConfig, dtype=torch.float32, lora_dropout=0.0, 
     torch.manual_seed(0)
     model = GPT(cfg).to(dtype).train()
     if mode == "qlora":
-        _qlora()(model)
+        _qlora()(model, TARGETS)  # every block linear (the tied lm_head stays)
     if mode != "full":
         add_lora(model, TARGETS, r=R, dropout=lora_dropout)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -66,12 +66,13 @@ def test_estimate_matches_measured_step(mode, ckpt):
         assert got.quantized_weights > 0 and got.gradients == 0 and got.adapter_gradients > 0
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_estimate_matches_measured_bf16_with_dropout(mode):
-    """16-bit weights, dropout in the GPT and in the adapters (CPU kernels: float masks, math attention)."""
+@pytest.mark.parametrize("mode,dtype", [("full", "bf16"), ("lora", "bf16"), ("qlora", "fp32")])
+def test_estimate_matches_measured_with_dropout(mode, dtype):
+    """Dropout in the GPT and in the adapters (CPU kernels: float masks, math attention); 16-bit weights, or
+    an fp32 model around bf16 QLoRA layers (the adapters keep bf16 copies of their inputs)."""
     cfg = _config(True, dropout=0.1)
-    got = _measured(mode, cfg, dtype=torch.bfloat16, lora_dropout=0.1)
-    est = estimate(cfg, mode, batch_size=B, seq_len=T, r=R, targets=TARGETS, dtype="bf16", lora_dropout=0.1,
+    got = _measured(mode, cfg, dtype=getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dtype]), lora_dropout=0.1)
+    est = estimate(cfg, mode, batch_size=B, seq_len=T, r=R, targets=TARGETS, dtype=dtype, lora_dropout=0.1,
                    device="cpu")
     _assert_close(est, got)
 

@@ -133,7 +133,6 @@ def saved_activations(n_layer: int, n_head: int, n_embd: int, vocab_size: int, s
             if x_rg:  # the mask is kept only if the dropout's input can receive a gradient
                 saved[name + ".lora_dropout_mask"] = numel * mask
             x = name + ".lora_dropout_out"
-            saved[x] = numel * s.act
         if item != s.act:  # x.to(adapter / compute dtype): the cast copy is what the matmul keeps
             x = x + f"@{item}"
         saved[x] = numel * item
