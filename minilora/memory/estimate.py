@@ -141,7 +141,8 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     compute_dtype for QLoRA, as minilora creates them). grad_dtype, state_dtype: gradients and AdamW state
     (default: each parameter's own dtype, as torch does; the lecture's recipe is dtype=fp16, state_dtype=fp32).
     master_weights: add an fp32 copy of every 16-bit trainable parameter (mixed precision).
-    optimizer: "adamw" or "paged" (PagedAdamW: fp32 state in page_size pages, at most device_budget bytes
+    optimizer: "adamw" or "paged" (PagedAdamW: fp32 state of all trainable tensors laid end to end in
+    page_size pages, at most device_budget bytes
     of them on the device, the rest in host memory -> `offloaded`).
     checkpointing / checkpoint_segments: default to the config's gradient_checkpointing / checkpoint_segments.
     device: "cuda" or "cpu", the kernels whose saved tensors are modelled (they differ only under dropout,
@@ -226,8 +227,8 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
             train(numel, adapter_dtype, adapter=True)
     out.weights_by_dtype = by_dtype
 
-    if optimizer == "paged":
-        pages = sum(math.ceil(n * PAGED_STATE_BYTES / page_size) for n in paged_elems) * page_size
+    if optimizer == "paged":  # all trainable tensors laid end to end, cut into pages
+        pages = math.ceil(sum(paged_elems) * PAGED_STATE_BYTES / page_size) * page_size
         resident = pages if device_budget is None else min(pages, device_budget // page_size * page_size)
         state_field = "optimizer_state" if mode == "full" else "adapter_optimizer_state"
         setattr(out, state_field, getattr(out, state_field) + resident)

@@ -37,7 +37,6 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 def _optimizer_bytes(optimizer: torch.optim.Optimizer, adapter_ids: set[int]) -> tuple[int, int, int]:
     """(base state on device, adapter state on device, host-resident paged state)."""
     base = adapter = 0
-    pager = getattr(optimizer, "pager", None)
     seen: set[int] = set()
     for p, st in optimizer.state.items():
         b = 0
@@ -45,14 +44,21 @@ def _optimizer_bytes(optimizer: torch.optim.Optimizer, adapter_ids: set[int]) ->
             if isinstance(v, torch.Tensor) and v.data_ptr() not in seen:
                 seen.add(v.data_ptr())
                 b += _nbytes(v)
-        if pager is not None:  # PagedAdamW: the parameter's pages that are on the device now
-            b += sum(pager.page_size for pid in st.get("pages", ()) if pid in pager.on_device)
         if id(p) in adapter_ids:
             adapter += b
         else:
             base += b
-    host = sum(_nbytes(t) for t in pager.on_host.values()) if pager is not None else 0
-    return base, adapter, host
+    pager = getattr(optimizer, "pager", None)
+    if pager is None:
+        return base, adapter, 0
+    # PagedAdamW: the pages on the device now, shared out by element count; host copies are offloaded
+    params = [p for g in optimizer.param_groups for p in g["params"] if p in optimizer.state]
+    n_adapter = sum(p.numel() for p in params if id(p) in adapter_ids)
+    n_all = sum(p.numel() for p in params) or 1
+    resident = pager.resident_bytes
+    adapter += resident * n_adapter // n_all
+    base += resident - resident * n_adapter // n_all
+    return base, adapter, sum(_nbytes(t) for t in pager.on_host.values())
 
 
 def measure(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
