@@ -50,7 +50,7 @@ def quantize_blockwise_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int 
     """q = nearest(code, x_b / absmax_b) per block b; returns (packed uint8 ((n+1)//2,), absmax fp32 (blocks,)).
 
     x: float32/float16/bfloat16 tensor of any shape (flattened row-major); NaN or Inf raise ValueError.
-    An empty x gives two empty tensors.
+    An empty x gives two empty tensors. Blocks of zeros get absmax 0 and the code of 0.
     """
     check_float_tensor(x)
     check_blocksize(blocksize)
@@ -65,6 +65,7 @@ def quantize_blockwise_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int 
         stop = min(start + CHUNK, full)
         xb = flat[start:stop].float().view(-1, blocksize)                  # (blocks, blocksize)
         a = torch.maximum(xb.amax(1), xb.amin(1).neg()).abs()              # max |x| without a copy of |x|
+        _check_finite(a)
         absmax[start // blocksize:stop // blocksize] = a
         s = torch.mul(xb, (1.0 / a.clamp(min=TINY))[:, None], out=bufs.s[:stop - start].view(-1, blocksize))
         q = _nearest_into(s.view(-1), table, bufs)                       # (stop - start,) uint8
@@ -73,14 +74,19 @@ def quantize_blockwise_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int 
     if full < n:  # the ragged last block
         tail = flat[full:].float()
         a = tail.abs().max()
+        _check_finite(a)
         absmax[-1] = a
         q = nearest_index(tail / a.clamp(min=TINY), table)
         if q.numel() % 2:
             q = torch.cat([q, q.new_full((1,), table.zero_index)])
         packed[full // 2:] = q[0::2] * 16 + q[1::2]
+    return packed, absmax
+
+
+def _check_finite(absmax: torch.Tensor) -> None:
+    # NaN and Inf propagate into the block maximum, so checking absmax checks every element
     if not torch.isfinite(absmax).all():
         raise ValueError("x contains NaN or Inf; quantization needs finite values")
-    return packed, absmax
 
 
 class _Buffers:
