@@ -227,10 +227,14 @@ class Pager:
                     stream.wait_event(arrived)
         return [self.on_device[pid] for pid in pids]
 
-    def release(self, pids: Iterable[int]) -> None:
-        """The update is done with these pages; evict whatever the budget no longer allows."""
+    def release(self, pids: Iterable[int], keep: Iterable[int] = ()) -> None:
+        """The update is done with these pages; evict whatever the budget no longer allows, except pages
+        in `keep` (the next update's, e.g. a page two parameters share) that are already here."""
         self.in_use.difference_update(pids)
+        held = [pid for pid in keep if pid in self.on_device and pid not in self.in_use]
+        self.in_use.update(held)
         self._make_room(0)
+        self.in_use.difference_update(held)
 
     def read(self, pid: int) -> torch.Tensor:
         """A CPU copy of a page wherever it is (for state_dict; not counted as paging)."""
@@ -384,7 +388,7 @@ class PagedAdamW(torch.optim.Optimizer):
                           group["weight_decay"])
             if not p.is_contiguous():
                 p.copy_(flat_p.view_as(p))
-            self.pager.release(pids)
+            self.pager.release(pids, keep=units[i + 1][2] if i + 1 < len(units) else ())
         return loss
 
     # ----- saving and resuming -----

@@ -71,13 +71,14 @@ def _batches(seq_lens: list[int], batch_size: int, vocab: int, seed: int) -> lis
 
 def long_sequence_demo(device_bytes: int | None = None, short_len: int = 16, long_len: int = 128,
                        n_short: int = 4, long_at: int = 2, batch_size: int = 4, page_size: int = 4096,
-                       lr: float = 1e-2, seed: int = 0,
-                       config: GPTConfig | None = None) -> PagingDemo:
+                       lr: float = 1e-2, seed: int = 0, config: GPTConfig | None = None,
+                       device: str | torch.device = "cpu") -> PagingDemo:
     """Train on n_short + 1 batches (the long one at index long_at) three ways; see the module docstring.
 
     device_bytes=None picks the capacity the lecture needs: fixed + max(A_short + S, A_long + S/2), where S is
     the full optimizer state and A the measured activation peaks — every short step fits with the whole state
-    resident, the long step fits only if about half the state leaves the device.
+    resident, the long step fits only if about half the state leaves the device. On device="cuda" the pages
+    really move between GPU and pinned host memory (the capacity is still the modelled one).
     """
     if not 0 <= long_at <= n_short:
         raise ValueError(f"long_at must be in [0, n_short={n_short}], got {long_at}")
@@ -85,11 +86,11 @@ def long_sequence_demo(device_bytes: int | None = None, short_len: int = 16, lon
                                  n_embd=32, gradient_checkpointing=True)
     seq_lens = [short_len] * n_short
     seq_lens.insert(long_at, long_len)
-    batches = _batches(seq_lens, batch_size, config.vocab_size, seed + 1)
+    batches = [b.to(device) for b in _batches(seq_lens, batch_size, config.vocab_size, seed + 1)]
 
     def fresh() -> GPT:
         torch.manual_seed(seed)
-        return GPT(config).train()
+        return GPT(config).to(device).train()
 
     probe = fresh()
     fixed = 2 * sum(p.numel() * p.element_size() for p in probe.parameters())  # weights + grads

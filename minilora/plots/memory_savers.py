@@ -26,10 +26,12 @@ def plot_checkpointing(n_blocks: Sequence[int], peak_bytes: Mapping[str, Sequenc
     ncols = 2 if time_ratio else 1
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)
     ax = axes[0, 0]
-    for mode, values in peak_bytes.items():
-        ax.plot(n_blocks, [v / MiB for v in values], marker="o", label=mode)
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+    for k, (mode, values) in enumerate(peak_bytes.items()):
+        ls, marker = styles[k % len(styles)]
+        ax.plot(n_blocks, [v / MiB for v in values], ls=ls, marker=marker, markersize=7 - 1.5 * k, label=mode)
     base = next(iter(peak_bytes.values()))
-    ax.plot(n_blocks, [2 * math.sqrt(n) / n * b / MiB for n, b in zip(n_blocks, base)], ls=":", color="gray",
+    ax.plot(n_blocks, [2 * math.sqrt(n) / n * b / MiB for n, b in zip(n_blocks, base)], ls=(0, (1, 3)), color="gray",
             label=f"2√n/n × {next(iter(peak_bytes))}")
     ax.set_xlabel("transformer blocks n")
     ax.set_ylabel("peak saved activations (MiB)")
@@ -82,6 +84,29 @@ def plot_paging_demo(demo, title: str = "Paged optimizer: one long sequence, one
     ax2.set_xlabel("training step")
     ax2.set_ylabel(f"pages of {demo.page_size} bytes")
     ax2.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_paged_step(labels: Sequence[str], time_ratio: Sequence[float], moved_bytes: Sequence[float],
+                    title: str = "Paged AdamW: step time and page traffic") -> Figure:
+    """Left: optimizer step time per configuration relative to torch.optim.AdamW. Right: bytes the pager
+    copied per step (both directions)."""
+    if not len(labels) == len(time_ratio) == len(moved_bytes):
+        raise ValueError(f"labels, time_ratio and moved_bytes must have one value per configuration, got "
+                         f"{len(labels)}, {len(time_ratio)}, {len(moved_bytes)}")
+    ys = list(range(len(labels)))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(labels) + 1.5), sharey=True)
+    bars = ax.barh(ys, time_ratio, color="#4c72b0")
+    ax.bar_label(bars, fmt="%.2f×", fontsize=7)
+    ax.axvline(1.0, color="gray", lw=0.8)
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("step time / torch.optim.AdamW step time")
+    bars = ax2.barh(ys, [b / MiB for b in moved_bytes], color="#dd8452")
+    ax2.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax2.set_xlabel("MiB copied per step (in + out)")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
