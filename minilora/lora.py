@@ -45,7 +45,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dtype = self._adapter_dtype(base)
-        device = next(base.parameters(), torch.empty(0)).device
+        device = next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         self.reset_lora_parameters()
@@ -53,6 +53,9 @@ class LoRALinear(nn.Module):
 
     @staticmethod
     def _adapter_dtype(base: nn.Module) -> torch.dtype:
+        """Adapters live in the base's compute dtype (a quantized base declares one), else its weight's dtype."""
+        if isinstance(getattr(base, "compute_dtype", None), torch.dtype):
+            return base.compute_dtype
         w = getattr(base, "weight", None)
         return w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
 

@@ -1,0 +1,259 @@
+"""QLoRA: a frozen base weight stored as NF4 with double quantization, plus LoRA adapters in a compute dtype.
+
+    Y = X · doubleDequant(c1, c2, W_nf4)ᵀ + scaling · (X · Aᵀ) · Bᵀ (+ bias)
+
+The 16-bit copy of W exists only inside the matmul: autograd keeps the packed 4-bit weight and dequantizes it
+again in backward (dX = dY · W), so the frozen base costs ~0.52 bytes per weight in memory, not 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.nn as nn
+
+from .inject import find_targets, lora_layers, register_lora_wrapper, _set_submodule
+from .lora import LoRALinear
+from .quant import dequantize_nf4, quantize_nf4
+
+BACKENDS = ("auto", "torch", "triton")
+_STATE_TENSORS = ("packed", "absmax", "nested_absmax", "offset")  # per-layer storage, kept as buffers
+_CODEBOOKS = ("code", "nested_code")  # format constants (16 + 256 values), one copy per device for all layers
+_CODEBOOK_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _codebook_on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    key = (id(table), device)
+    if key not in _CODEBOOK_CACHE:
+        _CODEBOOK_CACHE[key] = table.to(device)
+    return _CODEBOOK_CACHE[key]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on a CUDA device with Triton installed, else 'torch'; MINILORA_BACKEND overrides auto."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("MINILORA_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"MINILORA_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        try:
+            import triton  # noqa: F401
+            return "triton" if device.type == "cuda" else "torch"
+        except ImportError:
+            return "torch"
+    return backend
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored as NF4 (+ double quantization). Y = X · deq(W)ᵀ + b."""
+
+    def __init__(self, state, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16,
+                 backend: str = "auto"):
+        super().__init__()
+        if len(state.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D weight state, got shape {tuple(state.shape)}")
+        if compute_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {compute_dtype}")
+        resolve_backend(backend, torch.device("cpu"))  # validate the name early
+        self.out_features, self.in_features = state.shape
+        self.compute_dtype, self.backend = compute_dtype, backend
+        self._state = state  # scalars and metadata; tensors live in buffers so .to(device) moves them
+        for name in _STATE_TENSORS:
+            value = getattr(state, name, None)
+            self.register_buffer(name, value if isinstance(value, torch.Tensor) else None)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.n_quantized_params = self.out_features * self.in_features
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> "NF4Linear":
+        """Quantize linear.weight to NF4 (blockwise absmax, optionally double-quantized)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        state = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(state, linear.bias, compute_dtype, backend)
+
+    def quant_state(self):
+        """The QuantState with this module's (possibly moved) buffers and the codebooks on the same device."""
+        fields = {n: getattr(self, n) for n in _STATE_TENSORS if getattr(self, n) is not None}
+        for n in _CODEBOOKS:
+            if isinstance(getattr(self._state, n, None), torch.Tensor):
+                fields[n] = _codebook_on(getattr(self._state, n), self.packed.device)
+        return dataclasses.replace(self._state, **fields)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """doubleDequant(c1, c2, W_nf4) as a dense (out, in) tensor."""
+        return dequantize_nf4(self.quant_state()).to(dtype or self.compute_dtype)
+
+    @property
+    def quantized_nbytes(self) -> int:
+        """Bytes this layer stores for its weight: packed codes, (quantized) absmax, nested absmax, offset."""
+        return self.quant_state().nbytes
+
+    def to_linear(self, weight: torch.Tensor | None = None) -> nn.Linear:
+        """A frozen dense nn.Linear in the original dtype holding weight (default: the dequantized weight)."""
+        w = self.dequantized_weight(torch.float32) if weight is None else weight
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=w.device, dtype=self._state.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qlora_linear(x, self, None, None, 0.0)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"blocksize={self._state.blocksize}, compute_dtype={self.compute_dtype}, backend={self.backend}")
+
+
+# ---- the matmuls against the packed weight: PyTorch reference or Triton kernels ----
+
+def _base_forward(x, base: NF4Linear, backend: str, bias, xa, lora_B, scaling) -> torch.Tensor:
+    """X · deq(W)ᵀ + b + scaling · XA · Bᵀ, (M, in) -> (M, out). The Triton kernel adds the bias and the LoRA
+    term in the same launch; the PyTorch path dequantizes W to a temporary and multiplies."""
+    if backend == "triton":
+        from .kernels import nf4_matmul_state
+        return nf4_matmul_state(x, base.quant_state(), bias=None if bias is None else bias.to(x.dtype),
+                                lora_xa=xa, lora_B=lora_B, lora_scaling=scaling)
+    y = x @ base.dequantized_weight(x.dtype).t()
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    if xa is not None:
+        y = y + scaling * (xa @ lora_B.t())
+    return y
+
+
+def _base_matmul_dx(dy: torch.Tensor, base: NF4Linear, backend: str) -> torch.Tensor:
+    """dY · deq(W), (M, out) -> (M, in): the input gradient, W dequantized again rather than saved."""
+    if backend == "triton":
+        from .kernels import nf4_matmul_dx_state
+        return nf4_matmul_dx_state(dy, base.quant_state())
+    return dy @ base.dequantized_weight(dy.dtype)
+
+
+class _QLoRAFunction(torch.autograd.Function):
+    """Forward Y = X deq(W)ᵀ + b + s·(X_d Aᵀ)Bᵀ; saves X, X_d, A, B and the packed weight, never deq(W)."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, lora_A, lora_B, bias, scaling, base, backend):
+        xa = x_lora @ lora_A.t() if lora_A is not None else None   # (M, r)
+        y = _base_forward(x, base, backend, bias, xa, lora_B, scaling)  # (M, out)
+        ctx.base, ctx.backend, ctx.scaling = base, backend, scaling
+        ctx.save_for_backward(x_lora if xa is not None else None, xa, lora_A, lora_B, *[getattr(base, n) for n in _STATE_TENSORS
+                                                             if getattr(base, n) is not None])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_lora, xa, lora_A, lora_B = ctx.saved_tensors[:4]
+        base, s = ctx.base, ctx.scaling
+        dx = dx_lora = dA = dB = None
+        if ctx.needs_input_grad[0]:
+            dx = _base_matmul_dx(dy, base, ctx.backend)
+        if lora_A is not None:
+            d_xa = s * (dy @ lora_B)                       # (M, r)
+            if ctx.needs_input_grad[1]:
+                dx_lora = d_xa @ lora_A                    # (M, in)
+            if ctx.needs_input_grad[2]:
+                dA = d_xa.t() @ x_lora                     # (r, in)
+            if ctx.needs_input_grad[3]:
+                dB = s * (dy.t() @ xa)                     # (out, r)
+        return dx, dx_lora, dA, dB, None, None, None, None
+
+
+def qlora_linear(x: torch.Tensor, base: NF4Linear, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+                 scaling: float, x_lora: torch.Tensor | None = None) -> torch.Tensor:
+    """Y = X · deq(W)ᵀ + b + scaling · (X_lora Aᵀ) Bᵀ for X of any leading shape, computed in base.compute_dtype."""
+    if x.shape[-1] != base.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, layer expects {base.in_features}")
+    lead, dt = x.shape[:-1], base.compute_dtype
+    backend = resolve_backend(base.backend, x.device)
+    x2 = x.reshape(-1, base.in_features).to(dt)
+    xl = x2 if x_lora is None else x_lora.reshape(-1, base.in_features).to(dt)
+    a = lora_A.to(dt) if lora_A is not None else None
+    b = lora_B.to(dt) if lora_B is not None else None
+    y = _QLoRAFunction.apply(x2, xl, a, b, base.bias, scaling, base, backend)
+    return y.reshape(*lead, base.out_features).to(x.dtype)
+
+
+class QLoRALinear(LoRALinear):
+    """A frozen NF4 base (NF4Linear) plus trainable LoRA adapters, trained through _QLoRAFunction."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                    blocksize: int = 64, compute_dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
+                    use_rslora: bool = False, init: str = "kaiming") -> "QLoRALinear":
+        """Quantize linear to NF4 with double quantization and attach rank-r adapters in compute_dtype."""
+        base = NF4Linear.from_linear(linear, blocksize=blocksize, compute_dtype=compute_dtype, backend=backend)
+        return cls(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_lora = self.lora_dropout(x) if self.training and not isinstance(self.lora_dropout, nn.Identity) else None
+        return qlora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, x_lora)
+
+    def merge(self) -> None:
+        raise RuntimeError("QLoRALinear cannot merge into its 4-bit weight in place; use merge_qlora(model) "
+                           "(dequantize + add, optionally re-quantize)")
+
+    def merged_weight(self) -> torch.Tensor:
+        """deq(W) + scaling · B A in fp32."""
+        return self.base_layer.dequantized_weight(torch.float32) + self.delta_weight()
+
+    def merged_layer(self, requantize: bool = False) -> nn.Module:
+        """An nn.Linear holding deq(W) + scaling·B·A (or, with requantize, that sum quantized to NF4 again)."""
+        base = self.base_layer
+        linear = base.to_linear(self.merged_weight())
+        if not requantize:
+            return linear
+        return NF4Linear.from_linear(linear, blocksize=base._state.blocksize, compute_dtype=base.compute_dtype,
+                                     backend=base.backend)
+
+
+register_lora_wrapper(NF4Linear, QLoRALinear)
+
+
+def quantize_model(model: nn.Module, targets: str | list[str] | None = None, blocksize: int = 64,
+                   double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                   backend: str = "auto") -> nn.Module:
+    """Replace the target nn.Linear layers (default: every nn.Linear whose weight is not shared, e.g. not a
+    tied lm_head) by frozen NF4Linear layers, in place. add_lora on the result gives QLoRA."""
+    if targets is None:
+        counts: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
+        names = [n for n, m in model.named_modules() if type(m) is nn.Linear and counts[id(m.weight)] == 1]
+    else:
+        names = find_targets(model, targets)
+    for name in names:
+        module = model.get_submodule(name)
+        if type(module) is not nn.Linear:
+            raise TypeError(f"quantize_model: target {name!r} is a {type(module).__name__}, not an nn.Linear")
+        _set_submodule(model, name, NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant,
+                                                          compute_dtype=compute_dtype, backend=backend))
+    return model
+
+
+def merge_qlora(model: nn.Module, requantize: bool = False) -> tuple[nn.Module, dict[str, float]]:
+    """Fold each QLoRA adapter into its dequantized base (in place); the result is a dense model. With requantize
+    the merged weights (and the quantized layers without an adapter) stay NF4; the report maps layer name -> relative rounding error ‖Q(W) − W‖ / ‖W‖ of that step."""
+    report = {}
+    if not requantize:  # a dequantized model: quantized layers without an adapter become dense too
+        for name, module in list(model.named_modules()):
+            if isinstance(module, NF4Linear) and not name.endswith(".base_layer"):
+                _set_submodule(model, name, module.to_linear())
+    for name, layer in lora_layers(model).items():
+        if not isinstance(layer, QLoRALinear):
+            _set_submodule(model, name, layer.merged_layer())
+            continue
+        merged = layer.merged_layer(requantize=requantize)
+        if requantize:
+            w = layer.merged_weight()
+            report[name] = ((merged.dequantized_weight(torch.float32) - w).norm() / w.norm()).item()
+        _set_submodule(model, name, merged)
+    return model, report

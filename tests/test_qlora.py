@@ -1,0 +1,169 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from minilora import GPT, GPTConfig, LoRALinear, QLoRALinear, add_lora, count_parameters, lora_layers
+from minilora.qlora import NF4Linear, merge_qlora, quantize_model, resolve_backend
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def pair(compute_dtype, r=4, in_f=192, out_f=80, seed=0):
+    """A QLoRALinear and a LoRALinear over its dequantized weight, with the same (non-zero) adapters."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_f, out_f)
+    q = QLoRALinear.from_linear(linear, r=r, alpha=8, compute_dtype=compute_dtype, backend="torch")
+    nn.init.normal_(q.lora_B, std=0.1)
+    dense = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        dense.weight.copy_(q.base_layer.dequantized_weight(torch.float32))
+        dense.bias.copy_(linear.bias)
+    ref = LoRALinear(dense, r=r, alpha=8)
+    with torch.no_grad():
+        ref.lora_A.copy_(q.lora_A.float())
+        ref.lora_B.copy_(q.lora_B.float())
+    return q, ref
+
+
+@pytest.mark.parametrize("compute_dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_forward_and_backward_agree_with_lora_on_the_dequantized_weight(compute_dtype, tol):
+    q, ref = pair(compute_dtype)
+    x = torch.randn(3, 7, 192)
+    xq, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yq, yr = q(xq), ref(xr)
+    assert yq.dtype == x.dtype and yq.shape == (3, 7, 80)
+    assert rel(yq, yr) < tol
+    g = torch.randn_like(yr)
+    yq.backward(g)
+    yr.backward(g)
+    assert rel(xq.grad, xr.grad) < tol
+    assert rel(q.lora_A.grad, ref.lora_A.grad) < tol
+    assert rel(q.lora_B.grad, ref.lora_B.grad) < tol
+    assert q.base_layer.bias.grad is None and not any(b.requires_grad for b in q.base_layer.buffers())
+
+
+def test_autograd_keeps_the_packed_weight_not_the_dequantized_one():
+    q, _ = pair(torch.float32, in_f=512, out_f=512)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(4, 512, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = q(x)
+    dense_bytes = 512 * 512 * 4
+    saved_bytes = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in saved}.values())
+    assert all(t.numel() < 512 * 512 for t in saved)  # no full-size (out × in) tensor is kept
+    assert saved_bytes < 0.2 * dense_bytes  # packed weight (~0.13 of fp32) + activations of 4 rows
+    assert any(t.dtype == torch.uint8 and t.numel() == 512 * 512 // 2 for t in saved)
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_quantize_model_then_add_lora_is_qlora_and_stores_4127_bits_per_weight():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=512))
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head"}
+    quantize_model(model, compute_dtype=torch.bfloat16)
+    nf4 = {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    assert set(nf4) == set(linears)  # the tied lm_head stays as it is
+    bf16_bytes = sum(m.weight.numel() * 2 for m in linears.values())
+    stored = sum(m.quantized_nbytes for m in nf4.values())
+    assert stored <= 4.127 / 16 * bf16_bytes
+    add_lora(model, ["c_attn", "c_fc"], r=4)
+    assert all(isinstance(l, QLoRALinear) for l in lora_layers(model).values())
+    count = count_parameters(model)
+    assert count.trainable == 2 * 4 * ((512 + 1536) + (512 + 2048))
+    assert count.total == sum(p.numel() for p in GPT(model.config).parameters()) + count.trainable
+
+
+def test_qlora_gpt_learns_like_lora_gpt():
+    cfg = GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=64)
+    data = torch.arange(16).repeat(8, 1) % 32  # a fixed sequence to memorise
+    curves = {}
+    for kind in ("lora", "qlora"):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        if kind == "qlora":
+            quantize_model(model, ["c_attn", "c_proj", "c_fc"], compute_dtype=torch.float32, backend="torch")
+        add_lora(model, ["c_attn", "c_fc", "c_proj"], r=8, alpha=16)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        curves[kind] = []
+        for _ in range(60):
+            _, loss = model(data[:, :-1], data[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curves[kind].append(loss.item())
+    for kind, curve in curves.items():
+        assert curve[-1] < 0.75 * curve[0], kind  # from ln(32) = 3.47
+    assert abs(curves["qlora"][-1] - curves["lora"][-1]) < 0.05 * curves["lora"][-1]
+
+
+def test_merge_qlora_dequantizes_and_reports_requantization_error():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=64)).eval()
+    quantize_model(model, compute_dtype=torch.float32, backend="torch")
+    add_lora(model, ["c_attn", "c_fc"], r=4)
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_B, std=0.05)
+    idx = torch.randint(0, 40, (2, 10))
+    with torch.no_grad():
+        before = model(idx)
+    with pytest.raises(RuntimeError, match="merge_qlora"):
+        next(iter(lora_layers(model).values())).merge()
+    merged, report = merge_qlora(model)
+    assert not lora_layers(merged) and report == {}
+    assert type(merged.transformer.h[0].attn.c_attn) is nn.Linear
+    with torch.no_grad():
+        assert rel(merged(idx), before) < 1e-5
+    model2 = GPT(merged.config)
+    model2.load_state_dict(merged.state_dict())
+    quantize_model(model2, ["c_attn"], compute_dtype=torch.float32)
+    add_lora(model2, ["c_attn"], r=2)
+    nn.init.normal_(model2.transformer.h[0].attn.c_attn.lora_B, std=0.05)
+    requantized, report = merge_qlora(model2, requantize=True)
+    assert isinstance(requantized.transformer.h[0].attn.c_attn, NF4Linear)
+    assert set(report) == {"transformer.h.0.attn.c_attn"} and 0 < report["transformer.h.0.attn.c_attn"] < 0.15
+
+
+def test_backend_choice_and_errors(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "torch"
+    monkeypatch.setenv("MINILORA_BACKEND", "triton")
+    assert resolve_backend("auto", cpu) == "triton" and resolve_backend("torch", cpu) == "torch"
+    monkeypatch.setenv("MINILORA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="MINILORA_BACKEND"):
+        resolve_backend("auto", cpu)
+    monkeypatch.delenv("MINILORA_BACKEND")
+    with pytest.raises(ValueError, match="backend"):
+        QLoRALinear.from_linear(nn.Linear(64, 64), backend="fast")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        QLoRALinear.from_linear(nn.Linear(64, 64), compute_dtype=torch.int8)
+    with pytest.raises(ValueError, match="features"):
+        QLoRALinear.from_linear(nn.Linear(64, 64), compute_dtype=torch.float32)(torch.randn(2, 63))
+    with pytest.raises(TypeError, match="LayerNorm"):
+        quantize_model(GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)), ["ln_1"])
+
+
+def test_triton_backend_matches_torch_backend_in_interpreter_mode():
+    pytest.importorskip("triton", reason="triton (triton extra) runs the kernels under its interpreter")
+    from minilora.kernels._runtime import interpreter_works
+    if not interpreter_works():
+        pytest.skip("this Triton's interpreter cannot run minilora's kernels")
+    q, _ = pair(torch.float32, in_f=96, out_f=40)
+    x = torch.randn(5, 96)
+    outs = {}
+    for backend in ("torch", "triton"):
+        q.base_layer.backend = backend
+        xb = x.clone().requires_grad_()
+        y = q(xb)
+        y.backward(torch.ones_like(y))
+        outs[backend] = (y, xb.grad, q.lora_A.grad.clone(), q.lora_B.grad.clone())
+        q.zero_grad()
+    for a, b in zip(outs["triton"], outs["torch"]):
+        assert rel(a, b) < 1e-5
