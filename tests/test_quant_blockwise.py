@@ -96,3 +96,14 @@ def test_empty_tensor_is_an_exact_empty_state(double_quant):
         assert float(state.offset) == 0.0 and state.nested_absmax.numel() == 0
     w = dequantize_nf4(state)
     assert w.shape == (0, 5) and w.dtype == torch.bfloat16
+
+
+def test_worker_threads_respect_inference_mode_and_raise_errors():
+    x = torch.randn(200_000)  # several chunks, so the worker threads take part
+    with torch.inference_mode():
+        state = quantize_nf4(x)
+        assert dequantize_nf4(state).is_inference()
+    assert torch.equal(dequantize_nf4(state), dequantize_nf4(quantize_nf4(x)))
+    x[150_001] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_nf4(x)

@@ -12,7 +12,7 @@ For block b of `blocksize` consecutive elements (the flattened tensor; a ragged 
 This is bitsandbytes' 4-bit layout, byte for byte (its ragged last block divides, x / absmax, and so
 does this one). Outlier elements only stretch their own block's scale.
 
-The work is done in chunks of CHUNK elements so that the temporaries stay in the CPU cache.
+The work is done in chunks of CHUNK elements (chunks.py) so that the temporaries stay in the CPU cache.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import math
 
 import torch
 
+from .chunks import CHUNK, run_chunked
 from .nearest import check_code, nearest_index, nearest_table
 
-CHUNK = 1 << 17          # elements per pass (a multiple of every allowed blocksize)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TINY = 1e-38             # absmax is clamped to this before 1/absmax (all-zero blocks give s = 0)
 
@@ -60,17 +60,21 @@ def quantize_blockwise_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int 
     full = n - n % blocksize
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=x.device)
-    bufs = _Buffers(min(CHUNK, full), x.device)
-    for start in range(0, full, CHUNK):
-        stop = min(start + CHUNK, full)
-        xb = flat[start:stop].float().view(-1, blocksize)                  # (blocks, blocksize)
-        a = torch.maximum(xb.amax(1), xb.amin(1).neg()).abs()              # max |x| without a copy of |x|
-        _check_finite(a)
-        absmax[start // blocksize:stop // blocksize] = a
-        s = torch.mul(xb, (1.0 / a.clamp(min=TINY))[:, None], out=bufs.s[:stop - start].view(-1, blocksize))
-        q = _nearest_into(s.view(-1), table, bufs)                       # (stop - start,) uint8
-        q = q.view(-1, 2)
-        torch.add(q[:, 1], q[:, 0], alpha=16, out=packed[start // 2:stop // 2])
+
+    def work(begin: int, end: int) -> None:
+        bufs = _Buffers(min(CHUNK, end - begin), x.device)
+        x_chunks = flat[begin:end].view(-1, blocksize).split(CHUNK // blocksize)       # (blocks, blocksize)
+        a_chunks = absmax[begin // blocksize:end // blocksize].split(CHUNK // blocksize)
+        byte_chunks = packed[begin // 2:end // 2].split(CHUNK // 2)
+        for xb, a_out, bytes_out in zip(x_chunks, a_chunks, byte_chunks):
+            xb = xb.float()
+            a = torch.maximum(xb.amax(1), xb.amin(1).neg(), out=a_out).abs_()     # max |x|, no copy of |x|
+            _check_finite(a)
+            s = torch.mul(xb, (1.0 / a.clamp(min=TINY))[:, None], out=bufs.s[:xb.numel()].view_as(xb))
+            q = _nearest_into(s.view(-1), table, bufs).view(-1, 2)             # (pairs, 2) uint8
+            torch.add(q[:, 1], q[:, 0], alpha=16, out=bytes_out)               # first element: high nibble
+
+    run_chunked(full, work, x.device)
     if full < n:  # the ragged last block
         tail = flat[full:].float()
         a = tail.abs().max()
@@ -140,14 +144,20 @@ def dequantize_blockwise_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: 
     packed, absmax = packed.reshape(-1), absmax.reshape(-1).float()
     out = torch.empty(n, dtype=dtype, device=packed.device)
     full = n - n % blocksize
-    idx = torch.empty(min(CHUNK, full) // 2, dtype=torch.int32, device=packed.device)
-    pairs = torch.empty_like(idx, dtype=torch.int64)
-    for start in range(0, full, CHUNK):
-        stop = min(start + CHUNK, full)
-        i = idx[:(stop - start) // 2].copy_(packed[start // 2:stop // 2])
-        w = torch.index_select(lut, 0, i, out=pairs[:i.numel()]).view(torch.float32)  # code[q], (stop-start,)
-        torch.mul(w.view(-1, blocksize), absmax[start // blocksize:stop // blocksize, None],
-                  out=out[start:stop].view(-1, blocksize))
+
+    def work(begin: int, end: int) -> None:
+        # all chunk views made up front (few Python calls per chunk): bytes, (blocks, 1) scales, (blocks, bs) outputs
+        byte_chunks = packed[begin // 2:end // 2].split(CHUNK // 2)
+        scale_chunks = absmax[begin // blocksize:end // blocksize, None].split(CHUNK // blocksize)
+        out_chunks = out[begin:end].view(-1, blocksize).split(CHUNK // blocksize)
+        idx = torch.empty(len(byte_chunks[0]), dtype=torch.int32, device=packed.device)
+        pairs = torch.empty_like(idx, dtype=torch.int64)
+        for b, a, o in zip(byte_chunks, scale_chunks, out_chunks):
+            i, p = (idx, pairs) if len(b) == len(idx) else (idx[:len(b)], pairs[:len(b)])
+            torch.index_select(lut, 0, i.copy_(b), out=p)                      # (code[hi], code[lo]) per byte
+            torch.mul(p.view(torch.float32).view(-1, blocksize), a, out=o)    # w = code[q] · absmax
+
+    run_chunked(full, work, packed.device)
     if full < n:
         w = lut[packed[full // 2:].long()].view(torch.float32)[:n - full]
         out[full:] = w * absmax[-1]
