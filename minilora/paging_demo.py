@@ -107,7 +107,7 @@ def long_sequence_demo(device_bytes: int | None = None, short_len: int = 16, lon
 
     # 1. plain AdamW on the modelled device: full state resident once it exists
     model = fresh()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)
 
     def adamw_resident() -> int:
         return sum(t.numel() * t.element_size() for st in opt.state.values()
@@ -166,7 +166,7 @@ def long_sequence_demo(device_bytes: int | None = None, short_len: int = 16, lon
 
     # 3. unconstrained AdamW: the numbers paging must not change
     ref = fresh()
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=lr)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=lr, foreach=False)
     for idx in batches:
         ref_opt.zero_grad()
         ref(idx, idx)[1].backward()
