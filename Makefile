@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
 export TRITON_DEFAULT_FP_FUSION ?= 1
+# Keep the repository root off sys.path under `python -m`: its kernels/ folder (minilora.kernels) must not be
+# found as a top-level `kernels` package, which transformers probes for.
+export PYTHONSAFEPATH = 1
 
 .PHONY: setup demo test bench notebooks clean
 
