@@ -40,9 +40,11 @@ In QLoRALinear the autograd function would call nf4_matmul in forward (with lora
 X·lora_Aᵀ and lora_B to fuse the adapter) and nf4_matmul_dx in backward; the adapter
 gradients stay in PyTorch.
 """
-if __name__ != "minilora.kernels":      # e.g. `import kernels` run from the repository root
-    raise ImportError("this folder is the package minilora.kernels; import it under that name "
-                      "(a top-level `kernels` is a different published package)")
+if __name__ != "minilora.kernels":      # the repository root is on sys.path and something ran `import kernels`
+    raise ImportError("the folder kernels/ is the package minilora.kernels, but it was imported as a top-level "
+                      "`kernels` (another published package of that name, which transformers probes for). "
+                      "The repository root is on sys.path: run from another directory, or set "
+                      "PYTHONSAFEPATH=1 (as the Makefile does) so `python -m ...` does not add it")
 
 import torch as _torch
 

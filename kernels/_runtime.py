@@ -52,6 +52,22 @@ def _interpreted_module(name: str):
         return importlib.import_module(f"{_INTERPRETED}.{name}")
 
 
+_interpreter_ok = None
+
+
+def interpreter_works() -> bool:
+    """Can this installation's Triton interpreter run minilora's kernels on CPU tensors?"""
+    global _interpreter_ok
+    if _interpreter_ok is None:
+        try:
+            out = torch.zeros(1, dtype=torch.int32)
+            _interpreted_module("_probe").loop_probe[(1,)](out, 8, 2)
+            _interpreter_ok = int(out.item()) == 4
+        except Exception:
+            _interpreter_ok = False
+    return _interpreter_ok
+
+
 def kernel(module: str, name: str, device: torch.device):
     """The kernel `name` from kernels/<module>.py, in the form that can run on `device`."""
     if device.type == "cuda":
@@ -59,6 +75,13 @@ def kernel(module: str, name: str, device: torch.device):
     if device.type != "cpu":
         raise ValueError(f"minilora.kernels run on CUDA (compiled) or CPU (Triton interpreter) "
                          f"tensors, got device {device}")
+    if not interpreter_works():
+        import numpy
+        import triton
+        raise RuntimeError(f"the Triton interpreter of this installation (triton {triton.__version__}, "
+                           f"numpy {numpy.__version__}) cannot run loops with run-time bounds, so "
+                           "minilora.kernels cannot run on CPU tensors here; use CUDA tensors, or "
+                           "triton >= 3.9")
     fn = getattr(_interpreted_module(module), name)
     if not is_interpreted(fn):
         raise RuntimeError("could not switch the Triton interpreter on for CPU tensors "

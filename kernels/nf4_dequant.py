@@ -30,7 +30,7 @@ def nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested
     j = pid * BLOCK + tl.arange(0, BLOCK)                    # flat element index
     ok = j < numel
 
-    v = tl.load(code_ptr + idx)                               # NF4 value in [-1, 1]
+    v = tl.gather(tl.load(code_ptr + tl.arange(0, 16)), idx, 0)   # NF4 value code[idx]
     blk = j >> log2_blocksize                                # quantization block of element j
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)

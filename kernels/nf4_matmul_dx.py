@@ -41,6 +41,7 @@ def nf4_matmul_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_p
     m_ok = offs_m < M
     acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
 
+    code = tl.load(code_ptr + tl.arange(0, 16))               # the NF4 table, in registers
     n_start = pid_s * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -48,8 +49,8 @@ def nf4_matmul_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_p
         dy = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
                      mask=m_ok[:, None] & (offs_n[None, :] < N), other=0.0)    # [BM, BN]
         # W[n0:n0+BN, k0:k0+BK], dequantized in registers -> [BN, BK]
-        w = nf4_tile(packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
-                     offset_ptr, offs_n, k0, N, K, row_bytes, log2_blocksize, BLOCK_K,
+        w = nf4_tile(packed_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr,
+                     offset_ptr, code, offs_n, k0, N, K, row_bytes, log2_blocksize, BLOCK_K,
                      NESTED_BLOCKSIZE, DOUBLE_QUANT, SCALE_PER_ROW, PAIRED)
         w = cast_to(w, dy_ptr.dtype.element_ty, INTERPRET)
         if INTERPRET:

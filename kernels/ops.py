@@ -171,8 +171,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     if M == 0:
         return x.new_empty((*lead, N))
 
-    fn_name = "nf4_gemv_kernel" if M <= 4 else "nf4_matmul_kernel"
-    fn = _runtime.kernel("nf4_matmul", fn_name, x.device)
+    fn = _runtime.kernel("nf4_matmul", "nf4_matmul_kernel", x.device)
     plan = plan_matmul(M, N, K, blocksize=q.blocksize, dtype=x.dtype, double_quant=q.double_quant,
                        has_bias=bias is not None, has_lora=lora_xa is not None,
                        num_sms=_runtime.num_sms(x.device),
@@ -255,11 +254,13 @@ def nf4_dequantize_state(state, dtype: Optional[torch.dtype] = None) -> torch.Te
 
 def nf4_matmul_state(x: torch.Tensor, state, **epilogue) -> torch.Tensor:
     """nf4_matmul for a QuantState-like object; epilogue: bias, lora_xa, lora_B, lora_scaling."""
+    args = _state_args(state)
     N, K = _state_nk(state)
-    return nf4_matmul(x, **_state_args(state), N=N, K=K, **epilogue)
+    return nf4_matmul(x, **args, N=N, K=K, **epilogue)
 
 
 def nf4_matmul_dx_state(dy: torch.Tensor, state) -> torch.Tensor:
     """nf4_matmul_dx for a QuantState-like object."""
+    args = _state_args(state)
     N, K = _state_nk(state)
-    return nf4_matmul_dx(dy, **_state_args(state), N=N, K=K)
+    return nf4_matmul_dx(dy, **args, N=N, K=K)

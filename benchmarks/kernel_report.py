@@ -1,0 +1,70 @@
+"""Registers, spills and shared memory of every kernel configuration minilora can select.
+
+Compiles each configuration ahead of time for sm_80 (A100) and sm_90 (H100) — no GPU needed —
+and prints what ptxas reports (via cuobjdump --dump-resource-usage): registers per thread,
+stack bytes per thread (where spilled registers go; 0 means no spills), local memory, and
+the dynamic shared memory Triton allocates.
+
+    python benchmarks/kernel_report.py                 # production flags + worst case
+    python benchmarks/kernel_report.py --flags all     # every flag combination (slow)
+    python benchmarks/kernel_report.py --dtype bf16 --arch 90
+"""
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("unset TRITON_INTERPRET: this report compiles the kernels for real GPUs")
+
+import torch  # noqa: E402
+
+from minilora.kernels import aot, configs  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}     # opt-in shared memory per block
+
+
+def describe(plan) -> str:
+    c = plan.constexprs
+    tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c) or str(c.get("BLOCK"))
+    flags = [name.lower() for name in ("DOUBLE_QUANT", "SCALE_PER_ROW", "PAIRED", "HAS_BIAS",
+                                       "HAS_LORA") if c.get(name)]
+    if c.get("DOT_PRECISION") and c["DOT_PRECISION"] != "ieee":
+        flags.append(c["DOT_PRECISION"])
+    return f"{plan.kernel:<9} {tile:<11} w{plan.num_warps} s{plan.num_stages} {','.join(flags)}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--flags", choices=["heavy", "all"], default="heavy")
+    ap.add_argument("--dtype", choices=list(DTYPES), action="append")
+    ap.add_argument("--arch", type=int, choices=[80, 90], action="append")
+    args = ap.parse_args()
+    dtypes = [DTYPES[d] for d in (args.dtype or list(DTYPES))]
+    archs = args.arch or [80, 90]
+    plans = configs.all_plans(dtypes=dtypes, flags=args.flags)
+    print(f"{len(plans)} configurations x {len(archs)} architectures; triton {__import__('triton').__version__}")
+    print(f"{'arch':<6}{'dtype':<6}{'configuration':<62}{'regs':>5}{'stack':>6}{'local':>6}{'smem':>8}")
+    bad = 0
+    start = time.time()
+    for plan, dtype in plans:
+        for arch in archs:
+            usage = aot.resource_usage(aot.compile_plan(plan, dtype, arch))
+            smem = usage["dynamic_shared"] + usage["shared"]
+            spills = usage["stack"] or usage["local"]
+            flag = ""
+            if spills:
+                flag = "  <- spills"
+            if smem > SMEM_LIMIT[arch]:
+                flag += "  <- too much shared memory"
+            bad += bool(flag)
+            print(f"sm_{arch:<3}{str(dtype)[6:]:<9}{describe(plan):<59}{usage['reg']:>5}"
+                  f"{usage['stack']:>6}{usage['local']:>6}{smem:>8}{flag}", flush=True)
+    print(f"{bad} configurations spill or exceed shared memory ({time.time() - start:.0f} s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
