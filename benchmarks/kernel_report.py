@@ -44,24 +44,25 @@ def main() -> int:
     args = ap.parse_args()
     dtypes = [DTYPES[d] for d in (args.dtype or list(DTYPES))]
     archs = args.arch or [80, 90]
-    plans = configs.all_plans(dtypes=dtypes, flags=args.flags)
-    print(f"{len(plans)} configurations x {len(archs)} architectures; triton {__import__('triton').__version__}")
+    plans = [(plan, dtype, arch) for arch in archs
+             for plan, dtype in configs.all_plans(dtypes=dtypes, flags=args.flags, capability=arch)]
+    print(f"{len(plans)} configurations over sm_{', sm_'.join(map(str, archs))}; "
+          f"triton {__import__('triton').__version__}")
     print(f"{'arch':<6}{'dtype':<6}{'configuration':<62}{'regs':>5}{'stack':>6}{'local':>6}{'smem':>8}")
     bad = 0
     start = time.time()
-    for plan, dtype in plans:
-        for arch in archs:
-            usage = aot.resource_usage(aot.compile_plan(plan, dtype, arch))
-            smem = usage["dynamic_shared"] + usage["shared"]
-            spills = usage["stack"] or usage["local"]
-            flag = ""
-            if spills:
-                flag = "  <- spills"
-            if smem > SMEM_LIMIT[arch]:
-                flag += "  <- too much shared memory"
-            bad += bool(flag)
-            print(f"sm_{arch:<3}{str(dtype)[6:]:<9}{describe(plan):<59}{usage['reg']:>5}"
-                  f"{usage['stack']:>6}{usage['local']:>6}{smem:>8}{flag}", flush=True)
+    for plan, dtype, arch in plans:
+        usage = aot.resource_usage(aot.compile_plan(plan, dtype, arch))
+        smem = usage["dynamic_shared"] + usage["shared"]
+        spills = usage["stack"] or usage["local"]
+        flag = ""
+        if spills:
+            flag = "  <- spills"
+        if smem > SMEM_LIMIT[arch]:
+            flag += "  <- too much shared memory"
+        bad += bool(flag)
+        print(f"sm_{arch:<3}{str(dtype)[6:]:<9}{describe(plan):<59}{usage['reg']:>5}"
+              f"{usage['stack']:>6}{usage['local']:>6}{smem:>8}{flag}", flush=True)
     print(f"{bad} configurations spill or exceed shared memory ({time.time() - start:.0f} s)")
     return 1 if bad else 0
 

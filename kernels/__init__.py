@@ -29,12 +29,21 @@ API (all take keyword arguments blocksize=64, nested_absmax=None, nested_code=No
     kernels_available(device)                                        can the compiled kernels
                                                                         run there?
 
-Tensors on a CUDA device run compiled kernels (bf16/fp16 operands multiply on tensor cores
-with fp32 accumulation; fp32 operands in full fp32 unless torch allows TF32). CPU tensors run
-the same kernels under the Triton interpreter (slow; for tests and lectures). The kernel and
-tile sizes are chosen by M, deterministically (configs.py): a GEMV path for M <= 4, a split-K
-tile path for M <= 64 and a 128 × 128 tiled path above. Any K works (odd K and K not a
-multiple of the blocksize included, at some cost: one scale lookup per element).
+Tensors on a CUDA device run compiled kernels (bf16/fp16 operands multiply on the tensor cores
+with fp32 accumulation; fp32 operands as three TF32 products, "tf32x3", or one when torch
+allows TF32). CPU tensors run the same kernels under the Triton interpreter (slow; for tests
+and lectures; needs a Triton whose interpreter works with the installed NumPy, see
+_runtime.interpreter_works). Tile sizes are chosen by M, deterministically (configs.py): a
+split-K tile path for M <= 64 (decoding) and 128 × 128 tiles above (training). Any K works:
+odd K, and K not a multiple of the blocksize, take a slower per-element path.
+
+Measured on an H100 (benchmarks/kernel_speed.py, bf16, CUDA-graph replays, cold L2; speed
+relative to a bf16 torch.matmul): for M = 1 and 16 the fused forward runs at 0.92-1.03x
+(dX 0.69-0.92x), i.e. about as fast as bf16 and 1.6-2.2x faster than dequantize-then-matmul,
+but far from the 3.9x that 0.52 bytes per weight would allow. For M >= 512 it runs at
+0.23-0.43x, 1.5-2.5x SLOWER than dequantize-then-matmul (each W tile is dequantized again
+for every 128-row block of X). So for training-size M, nf4_dequantize + torch.matmul is the
+faster choice today.
 
 In QLoRALinear the autograd function would call nf4_matmul in forward (with lora_xa =
 X·lora_Aᵀ and lora_B to fuse the adapter) and nf4_matmul_dx in backward; the adapter

@@ -89,6 +89,14 @@ def kernel(module: str, name: str, device: torch.device):
     return fn
 
 
+def capability(device: torch.device) -> int:
+    """Compute capability as one number (80: A100, 90: H100); 0 for the interpreter."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 0
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of `device` (a fixed small number for the interpreter)."""
     from .configs import INTERPRETER_SMS

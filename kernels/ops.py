@@ -174,7 +174,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     fn = _runtime.kernel("nf4_matmul", "nf4_matmul_kernel", x.device)
     plan = plan_matmul(M, N, K, blocksize=q.blocksize, dtype=x.dtype, double_quant=q.double_quant,
                        has_bias=bias is not None, has_lora=lora_xa is not None,
-                       num_sms=_runtime.num_sms(x.device),
+                       num_sms=_runtime.num_sms(x.device), capability=_runtime.capability(x.device),
                        interpreted=_runtime.is_interpreted(fn))
     if plan.split == 1:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -212,6 +212,7 @@ def nf4_matmul_dx(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     fn = _runtime.kernel("nf4_matmul_dx", "nf4_matmul_dx_kernel", dy.device)
     plan = plan_matmul_dx(M, N, K, blocksize=q.blocksize, dtype=dy.dtype,
                           double_quant=q.double_quant, num_sms=_runtime.num_sms(dy.device),
+                          capability=_runtime.capability(dy.device),
                           interpreted=_runtime.is_interpreted(fn))
     if plan.split == 1:
         dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)

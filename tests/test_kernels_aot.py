@@ -5,9 +5,9 @@ no GPU is needed. ptxas' resource report (read with the cuobjdump that ships wit
 must show no stack frame and no local memory (no register spills), and the shared memory
 must fit the architecture's per-block limit.
 
-Covered here (to keep CI short): the 16-bit tuned configurations (even K, one scale per row,
-all epilogue flags on) for sm_80 and sm_90, and the fp32 and per-element configurations for
-sm_80. `python benchmarks/kernel_report.py` compiles every dtype for both.
+Covered here (to keep CI short): the bf16 tuned configurations (even K, one scale per row,
+bias on, LoRA epilogue on and off) for sm_80 and sm_90, and the fp32 and per-element
+configurations for sm_80. `python benchmarks/kernel_report.py` compiles every dtype for both.
 """
 import os
 
@@ -25,25 +25,38 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 def _cases():
     cases = []
-    for plan, dtype in configs.all_plans(dtypes=(torch.bfloat16, torch.float32), flags="heavy"):
-        c = plan.constexprs
-        tuned = dtype == torch.bfloat16 and c.get("PAIRED", True) and c.get("SCALE_PER_ROW", True)
-        for arch in ((80, 90) if tuned else (80,)):
+    for arch in (80, 90):
+        for plan, dtype in configs.all_plans(dtypes=(torch.bfloat16, torch.float32), flags="heavy",
+                                             capability=arch):
+            c = plan.constexprs
+            tuned = dtype == torch.bfloat16 and c.get("PAIRED", True) and c.get("SCALE_PER_ROW", True)
+            if arch == 90 and not tuned:
+                continue
             tag = f"{plan.kernel}-{str(dtype)[6:]}-sm{arch}-" + "x".join(
-                str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK", "DOUBLE_QUANT", "PAIRED") if k in c)
+                str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK") if k in c) + (
+                "" if c.get("PAIRED", True) else "-oddK") + ("-lora" if c.get("HAS_LORA") else "")
             cases.append(pytest.param(plan, dtype, arch, id=tag))
     return cases
 
 
 def test_every_selectable_tile_configuration_is_covered():
     """all_plans reaches every tile configuration the planners return for real shapes."""
-    listed = {(p.tile_key, dt) for p, dt in configs.all_plans(dtypes=(torch.bfloat16,), flags="heavy")}
-    gpu = dict(blocksize=64, dtype=torch.bfloat16, double_quant=True, num_sms=132, interpreted=False)
+    for arch in (80, 90):
+        _covered(arch)
+
+
+def _covered(arch):
+    listed = {(p.tile_key, dt) for p, dt in configs.all_plans(dtypes=(torch.bfloat16,), flags="heavy",
+                                                             capability=arch)}
+    gpu = dict(blocksize=64, dtype=torch.bfloat16, double_quant=True, num_sms=132, interpreted=False,
+               capability=arch)
     for M in (1, 2, 5, 16, 17, 33, 64, 65, 1000, 4096):
         for N, K in ((4096, 4096), (11008, 4096), (768, 3072), (100, 101)):
-            p = configs.plan_matmul(M, N, K, has_bias=True, has_lora=True, **gpu)
+            for lora in (False, True):
+                p = configs.plan_matmul(M, N, K, has_bias=True, has_lora=lora, **gpu)
+                assert (p.tile_key, torch.bfloat16) in listed, p
             d = configs.plan_matmul_dx(M, N, K, **gpu)
-            assert (p.tile_key, torch.bfloat16) in listed and (d.tile_key, torch.bfloat16) in listed
+            assert (d.tile_key, torch.bfloat16) in listed, d
 
 
 @pytest.mark.parametrize("plan,dtype,arch", _cases())
