@@ -146,23 +146,31 @@ def step_ratio(args, quantized: bool, rows: list) -> None:
 
 
 def quant_ratio(args, rows: list) -> None:
+    """NF4 quantize / dequantize of a 4096 x 4096 weight, timed with benchmarks/quant_speed.py's paired_medians."""
     try:
         qs = load_sibling("quant_speed")
-    except FileNotFoundError as e:
+        import bitsandbytes.functional as F
+    except (FileNotFoundError, ImportError) as e:
         print(f"NF4 quantize/dequantize: skipped ({e})")
         return
-    fn = getattr(qs, "compare", None) or getattr(qs, "measure", None)
-    if fn is None:
-        print("NF4 quantize/dequantize: skipped (benchmarks/quant_speed.py has no compare()/measure() to call)")
-        return
-    result = fn()
-    if isinstance(result, dict):
-        for label, ratio in result.items():
-            if isinstance(ratio, (int, float)):
-                print(f"{label}: ratio {ratio:.2f}x")
-                rows.append((label, float(ratio)))
-    elif result is None:
-        print("NF4 quantize/dequantize: benchmarks/quant_speed.py printed its own table above")
+    from minilora.quant import dequantize_nf4, quantize_nf4
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 4096)
+    packed, ref_state = F.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")
+    state = quantize_nf4(x, blocksize=64, double_quant=True)
+    same = torch.equal(state.packed, packed.view(-1)) and torch.equal(dequantize_nf4(state),
+                                                                       F.dequantize_4bit(packed, ref_state))
+    pairs = {"NF4 quantize (fp32, 4096^2)": (
+                 lambda: F.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4"),
+                 lambda: quantize_nf4(x, blocksize=64, double_quant=True)),
+             "NF4 dequantize (-> fp32, 4096^2)": (
+                 lambda: F.dequantize_4bit(packed, ref_state), lambda: dequantize_nf4(state))}
+    for label, (ref, ours) in pairs.items():
+        t_ref, t_ours = qs.paired_medians(ref, ours, max(args.reps, 5))
+        print(f"{label} vs bitsandbytes: median minilora {t_ours * 1e3:.1f} ms, bitsandbytes {t_ref * 1e3:.1f} ms "
+              f"-> ratio {t_ref / t_ours:.2f}x (same bytes: {same})")
+        rows.append((f"{label} vs bitsandbytes", t_ref / t_ours))
 
 
 def ckpt_ratio(args, rows: list) -> None:
