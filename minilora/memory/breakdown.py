@@ -40,6 +40,8 @@ class MemoryBreakdown:
     total = every field above except offloaded. weights_by_dtype splits weights + quantized_weights +
     adapters by storage type ("float32", "bfloat16", "nf4", ...). peak_allocated is
     torch.cuda.max_memory_allocated() of a measured step on CUDA (None elsewhere and for estimates).
+    n_params counts the base model (adapters not included), n_trainable what the optimizer updates.
+    saved: for estimates, the SavedActivations walk behind `activations` (which tensor, how many bytes).
     """
     weights: int = 0
     quantized_weights: int = 0
