@@ -1,0 +1,130 @@
+"""An instruction dataset in the lecture's shape, (instruction, context, output), made by code from a seed.
+
+The task: rewrite a plain English sentence the way Yoda speaks. Every context sentence has the shape
+    Subject  modal  verb  object.          "The young pilot must repair the broken ship."
+and its Yoda form moves the verb phrase to the front and the subject and modal to the end:
+    Verb object, subject modal.            "Repair the broken ship, the young pilot must."
+The rewrite is a deterministic function of the sentence (`yoda`), so the metric is exact match of the
+model's greedy answer against it. A base model trained only on English prose never produces this word
+order (it scores ~0); a fine-tuned one should score high on held-out sentences it has never seen.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SUBJECTS = ["You", "We", "They", "I", "He", "She", "Kira", "Tomas", "Mira", "Oren", "Sela", "Bram",
+            "The young pilot", "The old master", "My apprentice", "Every student", "Your friend"]
+MODALS = ["must", "will", "can", "should", "shall", "may", "cannot", "might", "could"]
+VERBS = ["learn", "trust", "find", "protect", "follow", "face", "seek", "teach", "build", "remember",
+         "carry", "guard", "open", "repair", "study", "clean", "share", "watch", "visit", "free"]
+DETERMINERS = ["the", "a", "your", "this", "that", "my", "our", "every"]
+ADJECTIVES = ["", "old", "dark", "ancient", "hidden", "small", "great", "broken", "quiet", "bright",
+              "lost", "secret"]
+NOUNS = ["temple", "path", "ship", "map", "lesson", "door", "sword", "stone", "river", "forest", "droid",
+         "star", "book", "garden", "tower", "bridge", "key", "code", "song", "truth"]
+ABSTRACT = ["patience", "the Force", "courage", "your fear", "the future", "balance", "peace"]
+INSTRUCTIONS = ["Say it like Yoda.", "Talk like Yoda.", "Speak as a Jedi master."]
+
+TEMPLATE = "Instruction: {instruction}\nContext: {context}\nResponse:\n"
+
+
+@dataclass(frozen=True)
+class Example:
+    instruction: str
+    context: str
+    output: str
+
+
+def prompt(instruction: str, context: str = "") -> str:
+    """The text the model sees before it answers (the answer follows, then the end-of-text token)."""
+    return TEMPLATE.format(instruction=instruction, context=context)
+
+
+def yoda(sentence: str) -> str:
+    """"S m v O." -> "V O, s m.": the subject and modal move behind the verb phrase (Yoda's OSV-like order).
+
+    The subject keeps its capital only if it is a name or "I"; the verb phrase gets one."""
+    if not sentence.endswith("."):
+        raise ValueError(f"sentence must end with '.', got {sentence!r}")
+    words = sentence[:-1].split(" ")
+    k = next((i for i, w in enumerate(words) if w in MODALS), None)
+    if k is None or k == 0 or k + 1 >= len(words):
+        raise ValueError(f"sentence must look like 'Subject modal verb object.', got {sentence!r}")
+    subject, modal, phrase = " ".join(words[:k]), words[k], " ".join(words[k + 1:])
+    if subject.split(" ")[0] in ("You", "We", "They", "He", "She", "The", "My", "Every", "Your"):
+        subject = subject[0].lower() + subject[1:]
+    return f"{phrase[0].upper()}{phrase[1:]}, {subject} {modal}."
+
+
+def _object(rng: random.Random) -> str:
+    if rng.random() < 0.15:
+        return rng.choice(ABSTRACT)
+    det, adj, noun = rng.choice(DETERMINERS), rng.choice(ADJECTIVES), rng.choice(NOUNS)
+    words = [w for w in (adj, noun) if w]
+    if det == "a" and words[0][0] in "aeiou":
+        det = "an"
+    return " ".join([det] + words)
+
+
+def random_sentence(rng: random.Random) -> str:
+    """One plain sentence "Subject modal verb object." drawn from the word lists."""
+    return f"{rng.choice(SUBJECTS)} {rng.choice(MODALS)} {rng.choice(VERBS)} {_object(rng)}."
+
+
+def yoda_dataset(n_train: int = 2000, n_val: int = 200, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """(train, validation): distinct sentences, so no validation context appears in training."""
+    for name, n in (("n_train", n_train), ("n_val", n_val)):
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+    rng = random.Random(seed)
+    seen: dict[str, None] = {}
+    while len(seen) < n_train + n_val:
+        seen.setdefault(random_sentence(rng), None)
+    examples = [Example(rng.choice(INSTRUCTIONS), s, yoda(s)) for s in seen]
+    return examples[:n_train], examples[n_train:]
+
+
+def save_jsonl(examples: list[Example], path: str | os.PathLike) -> None:
+    """One {"instruction", "context", "output"} object per line, written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(asdict(e)) + "\n" for e in examples), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_jsonl(path: str | os.PathLike) -> list[Example]:
+    """Read instruction/context/output records ("input" is accepted for "context", as in Alpaca)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "instruction" not in rec or "output" not in rec:
+                raise ValueError(f"{path}:{n}: expected an object with 'instruction' and 'output'")
+            out.append(Example(str(rec["instruction"]), str(rec.get("context", rec.get("input", ""))),
+                               str(rec["output"])))
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
+
+
+def split_examples(examples: list[Example], val_fraction: float = 0.1,
+                   seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """Shuffle with a seed, then cut off the last val_fraction as validation."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(examples) * val_fraction))
+    if n_val >= len(examples):
+        raise ValueError(f"need at least 2 examples to split, got {len(examples)}")
+    shuffled = [examples[i] for i in order]
+    return shuffled[:-n_val], shuffled[-n_val:]

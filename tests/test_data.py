@@ -1,0 +1,155 @@
+"""Data: tokenizers round-trip, the stdlib corpus, the Yoda instruction task, loss masking."""
+import json
+
+import pytest
+import torch
+
+from minilora.data import (IGNORE, BPETokenizer, ByteTokenizer, Example, InstructionSet, TokenStream,
+                           english_documents, encode_example, load_jsonl, load_tokenizer, prompt, save_jsonl,
+                           split_documents, split_examples, yoda, yoda_dataset)
+
+TEXT = ("The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs.\n"
+        "Functions return values. A function may return None. Ünïcödé ✓ stays intact.\n") * 20
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    tok = ByteTokenizer()
+    ids = tok.encode(TEXT)
+    assert len(ids) == len(TEXT.encode("utf-8")) and max(ids) < 256
+    assert tok.decode(ids + [tok.eos_id]) == TEXT
+    assert tok.vocab_size == 257 and tok.eos_id == 256
+    with pytest.raises(TypeError, match="text"):
+        tok.encode(b"bytes")
+
+
+def test_bpe_learns_merges_compresses_and_round_trips(tmp_path):
+    tok = BPETokenizer.train(TEXT, 300)
+    assert tok.vocab_size == 300 and tok.eos_id == 299 and len(tok.merges) == 43
+    ids = tok.encode(TEXT)
+    assert tok.decode(ids) == TEXT
+    assert len(ids) < len(TEXT.encode()) / 1.8  # frequent words became fewer tokens
+    assert " the" in {tok.decode([i]) for i in ids}
+    # the first merge is the most frequent adjacent byte pair in the word counts
+    assert BPETokenizer.train(TEXT, 300).merges == tok.merges  # deterministic
+    tok.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert isinstance(again, BPETokenizer) and again.merges == tok.merges
+    assert again.encode("brand new words: zebra") != [] and again.decode(again.encode("zebra ✓")) == "zebra ✓"
+    with pytest.raises(ValueError, match="vocab_size"):
+        BPETokenizer.train(TEXT, 100)
+
+
+def test_bpe_first_merge_is_most_frequent_pair():
+    text = "aaab aaab aaab cd"
+    tok = BPETokenizer.train(text, 258)
+    # word types: "aaab" x1, " aaab" x2, " cd" x1 -> pair (a, a) occurs 2 + 2·2 = 6 times, more than any other
+    assert tok.merges == [(ord("a"), ord("a"))]
+
+
+def test_hf_tokenizer_json_from_a_local_directory(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers package reads tokenizer.json")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    assert type(tok).__name__ == "HFTokenizer"
+    assert tok.eos_id == hf.token_to_id("<|endoftext|>")
+    assert tok.decode(tok.encode(TEXT[:200]) + [tok.eos_id]) == TEXT[:200]
+
+
+def test_load_tokenizer_defaults_and_errors(tmp_path):
+    assert isinstance(load_tokenizer(None), ByteTokenizer)
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "minilora_tokenizer.json").write_text(json.dumps({"type": "wordpiece"}))
+    with pytest.raises(ValueError, match="unknown tokenizer type"):
+        load_tokenizer(tmp_path)
+
+
+def test_stdlib_corpus_is_real_english_and_splits_cleanly():
+    topics = english_documents(("topics",))
+    text = "\n".join(topics)
+    assert len(text) > 100_000
+    assert text.count(" the ") > 1000 and "statement" in text
+    train, val = split_documents(topics, 0.1)
+    n_val = len(topics) // 10
+    assert len(train) + len(val) == sum(map(len, topics)) + 2 * (len(topics) - n_val - 1) + 2 * (n_val - 1)
+    assert topics[9] in val and topics[9] not in train and topics[0] in train
+    with pytest.raises(ValueError, match="sources"):
+        english_documents(("wikipedia",))
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_documents(topics, 0.7)
+
+
+@pytest.mark.parametrize("plain, jedi", [
+    ("You must learn patience.", "Learn patience, you must."),
+    ("The young pilot cannot repair the broken ship.", "Repair the broken ship, the young pilot cannot."),
+    ("Kira will find an ancient map.", "Find an ancient map, Kira will."),
+    ("I may face my fear.", "Face my fear, I may."),
+])
+def test_yoda_rewrite(plain, jedi):
+    assert yoda(plain) == jedi
+
+
+def test_yoda_rejects_other_sentences():
+    with pytest.raises(ValueError, match="end with"):
+        yoda("You must learn patience")
+    with pytest.raises(ValueError, match="Subject modal verb"):
+        yoda("Patience is a virtue.")
+
+
+def test_yoda_dataset_is_deterministic_disjoint_and_consistent():
+    train, val = yoda_dataset(300, 50, seed=3)
+    assert (train, val) == yoda_dataset(300, 50, seed=3)
+    assert yoda_dataset(300, 50, seed=4)[0] != train
+    assert len(train) == 300 and len(val) == 50
+    assert not {e.context for e in train} & {e.context for e in val}
+    for e in train + val:
+        assert e.output == yoda(e.context) and e.instruction
+
+
+def test_jsonl_round_trip_and_errors(tmp_path):
+    train, _ = yoda_dataset(20, 1)
+    save_jsonl(train, tmp_path / "d.jsonl")
+    assert load_jsonl(tmp_path / "d.jsonl") == train
+    (tmp_path / "alpaca.jsonl").write_text('{"instruction": "Add", "input": "2 + 2", "output": "4"}\n')
+    assert load_jsonl(tmp_path / "alpaca.jsonl") == [Example("Add", "2 + 2", "4")]
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "x", "output": "y"}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        load_jsonl(tmp_path / "bad.jsonl")
+    a, b = split_examples(train, 0.25, seed=0)
+    assert len(b) == 5 and sorted(map(str, a + b)) == sorted(map(str, train))
+
+
+def test_instruction_batches_mask_everything_but_the_response():
+    tok = ByteTokenizer()
+    ex = [Example("Say it like Yoda.", "You must learn patience.", "Learn patience, you must."),
+          Example("Talk like Yoda.", "I may rest.", "Rest, I may.")]
+    data = InstructionSet(ex, tok, block_size=128)
+    x, y = data.collate([0, 1])
+    for row, e in enumerate(ex):
+        ids, n_prompt = encode_example(tok, e)
+        n = len(ids) - 1
+        assert x[row, :n].tolist() == ids[:-1]
+        assert (y[row, :n_prompt - 1] == IGNORE).all() and (y[row, n:] == IGNORE).all()
+        answer = y[row, n_prompt - 1:n].tolist()
+        assert tok.decode(answer) == e.output and answer[-1] == tok.eos_id
+    assert prompt("a", "b").endswith("Response:\n")
+    with pytest.raises(ValueError, match="block_size"):
+        InstructionSet(ex, tok, block_size=40)
+
+
+def test_token_stream_windows_shift_by_one():
+    data = TokenStream(list(range(100)), block_size=10)
+    g = torch.Generator().manual_seed(0)
+    x, y = data.sample(4, g)
+    assert x.shape == (4, 10) and torch.equal(y, x + 1)
+    batches = list(data.batches(4))
+    assert sum(len(b[0]) for b in batches) == 9 and torch.equal(batches[0][1], batches[0][0] + 1)
+    with pytest.raises(ValueError, match="block_size"):
+        TokenStream([1, 2, 3], block_size=3)
