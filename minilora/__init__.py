@@ -7,6 +7,8 @@ from .lora import LoRALinear
 from .inject import add_lora, find_targets, lora_layers, mark_only_lora_trainable, merge_lora
 from .adapters import adapter_state_dict, load_adapter, save_adapter
 from .params import ParamCount, count_parameters, format_count, lora_params_real, slide_table
+from . import quant
+from .quant import QuantState, dequantize_nf4, quantize_nf4
 from .qlora import NF4Linear, QLoRALinear, merge_qlora, quantize_model
 from .checkpointing import checkpoint_sequential, segment_bounds
 from .activation_memory import SavedBytes, SavedTensorMeter, measure_saved_activations

@@ -7,6 +7,7 @@
     QuantState           quantize_nf4 / dequantize_nf4, nbytes, bits_per_param, dequantize_absmax
     interchange          to_bnb_state_dict / from_bnb_state_dict          bitsandbytes / HF checkpoint layout
     error bounds         error_bound_4bit / error_bound_int8               what the property tests check
+    error table          roundtrip_errors / error_table                   NF4 vs FP4 vs int4 vs int8, measured
 """
 from .codebooks import dynamic_code, fp4_code, get_code, int4_code, max_gap, nf4_code
 from .int8 import dequantize_int8, quantize_int8
@@ -16,6 +17,7 @@ from .double import (Int8DoubleQuant, dequantize_absmax_8bit, double_dequantize_
 from .state import QuantState, dequantize_4bit, dequantize_absmax, dequantize_nf4, quantize_4bit, quantize_nf4
 from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from .bounds import error_bound_4bit, error_bound_int8
+from .errors import FORMATS, error_table, roundtrip_errors
 
 __all__ = [
     "nf4_code", "fp4_code", "int4_code", "dynamic_code", "get_code", "max_gap",
@@ -24,4 +26,5 @@ __all__ = [
     "quantize_absmax", "dequantize_absmax_8bit", "Int8DoubleQuant", "double_quantize_int8", "double_dequantize_int8",
     "QuantState", "quantize_4bit", "dequantize_4bit", "quantize_nf4", "dequantize_nf4", "dequantize_absmax",
     "to_bnb_state_dict", "from_bnb_state_dict", "error_bound_4bit", "error_bound_int8",
+    "roundtrip_errors", "error_table",
 ]

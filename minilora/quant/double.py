@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .blockwise import TINY
+from .chunks import CHUNK, run_chunked
 from .codebooks import dynamic_code
 from .int8 import dequantize_int8, quantize_int8
 
@@ -47,33 +48,68 @@ def _grid_table(code_values: tuple[float, ...]) -> torch.Tensor:
     return torch.bucketize(g, mids).to(torch.uint8)
 
 
+def _quantize_rows(rows: torch.Tensor, table: torch.Tensor, q_out: torch.Tensor, c_out: torch.Tensor) -> None:
+    """One group per row: c = max |row|, q = table[trunc((clamp(row · (1/c), -1, 1) + 1)/2 · GRID + 0.5)]."""
+    c = torch.amax(rows.abs(), 1, out=c_out)                                 # (groups,)
+    inv = torch.where(c > 0, 1 / c.clamp(min=TINY), 0.0)[:, None]
+    t = (rows * inv).clamp_(-1, 1).add_(1).mul_(0.5)                         # float32, as the reference
+    # t · GRID + 0.5 with one rounding (a fused multiply-add): exact in float64 since t is a multiple of
+    # 2^-25 below 1, then rounded once to float32; float -> int truncates.
+    k = t.double().mul_(GRID).add_(0.5).float().to(torch.int32)
+    torch.index_select(table, 0, k.view(-1), out=q_out.view(-1))
+    q_out[c == 0] = 0                                                        # all-zero group: codes 0
+
+
 def quantize_blockwise_8bit(y: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """q_i = table[k_i], k_i = trunc((s_i + 1)/2 · GRID + 0.5), s_i = clamp(y_i · (1/c_g), -1, 1); c_g = max |y| in group g.
 
-    Returns (q uint8 (n,), c float32 (groups,)); code is a sorted 256-value map.
+    Returns (q uint8 (n,), c float32 (groups,)); code is a sorted 256-value map; blocksize a power of two <= 4096.
     """
     y = y.reshape(-1).float()
     n = y.numel()
-    groups = math.ceil(n / blocksize)
-    padded = torch.nn.functional.pad(y, (0, groups * blocksize - n)).view(groups, blocksize)
-    c = padded.abs().amax(1) if n else torch.empty(0, device=y.device)   # (groups,)
-    inv = torch.where(c > 0, 1 / c.clamp(min=TINY), 0.0).repeat_interleave(blocksize)[:n]
-    s = (y * inv).clamp_(-1, 1)
-    t = (s + 1) * 0.5
-    # t · GRID + 0.5 with one rounding (a fused multiply-add): exact in float64 since t is a multiple of
-    # 2^-25 below 1, then rounded once to float32; float -> int truncates.
-    k = (t.double() * GRID + 0.5).float().to(torch.int64)
-    q = _grid_table(tuple(code.float().tolist())).to(y.device)[k]
-    q[(c == 0).repeat_interleave(blocksize)[:n]] = 0                    # all-zero group: codes 0
+    q = torch.empty(n, dtype=torch.uint8, device=y.device)
+    c = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=y.device)
+    table = _grid_table(tuple(code.float().tolist())).to(y.device)
+    full = n - n % blocksize
+    rows_per_chunk = CHUNK // blocksize
+
+    def work(begin: int, end: int) -> None:
+        chunks = zip(y[begin:end].view(-1, blocksize).split(rows_per_chunk),
+                     q[begin:end].view(-1, blocksize).split(rows_per_chunk),
+                     c[begin // blocksize:end // blocksize].split(rows_per_chunk))
+        for rows, q_out, c_out in chunks:
+            _quantize_rows(rows, table, q_out, c_out)
+
+    run_chunked(full, work, y.device)
+    if full < n:  # ragged last group
+        _quantize_rows(y[full:].view(1, -1), table, q[full:].view(1, -1), c[-1:])
     return q, c
 
 
 def dequantize_blockwise_8bit(q: torch.Tensor, c: torch.Tensor, code: torch.Tensor,
-                              blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
-    """y'_i = code[q_i] · c_{i // blocksize} (float32)."""
+                              blocksize: int = NESTED_BLOCKSIZE, offset: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """y'_i = code[q_i] · c_{i // blocksize} + offset (float32, rounded after the product and after the sum)."""
+    q, code = q.reshape(-1), code.float().to(q.device)
+    offset = torch.as_tensor(offset, dtype=torch.float32, device=q.device)
     n = q.numel()
-    return code.to(q.device)[q.reshape(-1).long()] * c.repeat_interleave(blocksize)[:n]
+    out = torch.empty(n, dtype=torch.float32, device=q.device)
+
+    def rows(q_rows: torch.Tensor, c_rows: torch.Tensor, out_rows: torch.Tensor) -> None:
+        torch.index_select(code, 0, q_rows.reshape(-1).int(), out=out_rows.view(-1))
+        out_rows.mul_(c_rows[:, None]).add_(offset)
+
+    def work(begin: int, end: int) -> None:
+        per = CHUNK // blocksize
+        for args in zip(q[begin:end].view(-1, blocksize).split(per), c[begin // blocksize:end // blocksize].split(per),
+                        out[begin:end].view(-1, blocksize).split(per)):
+            rows(*args)
+
+    full = n - n % blocksize
+    run_chunked(full, work, q.device)
+    if full < n:
+        rows(q[full:].view(1, -1), c[-1:], out[full:].view(1, -1))
+    return out
 
 
 def quantize_absmax(absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
@@ -92,8 +128,7 @@ def quantize_absmax(absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
 def dequantize_absmax_8bit(a8: torch.Tensor, offset: torch.Tensor | float, nested_absmax: torch.Tensor,
                            nested_code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
     """a'_i = nested_code[a8_i] · nested_absmax[i // blocksize] + offset (float32)."""
-    offset = torch.as_tensor(offset, dtype=torch.float32, device=a8.device)
-    return dequantize_blockwise_8bit(a8, nested_absmax, nested_code, blocksize) + offset
+    return dequantize_blockwise_8bit(a8, nested_absmax, nested_code, blocksize, offset)
 
 
 # ---- teaching mode: the lecture's int8 double quantization ---------------------------------------
