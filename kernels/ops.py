@@ -233,6 +233,10 @@ def _state_args(state) -> dict:
     if missing:
         raise TypeError(f"state must have the NF4 QuantState fields; {type(state).__name__} "
                         f"lacks {', '.join(missing)}")
+    nested_blocksize = getattr(state, "nested_blocksize", NESTED_BLOCKSIZE)
+    if nested_blocksize != NESTED_BLOCKSIZE:
+        raise ValueError(f"the kernels expect nested_blocksize {NESTED_BLOCKSIZE}, state has "
+                         f"{nested_blocksize}")
     return dict(packed=state.packed, absmax=state.absmax, code=state.code,
                 blocksize=int(state.blocksize),
                 nested_absmax=getattr(state, "nested_absmax", None),

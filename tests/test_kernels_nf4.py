@@ -96,15 +96,21 @@ def test_dequantize_matches_bitsandbytes():
 
 
 @needs_interpreter
-def test_dequantize_matches_minilora_quant():
+def test_kernels_match_minilora_quant():
+    """minilora.quant's QuantState goes straight in: same dequantized W, bit for bit, and a
+    matmul against it (both storage variants, bf16 and fp32 weights)."""
     quant = pytest.importorskip("minilora.quant")
     if not hasattr(quant, "quantize_nf4"):
         pytest.skip("minilora.quant.quantize_nf4 not available yet")
-    W = torch.randn(40, 192, generator=torch.Generator().manual_seed(2))
-    state = quant.quantize_nf4(W)
-    for dtype in (torch.float32, torch.bfloat16):
-        ref = quant.dequantize_nf4(state).to(torch.float32).to(dtype)
-        assert torch.equal(nf4_dequantize_state(state, dtype), ref)
+    g = torch.Generator().manual_seed(2)
+    for dq, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        W = torch.randn(40, 192, generator=g).to(dtype)
+        state = quant.quantize_nf4(W, blocksize=64, double_quant=dq)
+        ref = quant.dequantize_nf4(state)
+        assert torch.equal(nf4_dequantize_state(state), ref)
+        x = torch.randn(5, 192, generator=g).to(dtype)
+        y = nf4_matmul_state(x, state)
+        assert rel_err(y, x.double() @ ref.double().T) <= TOL[dtype]
 
 
 # ---- fused matmuls ------------------------------------------------------------------------
