@@ -8,8 +8,16 @@ from bitsandbytes.functional import QuantState as BnbQuantState  # noqa: E402
 from minilora.quant import (dequantize_nf4, from_bnb_state_dict, quantize_nf4, to_bnb_state_dict,  # noqa: E402
                             quantize_4bit, fp4_code)
 
-# bitsandbytes' pure-PyTorch fallbacks are wrapped in torch.compile; eager is the same arithmetic and fast.
-torch._dynamo.config.disable = True
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _eager_bitsandbytes():
+    """bitsandbytes wraps its PyTorch fallbacks in torch.compile; eager is the same arithmetic, and fast."""
+    previous = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    yield
+    torch._dynamo.config.disable = previous
+
 
 CASES = [  # (shape, blocksize): multiples of the blocksize and not, odd element counts, several nested groups
     ((256, 256), 64), ((7, 3), 64), ((1,), 64), ((1001,), 64), ((33, 66), 32), ((3, 5, 129), 128),
