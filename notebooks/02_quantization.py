@@ -26,7 +26,7 @@ import torch
 
 from minilora import plots
 from minilora.quant import (dequantize_4bit, dequantize_int8, double_dequantize_int8, double_quantize_int8,
-                            fp4_code, int4_code, nf4_code, quantize_4bit, quantize_int8, quantize_nf4)
+                            error_table, fp4_code, int4_code, nf4_code, quantize_4bit, quantize_int8, quantize_nf4)
 
 torch.manual_seed(0)
 
@@ -103,24 +103,19 @@ W = torch.randn(1024, 1024)
 books = {"NF4": nf4_code(), "FP4": fp4_code(), "int4": int4_code()}
 print("NF4 levels:", [round(v, 4) for v in books["NF4"].tolist()])
 
-table, usage = {}, {}
+usage = {}
 for name, code in books.items():
     state = quantize_4bit(W, code, blocksize=64, double_quant=False)
-    err = (W - dequantize_4bit(state)).float()
-    table[name] = dict(mean_abs=err.abs().mean().item(), rmse=err.pow(2).mean().sqrt().item(),
-                       max_abs=err.abs().max().item())
     # two 4-bit codes per byte, the first element in the high nibble
     idx = torch.stack([state.packed >> 4, state.packed & 15], dim=1).flatten()[:W.numel()].long()
     usage[name] = torch.bincount(idx, minlength=16).float() / W.numel()
 
-qi8, a8 = quantize_int8(W, 64)
-e8 = (W - dequantize_int8(qi8, a8, 64))
-table["int8 (reference)"] = dict(mean_abs=e8.abs().mean().item(), rmse=e8.pow(2).mean().sqrt().item(),
-                                 max_abs=e8.abs().max().item())
-print(f"\n{'format, blocks of 64':<22} {'mean |error|':>12} {'RMS error':>10} {'max |error|':>11}")
-for name, row in table.items():
-    print(f"{name:<22} {row['mean_abs']:>12.4f} {row['rmse']:>10.4f} {row['max_abs']:>11.4f}")
-best = min(books, key=lambda n: table[n]["rmse"])
+# the round-trip error of each format on the same weights, int8 (blocks of 64) as a reference
+table = {row["format"]: row for row in error_table({"N(0, 1)": W}, formats=("nf4", "fp4", "int4", "int8"))}
+print(f"\n{'format, blocks of 64':<22} {'bits/param':>10} {'mean |error|':>12} {'RMS error / std':>15} {'max |error|':>11}")
+for fmt, row in table.items():
+    print(f"{fmt:<22} {row['bits_per_param']:>10.3f} {row['mean_abs']:>12.4f} {row['rel_rmse']:>15.4f} {row['max_abs']:>11.4f}")
+best = min(("nf4", "fp4", "int4"), key=lambda f: table[f]["rel_rmse"])
 print(f"\nlowest RMS error among the 4-bit formats: {best}")
 print("share of weights in the busiest / the least used code:")
 for name, p in usage.items():
@@ -128,7 +123,7 @@ for name, p in usage.items():
 
 absmax_blocks = W.reshape(-1, 64).abs().amax(1, keepdim=True)
 normalized = (W.reshape(-1, 64) / absmax_blocks).flatten()
-fig = plots.plot_codebooks(books, normalized, usage, errors={n: table[n]["mean_abs"] for n in books})
+fig = plots.plot_codebooks(books, normalized, usage, errors={n: table[n.lower()]["mean_abs"] for n in books})
 
 # %% [markdown]
 # ## 4 · Double quantization
