@@ -33,6 +33,8 @@ def describe(plan) -> str:
                                        "HAS_LORA") if c.get(name)]
     if c.get("DOT_PRECISION") and c["DOT_PRECISION"] != "ieee":
         flags.append(c["DOT_PRECISION"])
+    if plan.split > 1:
+        flags.append("fp32-partials")        # split plans write fp32 partial sums
     return f"{plan.kernel:<9} {tile:<11} w{plan.num_warps} s{plan.num_stages} {','.join(flags)}"
 
 
