@@ -121,7 +121,7 @@ def plan_matmul(M: int, N: int, K: int, *, blocksize: int, dtype: torch.dtype, d
     small = M <= 64
     # 128 x 128 with 4 warps is the fastest large-M tile measured on an H100 (sm_90), but it
     # spills registers with the LoRA epilogue, and on sm_80 (operands in registers for mma)
-    # always: 8 warps then (about 1.4x slower on an H100, no spills).
+    # always: 8 warps then (1.6-1.9x slower on an H100 without LoRA, no spills).
     warps = 4 if capability >= 90 and not has_lora else 8
     bm, bn, warps, stages = _tiles(small, M, fast, dtype == torch.float32, (128, 128, warps, 3))
     tiles = cdiv(M, bm) * cdiv(N, bn)
