@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from minilora import GPT, GPTConfig, LoRALinear, QLoRALinear, add_lora, count_parameters, lora_layers
-from minilora.qlora import NF4Linear, merge_qlora, quantize_model, resolve_backend
+from minilora.qlora import FUSED_MAX_M, NF4Linear, merge_qlora, quantize_model, resolve_backend
 
 
 def rel(a, b):
@@ -150,13 +150,14 @@ def test_backend_choice_and_errors(monkeypatch):
         quantize_model(GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)), ["ln_1"])
 
 
-def test_triton_backend_matches_torch_backend_in_interpreter_mode():
+@pytest.mark.parametrize("rows", [5, FUSED_MAX_M + 6])  # the fused kernels, then dequant kernel + matmul
+def test_triton_backend_matches_torch_backend_in_interpreter_mode(rows):
     pytest.importorskip("triton", reason="triton (triton extra) runs the kernels under its interpreter")
     from minilora.kernels._runtime import interpreter_works
     if not interpreter_works():
         pytest.skip("this Triton's interpreter cannot run minilora's kernels")
     q, _ = pair(torch.float32, in_f=96, out_f=40)
-    x = torch.randn(5, 96)
+    x = torch.randn(rows, 96)
     outs = {}
     for backend in ("torch", "triton"):
         q.base_layer.backend = backend
