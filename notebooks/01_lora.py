@@ -24,6 +24,7 @@
 # 5. merging the adapter back into W0 after training.
 
 # %%
+import copy
 import tempfile
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from minilora import GPT, GPTConfig, LoRALinear, add_lora, count_parameters, mer
 from minilora import format_count, lora_params_real, slide_table
 from minilora.data import ByteTokenizer, TokenStream, english_documents, split_documents, yoda_dataset
 from minilora.params import linear_shapes_llama
+from minilora.train import TrainConfig, train
 from minilora import plots
 
 torch.manual_seed(0)
@@ -70,17 +72,9 @@ model = GPT(config)
 layer_name = "transformer.h.1.mlp.c_fc"
 W_init = model.get_submodule(layer_name).weight.detach().clone()
 
-opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-gen = torch.Generator().manual_seed(0)
-losses = []
-for step in range(300):
-    x, y = stream.sample(16, gen)
-    _, loss = model(x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    losses.append(loss.item())
-print(f"loss: {losses[0]:.2f} at step 0 -> {sum(losses[-20:]) / 20:.2f} (mean of the last 20 steps)")
+pretrain = train(model, TrainConfig(mode="full", lr=3e-3, steps=300, batch_size=16, progress=False), stream)
+losses = pretrain.losses
+print(f"loss: {losses[0]:.2f} at step 1 -> {sum(losses[-20:]) / 20:.2f} (mean of the last 20 steps)")
 
 W = model.get_submodule(layer_name).weight.detach().clone()
 print(layer_name, tuple(W.shape))
@@ -159,25 +153,30 @@ probe, _ = stream.sample(4, torch.Generator().manual_seed(1))
 with torch.no_grad():
     base_logits = model(probe)
 
-add_lora(model, ["c_attn", "c_fc"], r=8, alpha=16)
-print(count_parameters(model))
-frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+wrapped = add_lora(copy.deepcopy(model), ["c_attn", "c_fc"], r=8, alpha=16)  # a wrapped copy, untrained
+print(count_parameters(wrapped))
+with torch.no_grad():
+    steps, drift = [0], [(wrapped(probe) - base_logits).abs().max().item()]
+print("max |logits − base logits| right after add_lora:", drift[0])
 
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-steps, drift = [], []
-for step in range(41):
+base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def record(step: int, loss: float) -> None:
+    """Called by the trainer after every optimizer step: how far have the logits moved?"""
     if step % 5 == 0:
         with torch.no_grad():
             steps.append(step)
             drift.append((model(probe) - base_logits).abs().max().item())
-    x, y = stream.sample(16, gen)
-    _, loss = model(x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-print("max |logits − base logits| at step 0:", drift[0], " at step 40:", round(drift[-1], 3))
-frozen_same = all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if n in frozen_before)
-print(f"{len(frozen_before)} frozen tensors, all unchanged after training the adapters:", frozen_same)
+
+
+# the trainer's "lora" mode wraps the same layers (add_lora) and trains only A and B
+train(model, TrainConfig(mode="lora", targets=("c_attn", "c_fc"), r=8, alpha=16, lr=1e-2, steps=40,
+                         batch_size=16, progress=False), stream, callback=record)
+print(f"max |logits − base logits| after {steps[-1]} steps of LoRA: {drift[-1]:.3f}")
+frozen = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if not p.requires_grad}
+print(f"{len(frozen)} frozen tensors, all unchanged after training the adapters:",
+      all(torch.equal(p, base_weights[n]) for n, p in frozen.items()))
 plots.plot_output_drift(steps, drift, ylabel="max |logits − base logits|");
 
 # %% [markdown]
