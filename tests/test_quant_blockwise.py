@@ -107,3 +107,16 @@ def test_worker_threads_respect_inference_mode_and_raise_errors():
     x[150_001] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantize_nf4(x)
+
+
+def test_quantization_works_in_a_forked_child():
+    import multiprocessing as mp
+    expected = dequantize_nf4(quantize_nf4(torch.randn(100_000, generator=torch.Generator().manual_seed(5))))
+    with mp.get_context("fork").Pool(1) as pool:  # forked after this process' worker threads started
+        result = pool.apply_async(_roundtrip_bytes, (5,)).get(timeout=120)
+    assert result == expected.numpy().tobytes()
+
+
+def _roundtrip_bytes(seed):
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(seed))
+    return dequantize_nf4(quantize_nf4(x)).numpy().tobytes()
