@@ -48,7 +48,8 @@ def main() -> None:
           f"load average {load:.1f} at start")
     torch.manual_seed(0)
     rows = []
-    for dtype, ops in ((torch.float32, ("quantize fp32", "dequantize -> fp32")), (torch.bfloat16, ("dequantize -> bf16",))):
+    plan = ((torch.float32, ("quantize fp32", "dequantize -> fp32")), (torch.bfloat16, ("dequantize -> bf16",)))
+    for dtype, ops in plan:
         x = torch.randn(4096, 4096).to(dtype)
         packed, ref_state = F.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")
         state = quantize_nf4(x, blocksize=64, double_quant=True)

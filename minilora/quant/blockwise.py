@@ -152,10 +152,11 @@ def dequantize_blockwise_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: 
         out_chunks = out[begin:end].view(-1, blocksize).split(CHUNK // blocksize)
         idx = torch.empty(len(byte_chunks[0]), dtype=torch.int32, device=packed.device)
         pairs = torch.empty_like(idx, dtype=torch.int64)
+        codes = pairs.view(torch.float32).view(-1, blocksize)                 # the pairs as (blocks, bs) floats
         for b, a, o in zip(byte_chunks, scale_chunks, out_chunks):
-            i, p = (idx, pairs) if len(b) == len(idx) else (idx[:len(b)], pairs[:len(b)])
+            i, p, c = (idx, pairs, codes) if len(b) == len(idx) else (idx[:len(b)], pairs[:len(b)], codes[:len(a)])
             torch.index_select(lut, 0, i.copy_(b), out=p)                      # (code[hi], code[lo]) per byte
-            torch.mul(p.view(torch.float32).view(-1, blocksize), a, out=o)    # w = code[q] · absmax
+            torch.mul(c, a, out=o)                                              # w = code[q] · absmax
 
     run_chunked(full, work, packed.device)
     if full < n:

@@ -62,7 +62,7 @@ def _quantize_rows(rows: torch.Tensor, table: torch.Tensor, q_out: torch.Tensor,
 
 def quantize_blockwise_8bit(y: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q_i = table[k_i], k_i = trunc((s_i + 1)/2 · GRID + 0.5), s_i = clamp(y_i · (1/c_g), -1, 1); c_g = max |y| in group g.
+    """q_i = table[trunc((s_i + 1)/2 · GRID + 0.5)], s_i = clamp(y_i · (1/c_g), -1, 1), c_g = max |y| in group g.
 
     Returns (q uint8 (n,), c float32 (groups,)); code is a sorted 256-value map; blocksize a power of two <= 4096.
     """
