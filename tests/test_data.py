@@ -89,7 +89,8 @@ def test_stdlib_corpus_is_real_english_and_splits_cleanly():
 @pytest.mark.parametrize("plain, jedi", [
     ("You must learn patience.", "Learn patience, you must."),
     ("The young pilot cannot repair the broken ship.", "Repair the broken ship, the young pilot cannot."),
-    ("Kira will find an ancient map.", "Find an ancient map, Kira will."),
+    ("Guido will find an old map.", "Find an old map, Guido will."),
+    ("The function should return a new list.", "Return a new list, the function should."),
     ("I may face my fear.", "Face my fear, I may."),
 ])
 def test_yoda_rewrite(plain, jedi):

@@ -1,9 +1,9 @@
 """An instruction dataset in the lecture's shape, (instruction, context, output), made by code from a seed.
 
 The task: rewrite a plain English sentence the way Yoda speaks. Every context sentence has the shape
-    Subject  modal  verb  object.          "The young pilot must repair the broken ship."
+    Subject  modal  verb  object.          "The function must return a new list."
 and its Yoda form moves the verb phrase to the front and the subject and modal to the end:
-    Verb object, subject modal.            "Repair the broken ship, the young pilot must."
+    Verb object, subject modal.            "Return a new list, the function must."
 The rewrite is a deterministic function of the sentence (`yoda`), so the metric is exact match of the
 model's greedy answer against it. A base model trained only on English prose never produces this word
 order (it scores ~0); a fine-tuned one should score high on held-out sentences it has never seen.
@@ -16,17 +16,19 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SUBJECTS = ["You", "We", "They", "I", "He", "She", "Kira", "Tomas", "Mira", "Oren", "Sela", "Bram",
-            "The young pilot", "The old master", "My apprentice", "Every student", "Your friend"]
-MODALS = ["must", "will", "can", "should", "shall", "may", "cannot", "might", "could"]
-VERBS = ["learn", "trust", "find", "protect", "follow", "face", "seek", "teach", "build", "remember",
-         "carry", "guard", "open", "repair", "study", "clean", "share", "watch", "visit", "free"]
-DETERMINERS = ["the", "a", "your", "this", "that", "my", "our", "every"]
-ADJECTIVES = ["", "old", "dark", "ancient", "hidden", "small", "great", "broken", "quiet", "bright",
-              "lost", "secret"]
-NOUNS = ["temple", "path", "ship", "map", "lesson", "door", "sword", "stone", "river", "forest", "droid",
-         "star", "book", "garden", "tower", "bridge", "key", "code", "song", "truth"]
-ABSTRACT = ["patience", "the Force", "courage", "your fear", "the future", "balance", "peace"]
+# The words come from the pretraining corpus (Python's documentation), so the base model knows them all:
+# fine-tuning has to teach a new word order, not new words.
+NAMES = ["Python", "Guido", "Ada", "Yoda"]
+SUBJECTS = ["You", "We", "They", "I", "It", "The function", "The module", "The caller", "This method",
+            "The interpreter", "Every object", "The class", "Your program", "The user", *NAMES]
+MODALS = ["must", "will", "can", "should", "may", "cannot", "could"]
+VERBS = ["return", "raise", "call", "define", "import", "create", "open", "close", "read", "write", "use",
+         "find", "change", "pass", "store", "check", "compare", "copy", "print", "test"]
+DETERMINERS = ["the", "a", "this", "that", "every", "your", "its"]
+ADJECTIVES = ["", "new", "old", "empty", "other", "same", "first", "last", "default", "given", "small", "large"]
+NOUNS = ["value", "object", "list", "string", "file", "name", "module", "class", "method", "attribute",
+         "exception", "error", "function", "number", "key", "result", "argument", "line", "type", "item"]
+ABSTRACT = ["the Force", "patience", "your fear", "the future", "the dark side", "balance", "peace"]
 INSTRUCTIONS = ["Say it like Yoda.", "Talk like Yoda.", "Speak as a Jedi master."]
 
 TEMPLATE = "Instruction: {instruction}\nContext: {context}\nResponse:\n"
@@ -55,7 +57,7 @@ def yoda(sentence: str) -> str:
     if k is None or k == 0 or k + 1 >= len(words):
         raise ValueError(f"sentence must look like 'Subject modal verb object.', got {sentence!r}")
     subject, modal, phrase = " ".join(words[:k]), words[k], " ".join(words[k + 1:])
-    if subject.split(" ")[0] in ("You", "We", "They", "He", "She", "The", "My", "Every", "Your"):
+    if subject.split(" ")[0] not in ("I", *NAMES):
         subject = subject[0].lower() + subject[1:]
     return f"{phrase[0].upper()}{phrase[1:]}, {subject} {modal}."
 
