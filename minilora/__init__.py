@@ -15,5 +15,10 @@ from .activation_memory import SavedBytes, SavedTensorMeter, measure_saved_activ
 from .paged import PagedAdamW, PagerStats
 from .paging_demo import PagingDemo, SimulatedOutOfMemory, long_sequence_demo
 from .memory import MemoryBreakdown, estimate as estimate_memory, measure as measure_memory
+from .data import (BPETokenizer, ByteTokenizer, Example, InstructionSet, TokenStream, english_documents,
+                   load_tokenizer, yoda, yoda_dataset)
+from .train import TrainConfig, TrainResult, evaluate, respond  # the loop itself: minilora.train.train
+from .train_state import CheckpointError
+from .demo import DemoConfig, run_demo
 
 __version__ = "0.1.0"
