@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .adapters import save_adapter
 from .data import IGNORE, InstructionSet, TokenStream, Tokenizer, prompt
+from .distributed import DataParallel, init_from_env
 from .inject import add_lora
 from .params import ParamCount, count_parameters
 from .train_state import fingerprint, load_train_state, save_train_state
@@ -255,8 +256,10 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
     (<out>/model, full mode), and <out>/metrics.json."""
     if resume and not cfg.out_dir:
         raise ValueError("resume=True needs TrainConfig.out_dir (where the checkpoint is)")
+    init_from_env()  # under torchrun: join the process group (minilora.distributed); otherwise nothing
     model = prepare_model(model, cfg)
     optimizer = make_optimizer(model, cfg)
+    par = DataParallel(model)  # one process: the model itself; several: DDP over the trainable parameters
     generator = torch.Generator().manual_seed(cfg.seed)
     frozen = fingerprint(model) if cfg.out_dir else ""
     run = cfg.trajectory()
@@ -275,6 +278,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
         memory = measure_step_memory(model, cfg, batch)
 
     def checkpoint(step: int) -> None:
+        if not par.is_main:  # rank 0 alone writes
+            return
         save_train_state(cfg.out_dir, model=model, optimizer=optimizer, generator=generator, step=step, run=run,
                          history=dict(losses=losses, evals=evals, tokens=tokens, seconds=seconds),
                          frozen_fingerprint=frozen)
@@ -285,8 +290,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
                                                     cfg.device)})
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc=cfg.mode, leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and par.is_main), desc=cfg.mode,
+               leave=False, dynamic_ncols=True)
     model.train()
     run_tokens, t_run = 0, time.perf_counter()
     for step in range(start, cfg.steps):
@@ -294,22 +299,25 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         idx = _draw(train_data, cfg.batch_size * cfg.grad_accum, generator)
-        micro = [train_data.collate(idx[i:i + cfg.batch_size]) for i in range(0, len(idx), cfg.batch_size)]
-        n_target = sum(int((y != IGNORE).sum()) for _, y in micro)
+        micro = [train_data.collate(par.shard(idx[i:i + cfg.batch_size]))  # this rank's part of each micro-batch
+                 for i in range(0, len(idx), cfg.batch_size)]
+        n_target = par.total(sum(int((y != IGNORE).sum()) for _, y in micro))  # over all ranks
         step_loss = 0.0
-        for x, y in micro:
+        for k, (x, y) in enumerate(micro):
             x, y = x.to(cfg.device), y.to(cfg.device)
-            _, loss = model(x, y)
-            share = int((y != IGNORE).sum()) / n_target  # token-weighted: accumulation == one big batch
-            (loss * share).backward()
+            with par.sync(k == len(micro) - 1):  # ranks sum their gradients once, after the last micro-batch
+                _, loss = par.model(x, y)
+                share = int((y != IGNORE).sum()) / n_target  # token-weighted: accumulation == one big batch
+                (loss * share).backward()
             step_loss += loss.item() * share
             run_tokens += x.numel()
+        step_loss, step_tokens = par.total(step_loss, sum(x.numel() for x, _ in micro))
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
-        tokens += sum(x.numel() for x, _ in micro)
+        tokens += int(step_tokens)
         seconds += time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{run_tokens / (time.perf_counter() - t_run):.0f}")
@@ -322,7 +330,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
             callback(done, step_loss)
     bar.close()
     run_eval(cfg.steps)
-    if cfg.out_dir:
+    if cfg.out_dir and par.is_main:
         checkpoint(cfg.steps)
         out = Path(cfg.out_dir)
         if cfg.mode == "full" and hasattr(model, "save_pretrained"):
@@ -333,8 +341,9 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
         tmp.write_text(json.dumps({"config": asdict(cfg), "losses": losses, "evals": evals, "tokens": tokens,
                                    "seconds": seconds}, indent=1))
         os.replace(tmp, out / "metrics.json")
+    par.barrier()  # every rank returns once rank 0 has written its files
     return TrainResult(model=model, config=cfg, losses=losses, evals=evals, params=count_parameters(model),
-                       tokens=tokens, seconds=seconds, memory=memory)
+                       tokens=tokens, seconds=seconds, memory=memory, extra=par.report())
 
 
 def config_from_dict(d: dict) -> TrainConfig:

@@ -1,0 +1,258 @@
+"""Data-parallel fine-tuning on torch.distributed: N processes, one model each, one global batch between them.
+
+    torchrun --nproc_per_node N -m minilora finetune ...        (gloo on CPUs, NCCL on GPUs)
+
+Every rank holds the whole model (frozen base + adapters) and reads its shard of each global batch. The
+global batch of step s is drawn exactly as one process draws it (same seed, same generator, same indices);
+micro-batch i, the examples idx[i·B : (i+1)·B], is split across the ranks as idx[...][rank::N]. The loss
+a single process minimises is the token-weighted mean over the whole global batch,
+
+    L = (1 / T) · Σ_examples Σ_target-tokens ℓ,       T = target tokens of the global batch,
+
+so each rank backpropagates its own part, (1/T) · Σ_(its tokens) ℓ, and the ranks' gradients are *summed*
+(not averaged): Σ_r ∇L_r = ∇L. T is one all-reduced integer per step. With gradient accumulation the
+gradients are summed only once per step, after the last micro-batch (DDP's no_sync before that).
+
+Only what trains is communicated. DistributedDataParallel registers just the parameters with
+requires_grad, so for LoRA and QLoRA the all-reduce carries the adapters' gradients (lora_A, lora_B) and
+nothing else. The frozen base (fp32 weights for LoRA, NF4 codes and quantization constants, kept as
+buffers, for QLoRA) is also kept out of DDP's start-up broadcast and per-step buffer broadcast; instead
+every rank checks, with one 32-byte all-gather, that its frozen base has the same sha256 as rank 0's.
+A communication hook (sum_hook) does the all-reduce and counts the bytes it sends.
+
+Rank 0 alone writes checkpoints, the adapter and metrics, and shows the progress bar; every rank resumes
+from the same checkpoint. A rank that dies makes the others fail instead of waiting forever: torchrun
+(--max-restarts 0, its default) stops the remaining ranks, and a collective that gets no answer raises
+after the process group's timeout (MINILORA_DIST_TIMEOUT seconds, default 300).
+"""
+import atexit
+import contextlib
+import inspect
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+TIMEOUT_ENV = "MINILORA_DIST_TIMEOUT"
+DEFAULT_TIMEOUT = 300.0  # seconds a collective may wait for the other ranks
+_timeout: float | None = None  # the timeout init_from_env gave the process group
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another rank died or did not answer within the timeout."""
+
+
+def lost_message(what: str, cause: BaseException) -> str:
+    """The error a rank reports when a collective fails, saying what to do next."""
+    waited = f"{_timeout:g} s (${TIMEOUT_ENV})" if _timeout else "the process group's timeout"
+    return (f"minilora.distributed: rank {rank()} of {world_size()}: {what} failed: another rank has stopped, or "
+            f"has not answered within {waited}. Checkpoints already written are intact; rerun with --resume "
+            f"(train(..., resume=True)) to continue from the last one. Cause: {str(cause).strip()[:300]}")
+
+
+def launched() -> bool:
+    """True when this process was started by torchrun (or another launcher) as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    """True when a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, the one that writes files and prints; True in a single process."""
+    return rank() == 0
+
+
+def timeout_seconds(timeout: float | None = None) -> float:
+    """timeout, else $MINILORA_DIST_TIMEOUT, else DEFAULT_TIMEOUT; must be > 0."""
+    if timeout is None:
+        raw = os.environ.get(TIMEOUT_ENV, "")
+        try:
+            timeout = float(raw) if raw else DEFAULT_TIMEOUT
+        except ValueError:
+            raise ValueError(f"${TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    return float(timeout)
+
+
+def init_from_env(backend: str | None = None, timeout: float | None = None) -> bool:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    Does nothing (returns False) in a single process or when a group already exists. backend defaults to
+    NCCL when CUDA is available, gloo otherwise; with NCCL each rank takes GPU LOCAL_RANK as its current
+    device, so device="cuda" means that rank's own GPU. A collective that waits longer than `timeout`
+    seconds (default: timeout_seconds()) raises instead of hanging."""
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return False
+    if not dist.is_available():
+        raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    seconds = timeout_seconds(timeout)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
+    global _timeout
+    _timeout = seconds
+    atexit.register(_destroy)
+    return True
+
+
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """This rank's share of a batch's example indices: indices[rank::world_size].
+
+    Together the ranks hold every index exactly once, so N ranks see the examples one process sees."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if len(indices) < world_size:
+        raise ValueError(f"a batch of {len(indices)} examples cannot give each of {world_size} ranks one; "
+                         f"use batch_size >= {world_size}")
+    return list(indices)[rank::world_size]
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank has sent into all-reduces: gradients (through DDP's hook) and the per-step scalars."""
+    grad_bytes: int = 0                   # bytes of gradient buckets all-reduced
+    grad_buckets: int = 0                 # hook calls (one per bucket per step)
+    scalar_bytes: int = 0                 # bytes of the per-step scalars (token count, loss, tokens)
+
+    def as_dict(self) -> dict:
+        return {"grad_bytes": self.grad_bytes, "grad_buckets": self.grad_buckets, "scalar_bytes": self.scalar_bytes}
+
+
+def sum_hook(stats: CommStats, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: all-reduce the bucket's flat gradient with SUM (Σ_r ∇L_r, see the module
+    docstring: the loss is already divided by the global token count, so no division by N) and count its bytes."""
+    buf = bucket.buffer()
+    stats.grad_bytes += buf.numel() * buf.element_size()
+    stats.grad_buckets += 1
+    work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=True)
+
+    def reduced(fut: torch.futures.Future) -> torch.Tensor:
+        try:
+            return fut.value()[0]
+        except Exception as e:  # a rank died or hangs: say so plainly (DDP re-raises this from backward)
+            raise DistributedError(lost_message("the gradient all-reduce", e)) from None
+
+    return work.get_future().then(reduced)
+
+
+def frozen_names(model: nn.Module) -> list[str]:
+    """Names of every parameter without requires_grad and of every buffer: what DDP must leave alone."""
+    return [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+
+
+def trainable_bytes(model: nn.Module) -> int:
+    """Bytes of the gradients of the trainable parameters: what one step all-reduces."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+class DataParallel:
+    """What the trainer needs from torch.distributed. Without a process group every method is the identity
+    (model is the model itself, shard keeps all indices, total returns its arguments).
+
+    With one: model is DistributedDataParallel over the trainable parameters, with sum_hook counting into
+    stats. find_unused_parameters stays False (every adapter gets a gradient every step); minilora's
+    gradient checkpointing needs nothing else, because its segments hand the parameters' gradients back
+    through ordinary autograd, so DDP's per-parameter hooks fire once each, in the outer backward."""
+
+    def __init__(self, model: nn.Module, find_unused_parameters: bool = False, bucket_cap_mb: float = 25.0,
+                 check_frozen: bool = True):
+        self.module, self.model = model, model
+        self.rank, self.world_size = rank(), world_size()
+        self.stats = CommStats()
+        if self.world_size == 1:
+            return
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("the model has no trainable parameters to train in parallel")
+        self.device = next(p for p in model.parameters() if p.requires_grad).device
+        if check_frozen:
+            self.check_same_frozen()
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen_names(model))
+        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else None
+        # buffers (NF4 codes, quantization constants) are on the ignore list: never broadcast, at start or per step
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
+        self.model = DDP(model, device_ids=ids, bucket_cap_mb=bucket_cap_mb,
+                         find_unused_parameters=find_unused_parameters, **no_buffer_sync)
+        self.model.register_comm_hook(self.stats, sum_hook)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, indices: list[int]) -> list[int]:
+        """This rank's part of a micro-batch (see shard)."""
+        return list(indices) if self.world_size == 1 else shard(indices, self.rank, self.world_size)
+
+    def total(self, *values: float) -> float | tuple[float, ...]:
+        """Σ over ranks of each value, in one float64 all-reduce (ints stay exact below 2**53)."""
+        if self.world_size == 1:
+            return values[0] if len(values) == 1 else values
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        self.stats.scalar_bytes += t.numel() * t.element_size()
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        except RuntimeError as e:
+            raise DistributedError(lost_message("the all-reduce of the step's token count and loss", e)) from None
+        out = tuple(t.tolist())
+        return out[0] if len(out) == 1 else out
+
+    def sync(self, now: bool):
+        """Context for one micro-batch's backward: all-reduce the gradients at its end only when now is True
+        (the last micro-batch of a step); before that they accumulate locally (DDP no_sync)."""
+        if self.world_size == 1 or now:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self.world_size > 1:
+            try:
+                dist.barrier()
+            except RuntimeError as e:
+                raise DistributedError(lost_message("the final barrier", e)) from None
+
+    def check_same_frozen(self) -> None:
+        """Raise ValueError unless every rank's frozen weights have rank 0's sha256 (a 32-byte all-gather)."""
+        from .train_state import fingerprint
+        digest = torch.tensor(list(bytes.fromhex(fingerprint(self.module))), dtype=torch.uint8,
+                              device=self._comm_device())
+        gathered = [torch.empty_like(digest) for _ in range(self.world_size)]
+        dist.all_gather(gathered, digest)
+        differ = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+        if differ:
+            raise ValueError(f"the frozen base weights on rank(s) {differ} differ from rank 0's: every rank "
+                             f"must load the same base model (same file, same seed)")
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def report(self) -> dict:
+        """{"world_size", "rank", "comm": CommStats as a dict} for TrainResult.extra."""
+        return {"world_size": self.world_size, "rank": self.rank, "comm": self.stats.as_dict()}
