@@ -10,8 +10,10 @@ a single process minimises is the token-weighted mean over the whole global batc
     L = (1 / T) · Σ_examples Σ_target-tokens ℓ,       T = target tokens of the global batch,
 
 so each rank backpropagates its own part, (1/T) · Σ_(its tokens) ℓ, and the ranks' gradients are *summed*
-(not averaged): Σ_r ∇L_r = ∇L. T is one all-reduced integer per step. With gradient accumulation the
-gradients are summed only once per step, after the last micro-batch (DDP's no_sync before that).
+(not averaged): Σ_r ∇L_r = ∇L. T is all-reduced before the forward passes, the step's loss and token count
+after them (three float64 in all). With gradient accumulation the gradients are summed only once per step,
+after the last micro-batch (DDP's no_sync before that). Equal shards are not needed (5 examples on 2 ranks
+split 3 + 2), but every rank needs at least one: batch_size >= N.
 
 Only what trains is communicated. DistributedDataParallel registers just the parameters with
 requires_grad, so for LoRA and QLoRA the all-reduce carries the adapters' gradients (lora_A, lora_B) and
@@ -24,6 +26,11 @@ Rank 0 alone writes checkpoints, the adapter and metrics, and shows the progress
 from the same checkpoint. A rank that dies makes the others fail instead of waiting forever: torchrun
 (--max-restarts 0, its default) stops the remaining ranks, and a collective that gets no answer raises
 after the process group's timeout (MINILORA_DIST_TIMEOUT seconds, default 300).
+
+Simplifications: every rank evaluates the whole validation set (the same numbers everywhere, no
+communication); the progress bar's tokens/s is rank 0's own. With dropout > 0 the ranks draw their masks
+from the same seed, so the run is no longer the single-process one, and a resumed run gives every rank
+rank 0's random state.
 """
 import atexit
 import contextlib
