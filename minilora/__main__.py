@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     _lora_args(p, dc)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--paged", action="store_true")
-    p.add_argument("--measure", action="store_true", help="also measure one real training step (small models)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="weights, gradients and activations (AdamW state stays float32: the lecture's 12 B/param)")
+    p.add_argument("--measure", action="store_true", help="also measure one real training step (small float32 models)")
     return parser
 
 
@@ -216,13 +218,14 @@ def cmd_memory(a) -> None:
     rows = []
     for mode in a.mode:
         rows.append(estimate(cfg, mode, batch_size=a.batch_size, seq_len=seq, r=a.r, targets=tuple(a.targets),
+                             dtype=a.dtype, state_dtype="float32",
+                             compute_dtype="float32" if a.dtype == "float32" else a.dtype,
                              optimizer="paged" if a.paged else "adamw", checkpointing=a.gradient_checkpointing,
-                             compute_dtype="float32", device="cpu", label=f"{mode} (estimate)"))
+                             device="cpu", label=f"{mode} (estimate)"))
         if a.measure:
             rows.append(_measure(cfg, mode, a, seq))
-    n = sum(p for p in [rows[0].n_params])
-    print(f"GPT: {cfg.n_layer} layers x {cfg.n_embd} wide, vocab {cfg.vocab_size}, {n:,} parameters; "
-          f"batch {a.batch_size} x {seq} tokens; fp32 weights, AdamW{' (paged)' if a.paged else ''}"
+    print(f"GPT: {cfg.n_layer} layers x {cfg.n_embd} wide, vocab {cfg.vocab_size}, {rows[0].n_params:,} parameters; "
+          f"batch {a.batch_size} x {seq} tokens; {a.dtype} weights, AdamW{' (paged)' if a.paged else ''}"
           f"{', gradient checkpointing' if a.gradient_checkpointing else ''}")
     print(format_table(rows))
 
@@ -231,6 +234,8 @@ def _measure(cfg, mode: str, a, seq: int):
     import torch
     from .gpt import GPT
     from .train import TrainConfig, measure_step_memory, prepare_model
+    if a.dtype != "float32":
+        raise ValueError("--measure trains a float32 model; leave --dtype at float32 to measure")
     n_params = 12 * cfg.n_layer * cfg.n_embd ** 2
     if n_params > 50_000_000:
         raise ValueError(f"--measure runs a real step; {n_params:,} parameters is too large for it here")

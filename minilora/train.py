@@ -3,6 +3,7 @@
     full    every weight trains:              W  <- W - lr · AdamW(∇W)
     lora    W0 frozen, adapters train:        W0 + (alpha/r) · B A,        add_lora(model, targets)
     qlora   W0 frozen in NF4, adapters train: deq(W0_nf4) + (alpha/r) · B A, quantize_model then add_lora
+            (a target whose weight is tied to the embedding, the lm_head, keeps its weight in full precision)
 
 The loop: draw batch_size · grad_accum examples, split them into grad_accum micro-batches, weight each
 micro-batch's mean loss by its share of the target tokens (so accumulation equals one big batch), clip the
@@ -29,13 +30,13 @@ import torch.nn.functional as F
 from .adapters import save_adapter
 from .data import IGNORE, InstructionSet, TokenStream, Tokenizer, prompt
 from .distributed import DataParallel, init_from_env
-from .inject import add_lora
+from .inject import add_lora, find_targets
 from .params import ParamCount, count_parameters
 from .train_state import fingerprint, load_train_state, save_train_state
 
 MODES = ("full", "lora", "qlora")
 # Settings that do not change the trajectory of a run; every other TrainConfig field must match on resume.
-NOT_TRAJECTORY = ("eval_every", "eval_batch_size", "eval_max_batches", "save_every", "out_dir", "progress")
+NOT_TRAJECTORY = ("eval_every", "eval_batch_size", "eval_max_batches", "save_every", "out_dir", "progress", "label")
 
 
 @dataclass
@@ -69,6 +70,7 @@ class TrainConfig:
     save_every: int = 0                   # checkpoint every n steps (0: only at the end); needs out_dir
     out_dir: str | None = None
     progress: bool = True                 # tqdm bar with loss and tokens/s
+    label: str | None = None              # the progress bar's name (default: mode)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -151,9 +153,21 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         if not quantize_available():
             raise ValueError("mode='qlora' needs minilora.qlora.quantize_model, which this install lacks")
         from .qlora import quantize_model
-        quantize_model(model, list(cfg.targets), blocksize=cfg.blocksize,
+        quantize_model(model, untied_targets(model, cfg.targets), blocksize=cfg.blocksize,
                        compute_dtype=getattr(torch, cfg.compute_dtype))
     return add_lora(model, list(cfg.targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+
+
+def untied_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """The target linears whose weight is not shared with another module. A tied lm_head shares its weight
+    with the token embedding, which must stay a plain matrix for the lookup; QLoRA (like bitsandbytes)
+    leaves it unquantized and puts its adapter on the full-precision weight."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    names = find_targets(model, targets)
+    return [n for n in names if isinstance(model.get_submodule(n), nn.Linear)
+            and uses[id(model.get_submodule(n).weight)] == 1]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -39,7 +39,7 @@ def tiny(**kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def full_run(setup):
-    return train(fresh(setup), tiny(mode="full", eval_every=20), setup[3], setup[3])
+    return train(fresh(setup), tiny(mode="full", steps=80, eval_every=40), setup[3], setup[3])
 
 
 def test_full_finetune_loss_falls_and_exact_match_rises(setup, full_run):
@@ -49,10 +49,10 @@ def test_full_finetune_loss_falls_and_exact_match_rises(setup, full_run):
     after = res.final
     assert before["exact_match"] == 0.0
     assert after["loss"] < before["loss"] - 2.0
-    assert after["exact_match"] >= 0.25
+    assert after["exact_match"] >= 0.5
     assert res.params.trainable == res.params.total
     assert sum(res.losses[-5:]) < sum(res.losses[:5]) / 3
-    assert [e["step"] for e in res.evals] == [20, 40]
+    assert [e["step"] for e in res.evals] == [40, 80]
 
 
 def test_greedy_match_metric_equals_real_greedy_generation(setup, full_run):
