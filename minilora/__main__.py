@@ -137,6 +137,19 @@ def cmd_pretrain(a) -> None:
           f"-> {a.out}")
 
 
+def tokenizer_for(directory: str, model):
+    """The tokenizer stored beside a model, checked against the model's vocabulary."""
+    from .data import ByteTokenizer, load_tokenizer
+    tok = load_tokenizer(directory)
+    vocab = model.config.vocab_size
+    if isinstance(tok, ByteTokenizer) and vocab != tok.vocab_size:
+        raise ValueError(f"{directory} holds no tokenizer (tokenizer.json or minilora_tokenizer.json) for its "
+                         f"vocabulary of {vocab}")
+    if tok.vocab_size > vocab:
+        raise ValueError(f"the tokenizer in {directory} has {tok.vocab_size} ids, the model only {vocab}")
+    return tok
+
+
 def _instruction_data(a, tok, block_size: int):
     from .data import InstructionSet, load_jsonl, split_examples, yoda_dataset
     if a.data:
@@ -147,15 +160,12 @@ def _instruction_data(a, tok, block_size: int):
 
 
 def cmd_finetune(a) -> None:
-    from .data import load_tokenizer
     from .demo import DemoConfig
     from .gpt import GPT
     from .train import TrainConfig, train
     dc = DemoConfig()
     base = GPT.from_pretrained(a.base)
-    tok = load_tokenizer(a.base)
-    if tok.vocab_size > base.config.vocab_size:
-        raise ValueError(f"the tokenizer in {a.base} has {tok.vocab_size} ids, the model only {base.config.vocab_size}")
+    tok = tokenizer_for(a.base, base)
     train_set, val_set = _instruction_data(a, tok, base.config.block_size)
     lr = a.lr if a.lr is not None else (dc.lr_full if a.mode == "full" else dc.lr_lora)
     cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=tuple(a.targets), lr=lr,
@@ -178,10 +188,10 @@ def cmd_finetune(a) -> None:
 def cmd_generate(a) -> None:
     import torch
     from .adapters import load_adapter
-    from .data import load_tokenizer, prompt
+    from .data import prompt
     from .gpt import GPT
     model = GPT.from_pretrained(a.model)
-    tok = load_tokenizer(a.model)
+    tok = tokenizer_for(a.model, model)
     if a.adapter:
         if a.qlora:
             import json

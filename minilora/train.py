@@ -349,6 +349,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
         out = Path(cfg.out_dir)
         if cfg.mode == "full" and hasattr(model, "save_pretrained"):
             model.save_pretrained(out / "model")
+            if hasattr(train_data, "tokenizer"):  # so <out>/model is complete for generation
+                train_data.tokenizer.save(out / "model")
         elif cfg.mode != "full":
             save_adapter(model, out / "adapter")
         tmp = out / "metrics.json.tmp"

@@ -48,6 +48,9 @@ def test_finetune_loss_falls_and_metric_rises(base, repeated_data, tmp_path, cap
     assert m["evals"][0]["exact_match"] < m["evals"][-1]["exact_match"]
     assert m["evals"][-1]["exact_match"] >= 0.5
     assert (tmp_path / "model" / "model.safetensors").is_file()  # full fine-tuning saves the model
+    assert main(["generate", "--model", str(tmp_path / "model"), "--instruction", "Yoda",
+                 "--context", "We can win."]) == 0
+    assert capsys.readouterr().out == "Win, we can.\n"  # a training sentence, memorised
 
 
 def test_lora_finetune_then_generate_with_the_adapter(base, tmp_path, capsys):
@@ -122,10 +125,11 @@ def test_demo_at_tiny_size_prints_one_table_and_a_png(tmp_path, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["finetune", "--base", "/nonexistent/base", "--out", "x"], "config.json not found"),
     (["generate", "--model", "/nonexistent/base"], "not found"),
+    (["generate", "--model", "{base}", "--adapter", "{tmp}"], "adapter_config.json not found"),
     (["pretrain", "--out", "{tmp}", "--vocab-size", "100", "--steps", "1"], "vocab_size"),
 ])
-def test_bad_arguments_end_in_one_error_line(argv, needle, tmp_path, capsys):
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+def test_bad_arguments_end_in_one_error_line(argv, needle, base, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{base}", str(base)) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and needle in err and err.count("\n") == 1
