@@ -304,8 +304,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
                                                     cfg.device)})
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and par.is_main), desc=cfg.label or cfg.mode,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and par.is_main),
+               desc=cfg.label or cfg.mode, leave=False, dynamic_ncols=True)
     model.train()
     run_tokens, t_run = 0, time.perf_counter()
     for step in range(start, cfg.steps):
