@@ -14,6 +14,7 @@ from minilora.quant import (dequantize_4bit, dequantize_absmax, dequantize_block
                             error_bound_4bit, error_bound_int8, fp4_code, int4_code, nf4_code, quantize_4bit,
                             quantize_int8)
 from minilora.quant.bounds import U, absmax_error_bound, block_absmax
+from minilora.quant.blockwise import TINY
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CODES = {"nf4": nf4_code(), "fp4": fp4_code(), "int4": int4_code()}
@@ -57,12 +58,15 @@ def test_block_absmax_element_is_reproduced(x, blocksize, double_quant):
     w32 = dequantize_blockwise_4bit(state.packed, dequantize_absmax(state), state.code, blocksize, x.shape)
     a = block_absmax(x, blocksize).repeat_interleave(blocksize)[:x.numel()]
     delta = absmax_error_bound(state).repeat_interleave(blocksize)[:x.numel()]
-    top = x.float().abs() == a
+    # Blocks whose absmax is below float32's normal range are left out: absmax is clamped to blockwise.TINY
+    # before 1/absmax (as bitsandbytes does, whose bytes minilora reproduces), so their largest element is not
+    # coded as ±1; bounds.py states the looser bound that holds there.
+    top = (x.float().abs() == a) & (a >= TINY)
     err = (x.float() - w32).abs()[top]
     if double_quant:
         assert (err <= delta[top] * (1 + U) + 5 * U * a[top]).all()
     else:
-        assert (err[a[top] >= 1e-38] == 0).all()  # ±1 is a code: exactly ±absmax
+        assert (err == 0).all()  # ±1 is a code: exactly ±absmax
 
 
 @settings_
