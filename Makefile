@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/python -m minilora demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/pytest
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
