@@ -196,8 +196,12 @@ def cmd_generate(a) -> None:
         if a.qlora:
             import json
             from .qlora import quantize_model
-            targets = json.loads((Path(a.adapter) / "adapter_config.json").read_text())["target_modules"]
-            quantize_model(model, targets, compute_dtype=torch.float32)
+            from .train import untied_targets
+            config = Path(a.adapter) / "adapter_config.json"
+            if not config.is_file():
+                raise FileNotFoundError(f"{config} not found")
+            targets = json.loads(config.read_text())["target_modules"]
+            quantize_model(model, untied_targets(model, targets), compute_dtype=torch.float32)
         load_adapter(model, a.adapter)
     elif a.qlora:
         raise ValueError("--qlora needs --adapter")
