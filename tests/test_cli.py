@@ -142,3 +142,17 @@ def test_argparse_errors_and_no_traceback_from_the_module():
     r = subprocess.run([sys.executable, "-m", "minilora", "finetune", "--base", "/nope", "--out", "/tmp/x"],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: ")
+
+
+def test_demo_marks_qlora_skipped_when_quantization_is_missing(tmp_path, monkeypatch):
+    """Without minilora.qlora the QLoRA row says so instead of showing numbers it did not measure."""
+    import minilora.demo as demo
+    monkeypatch.setattr(demo, "quantize_available", lambda: False)
+    cfg = demo.DemoConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "cache"), modes=("qlora",),
+                          pretrain_steps=2, steps=2, n_train=4, n_val=2, vocab_size=300, n_layer=1, n_head=2,
+                          n_embd=32, block_size=160, progress=False)
+    summary = demo.run_demo(cfg, log=lambda *a: None)
+    row = summary["rows"][-1]
+    assert row["mode"] == "qlora" and "skipped" in row["skipped"] and "trainable" not in row
+    assert "skipped: minilora.qlora" in demo.format_table(summary["rows"])
+    assert summary["png"] is None

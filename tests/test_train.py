@@ -222,3 +222,15 @@ def test_learning_rate_schedule_and_config_errors():
     with pytest.raises(ValueError, match="out_dir"):
         train(GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)), TrainConfig(),
               TokenStream(list(range(10)) * 3, 8), resume=True)
+
+
+def test_loss_curve_plot_smooths_and_checks_its_input():
+    from minilora.plots.training import plot_loss_curves, smooth
+    assert smooth([4.0, 2.0, 0.0, 2.0], 2) == [4.0, 3.0, 1.0, 1.0]
+    fig = plot_loss_curves({"lora": [3.0, 2.0, 1.0]}, {"lora": [{"step": 3, "loss": 1.1}]}, smoothing=2)
+    ax = fig.axes[0]
+    assert len(ax.lines) == 3 and ax.get_yscale() == "log"
+    with pytest.raises(ValueError, match="at least one run"):
+        plot_loss_curves({})
+    with pytest.raises(ValueError, match="window"):
+        smooth([1.0], 0)
