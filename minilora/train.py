@@ -303,7 +303,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
             evals.append({"step": step, **evaluate(model, val_data, cfg.eval_batch_size, cfg.eval_max_batches,
                                                     cfg.device)})
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bar: no widget library needed in notebooks
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and par.is_main),
                desc=cfg.label or cfg.mode, leave=False, dynamic_ncols=True)
     model.train()
