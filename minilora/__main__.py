@@ -195,13 +195,13 @@ def cmd_generate(a) -> None:
     if a.adapter:
         if a.qlora:
             import json
-            from .qlora import quantize_model
-            from .train import untied_targets
+            from .inject import find_targets
+            from .qlora import quantize_model, untied_linears
             config = Path(a.adapter) / "adapter_config.json"
             if not config.is_file():
                 raise FileNotFoundError(f"{config} not found")
             targets = json.loads(config.read_text())["target_modules"]
-            quantize_model(model, untied_targets(model, targets), compute_dtype=torch.float32)
+            quantize_model(model, untied_linears(model, find_targets(model, targets)), compute_dtype=torch.float32)
         load_adapter(model, a.adapter)
     elif a.qlora:
         raise ValueError("--qlora needs --adapter")

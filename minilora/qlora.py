@@ -233,18 +233,25 @@ class QLoRALinear(LoRALinear):
 register_lora_wrapper(NF4Linear, QLoRALinear)
 
 
+def untied_linears(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """The nn.Linear modules among names (default: all) whose weight no other module shares. A tied lm_head
+    shares its weight with the token embedding, which must stay a plain matrix for the lookup, so QLoRA (like
+    bitsandbytes) leaves it unquantized; an adapter on it trains on the full-precision weight."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    if names is None:
+        names = [n for n, _ in model.named_modules()]
+    return [n for n in names if type(model.get_submodule(n)) is nn.Linear
+            and uses[id(model.get_submodule(n).weight)] == 1]
+
+
 def quantize_model(model: nn.Module, targets: str | list[str] | None = None, blocksize: int = 64,
                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
                    backend: str = "auto") -> nn.Module:
     """Replace the target nn.Linear layers (default: every nn.Linear whose weight is not shared, e.g. not a
     tied lm_head) by frozen NF4Linear layers, in place. add_lora on the result gives QLoRA."""
-    if targets is None:
-        counts: dict[int, int] = {}
-        for _, p in model.named_parameters(remove_duplicate=False):
-            counts[id(p)] = counts.get(id(p), 0) + 1
-        names = [n for n, m in model.named_modules() if type(m) is nn.Linear and counts[id(m.weight)] == 1]
-    else:
-        names = find_targets(model, targets)
+    names = untied_linears(model) if targets is None else find_targets(model, targets)
     for name in names:
         module = model.get_submodule(name)
         if type(module) is not nn.Linear:

@@ -152,22 +152,10 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     if cfg.mode == "qlora":
         if not quantize_available():
             raise ValueError("mode='qlora' needs minilora.qlora.quantize_model, which this install lacks")
-        from .qlora import quantize_model
-        quantize_model(model, untied_targets(model, cfg.targets), blocksize=cfg.blocksize,
+        from .qlora import quantize_model, untied_linears
+        quantize_model(model, untied_linears(model, find_targets(model, cfg.targets)), blocksize=cfg.blocksize,
                        compute_dtype=getattr(torch, cfg.compute_dtype))
     return add_lora(model, list(cfg.targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
-
-
-def untied_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
-    """The target linears whose weight is not shared with another module. A tied lm_head shares its weight
-    with the token embedding, which must stay a plain matrix for the lookup; QLoRA (like bitsandbytes)
-    leaves it unquantized and puts its adapter on the full-precision weight."""
-    uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
-    names = find_targets(model, targets)
-    return [n for n in names if isinstance(model.get_submodule(n), nn.Linear)
-            and uses[id(model.get_submodule(n).weight)] == 1]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -98,25 +98,13 @@ def test_empty_tensor_is_an_exact_empty_state(double_quant):
     assert w.shape == (0, 5) and w.dtype == torch.bfloat16
 
 
-def test_worker_threads_respect_inference_mode_and_raise_errors():
-    x = torch.randn(200_000)  # several chunks, so the worker threads take part
+def test_several_chunks_inference_mode_and_errors_in_a_late_chunk():
+    x = torch.randn(600_001)  # more than two chunks, and a ragged last block
     with torch.inference_mode():
         state = quantize_nf4(x)
         assert dequantize_nf4(state).is_inference()
     assert torch.equal(dequantize_nf4(state), dequantize_nf4(quantize_nf4(x)))
-    x[150_001] = float("nan")
+    assert ((dequantize_nf4(state) - x).abs().max() <= x.abs().max() * 0.16).item()
+    x[550_001] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantize_nf4(x)
-
-
-def test_quantization_works_in_a_forked_child():
-    import multiprocessing as mp
-    expected = dequantize_nf4(quantize_nf4(torch.randn(100_000, generator=torch.Generator().manual_seed(5))))
-    with mp.get_context("fork").Pool(1) as pool:  # forked after this process' worker threads started
-        result = pool.apply_async(_roundtrip_bytes, (5,)).get(timeout=120)
-    assert result == expected.numpy().tobytes()
-
-
-def _roundtrip_bytes(seed):
-    x = torch.randn(100_000, generator=torch.Generator().manual_seed(seed))
-    return dequantize_nf4(quantize_nf4(x)).numpy().tobytes()
