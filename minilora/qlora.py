@@ -86,7 +86,7 @@ class NF4Linear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """doubleDequant(c1, c2, W_nf4) as a dense (out, in) tensor."""
-        return dequantize_nf4(self.quant_state()).to(dtype or self.compute_dtype)
+        return dequantize_nf4(self.quant_state(), dtype or self.compute_dtype)
 
     @property
     def quantized_nbytes(self) -> int:

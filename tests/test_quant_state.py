@@ -61,3 +61,17 @@ def test_dataclasses_replace_keeps_a_usable_state():
     assert torch.equal(dequantize_nf4(moved), dequantize_nf4(s))
     with pytest.raises(TypeError, match="QuantState"):
         dequantize_nf4({"packed": s.packed})
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (3, 1000)])   # whole blocks; a ragged last block
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_to_another_dtype_rounds_once_from_float32(shape, dtype):
+    torch.manual_seed(5)
+    state = quantize_nf4(torch.randn(*shape) * 3)
+    w32 = dequantize_nf4(state)
+    w = dequantize_nf4(state, dtype)
+    assert w.dtype == dtype and w.shape == shape
+    assert torch.equal(w, w32.to(dtype))
+    assert dequantize_nf4(state, None).dtype == torch.float32
+    with pytest.raises(TypeError, match="dtype must be"):
+        dequantize_nf4(state, torch.int8)

@@ -89,14 +89,16 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
                                   state.nested_blocksize)
 
 
-def dequantize_4bit(state: QuantState) -> torch.Tensor:
-    """doubleDequant(c1, c2, W_4bit) = code[W_4bit] · dequant(c2, c1): the tensor in its original shape and dtype."""
+def dequantize_4bit(state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """doubleDequant(c1, c2, W_4bit) = code[W_4bit] · dequant(c2, c1): the tensor in its original shape, in its
+    original dtype or in `dtype` (computed in float32 and rounded once, as a cast of the float32 result would be)."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
     return dequantize_blockwise_4bit(state.packed, dequantize_absmax(state), state.code, state.blocksize,
-                                     state.shape, state.dtype)
+                                     state.shape, state.dtype if dtype is None else dtype)
 
 
-def dequantize_nf4(state: QuantState) -> torch.Tensor:
-    """Inverse of quantize_nf4 (up to the quantization error): w = NF4[q] · absmax', shape and dtype restored."""
-    return dequantize_4bit(state)
+def dequantize_nf4(state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of quantize_nf4 (up to the quantization error): w = NF4[q] · absmax', shape and dtype restored
+    (or the given dtype)."""
+    return dequantize_4bit(state, dtype)
