@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import torch
 
@@ -126,6 +127,22 @@ def _pair_table(code_values: tuple[float, ...], device: torch.device) -> torch.T
     return pairs.contiguous().view(torch.int64).view(256).to(device)
 
 
+_per_thread = threading.local()
+
+
+def _scratch(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's (int32 byte indices, int64 looked-up pairs) buffers of at least size elements, kept
+    between calls: fresh ones would be fresh pages on every call of a training step."""
+    bufs = getattr(_per_thread, "bufs", {})
+    _per_thread.bufs = bufs
+    idx, pairs = bufs.get(device, (None, None))
+    if idx is None or len(idx) < size:
+        idx = torch.empty(size, dtype=torch.int32, device=device)
+        pairs = torch.empty(size, dtype=torch.int64, device=device)
+        bufs[device] = (idx, pairs)
+    return idx, pairs
+
+
 def dequantize_blockwise_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                               shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32
                               ) -> torch.Tensor:
@@ -133,7 +150,7 @@ def dequantize_blockwise_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: 
 
     Per chunk: each byte is looked up once in a 256-entry table of float32 pairs (high nibble first), the
     pairs are multiplied by their block's absmax in place, in float32, and written out (cast to dtype).
-    Large outputs come from the huge-page cache (hugepages.py); the slices run on all cores (chunks.py).
+    Large outputs come from the huge-page cache (hugepages.py).
     """
     check_blocksize(blocksize)
     n = math.prod(shape)
@@ -155,8 +172,7 @@ def dequantize_blockwise_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: 
         byte_chunks = packed[begin // 2:end // 2].split(DEQUANT_CHUNK // 2)
         scale_chunks = absmax[begin // blocksize:end // blocksize, None].split(DEQUANT_CHUNK // blocksize)
         out_chunks = out[begin:end].view(-1, blocksize).split(DEQUANT_CHUNK // blocksize)
-        idx = torch.empty(len(byte_chunks[0]), dtype=torch.int32, device=packed.device)
-        pairs = torch.empty(0 if dtype == torch.float32 else len(idx), dtype=torch.int64, device=packed.device)
+        idx, pairs = _scratch(len(byte_chunks[0]), packed.device)
         for b, a, o in zip(byte_chunks, scale_chunks, out_chunks):
             i = idx[:len(b)].copy_(b)
             if dtype == torch.float32:    # look up straight into the output, scale it there

@@ -1,0 +1,45 @@
+"""The huge-page output cache under dequantize."""
+import torch
+
+from minilora.quant import hugepages
+
+
+MIB32_FLOATS = (32 << 20) // 4
+
+
+def test_large_outputs_are_recycled_only_when_no_tensor_uses_them():
+    hugepages.clear_cache()
+    a = hugepages.empty(MIB32_FLOATS, torch.float32)
+    assert a.shape == (MIB32_FLOATS,) and a.dtype == torch.float32
+    a.fill_(1.5)
+    pa = a.data_ptr()
+    view = a[5:].view(-1, 1)
+    del a
+    b = hugepages.empty(MIB32_FLOATS, torch.float32)          # a's memory is still used by the view
+    assert b.data_ptr() != pa and float(view[0, 0]) == 1.5
+    pb = b.data_ptr()
+    del view, b
+    c = hugepages.empty(MIB32_FLOATS, torch.float32)          # both free now: the newest is handed out
+    assert c.data_ptr() == pb
+    d = hugepages.empty(2 * MIB32_FLOATS, torch.bfloat16)     # same byte size, another dtype
+    assert d.data_ptr() == pa
+    del c, d
+    hugepages.clear_cache()
+    assert hugepages._maps == []
+
+
+def test_free_mappings_beyond_the_cache_limit_are_unmapped(monkeypatch):
+    hugepages.clear_cache()
+    monkeypatch.setattr(hugepages, "CACHE_BYTES", 40 << 20)  # room for one free 32 MiB mapping
+    held = [hugepages.empty(MIB32_FLOATS + 1024 * i, torch.float32) for i in range(3)]
+    assert len(hugepages._maps) == 3
+    del held
+    hugepages.empty(MIB32_FLOATS, torch.float32)  # one reused, of the two others only the newest kept
+    assert len(hugepages._maps) == 2
+    hugepages.clear_cache()
+
+
+def test_small_outputs_are_plain_tensors():
+    n = len(hugepages._maps)
+    t = hugepages.empty(1000, torch.bfloat16)
+    assert t.shape == (1000,) and t.dtype == torch.bfloat16 and len(hugepages._maps) == n
