@@ -1,4 +1,4 @@
-"""The huge-page output cache under dequantize."""
+"""The CPU plumbing under dequantize: the huge-page output cache and the per-thread scratch buffers."""
 import torch
 
 from minilora.quant import hugepages
@@ -43,3 +43,30 @@ def test_small_outputs_are_plain_tensors():
     n = len(hugepages._maps)
     t = hugepages.empty(1000, torch.bfloat16)
     assert t.shape == (1000,) and t.dtype == torch.bfloat16 and len(hugepages._maps) == n
+
+
+def test_dequantize_first_in_inference_mode_then_outside_it_in_a_fresh_thread():
+    # the per-thread scratch buffers are made on a thread's first dequantize: here inside inference mode
+    import threading
+
+    from minilora.quant import dequantize_nf4, quantize_nf4
+
+    x = torch.randn(700, 300)
+    state = quantize_nf4(x)
+    expected = dequantize_nf4(state, torch.bfloat16)
+    results, errors = [], []
+
+    def run():
+        try:
+            with torch.inference_mode():
+                results.append(dequantize_nf4(state, torch.bfloat16))
+            results.append(dequantize_nf4(state, torch.bfloat16))
+        except Exception as e:  # noqa: BLE001 - reported to the test thread below
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert results[0].is_inference() and not results[1].is_inference()
+    assert torch.equal(results[0], expected) and torch.equal(results[1], expected)
