@@ -8,6 +8,9 @@
     interchange          to_bnb_state_dict / from_bnb_state_dict          bitsandbytes / HF checkpoint layout
     error bounds         error_bound_4bit / error_bound_int8               what the property tests check
     error table          roundtrip_errors / error_table                   NF4 vs FP4 vs int4 vs int8, measured
+
+CPU plumbing under them: chunks.py (cache-sized chunks, large ranges sliced over a pool of single-threaded
+threads), hugepages.py (large outputs on 2 MiB pages, recycled once no tensor uses them).
 """
 from .codebooks import dynamic_code, fp4_code, get_code, int4_code, max_gap, nf4_code
 from .int8 import dequantize_int8, quantize_int8
