@@ -81,3 +81,18 @@ def test_ranges_under_two_min_slices_run_inline(monkeypatch):
     chunks.run_chunked(2 * chunks.MIN_SLICE - 1, lambda b, e: names.append(threading.current_thread().name),
                        "cpu", 1024)
     assert names == [threading.current_thread().name]
+
+
+def _sum_in_slices(n):
+    out = torch.zeros(n)
+    chunks.run_chunked(n, lambda b, e: out[b:e].fill_(1.0), "cpu", 64)
+    return float(out.sum())
+
+
+def test_a_forked_child_makes_its_own_pool(three_workers):
+    import multiprocessing
+
+    assert _sum_in_slices(3 * 64) == 3 * 64   # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as child:
+        assert child.apply_async(_sum_in_slices, (5 * 64,)).get(timeout=60) == 5 * 64

@@ -11,11 +11,12 @@ Two ideas, both about the CPU:
    OpenMP teams that would fight the other slices for the same cores. PyTorch ops release the GIL, so the
    slices really run side by side. The caller's grad / inference mode is carried into the pool threads.
 
-Measured on the 2-core machine this project is checked on (dequantizing 4096×4096 to float32): 5.7-8.7 ms
-with the pool in every one of 12 processes; inline, 8-9 ms in most processes and about 27 ms on every call in
-roughly one process of six, where torch's idle OpenMP thread spins on the other core while the caller runs
-the single-threaded lookup. For GPT-2-sized weights (2.4 M elements and less) the pool was slower than the
-inline loop (6.6-7.8 ms against 4.8-5.3 ms for four weights), hence MIN_SLICE.
+Measured on the 2-core machine this project is checked on (dequantizing 4096×4096 to float32): with the pool
+5.7-12.8 ms, and no slow process in 20; inline, 8-9 ms in most processes but 27-35 ms on every call in about
+one process in nine (11 of ~95), where torch's idle OpenMP thread spins on the other core while the caller
+runs the single-threaded lookup. Quantizing 4096×4096 went from 4.3-6.4x to 6.9-7.3x bitsandbytes' speed.
+For GPT-2-sized weights (2.4 M elements and less) the pool was slower than the inline loop (6.6-7.8 ms
+against 4.8-5.3 ms for four weights), hence MIN_SLICE.
 
 Small ranges (under two chunks or 2·MIN_SLICE elements), one-core machines and GPU tensors skip the pool:
 work(0, n) runs inline.
@@ -35,6 +36,7 @@ MIN_SLICE = 1 << 21   # elements; below two of these per thread, handing work ov
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0  # a forked child inherits the pool object but none of its threads: it makes its own
 
 
 def _make_pool(size: int) -> ThreadPoolExecutor:
@@ -65,7 +67,7 @@ def run_chunked(n: int, work: Callable[[int, int], None], device: torch.device, 
 
     work walks its own slice in chunk-sized steps and must only write to its own part of the outputs.
     """
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     if not n:
         return
     chunks = -(-n // chunk)
@@ -74,8 +76,8 @@ def run_chunked(n: int, work: Callable[[int, int], None], device: torch.device, 
         work(0, n)
         return
     with _lock:
-        if _pool_size < k:  # a smaller old pool is left to finish what it runs and be collected
-            _pool, _pool_size = _make_pool(k), k
+        if _pool_size < k or _pool_pid != os.getpid():  # an old pool finishes its work and is collected
+            _pool, _pool_size, _pool_pid = _make_pool(k), k, os.getpid()
         pool = _pool
     bounds = [min(n, (chunks * i // k) * chunk) for i in range(k + 1)]
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
