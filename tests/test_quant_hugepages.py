@@ -1,7 +1,9 @@
 """The CPU plumbing under dequantize: the huge-page output cache and the per-thread scratch buffers."""
+import threading
+
 import torch
 
-from minilora.quant import hugepages
+from minilora.quant import dequantize_nf4, hugepages, quantize_nf4
 
 
 MIB32_FLOATS = (32 << 20) // 4
@@ -47,10 +49,6 @@ def test_small_outputs_are_plain_tensors():
 
 def test_dequantize_first_in_inference_mode_then_outside_it_in_a_fresh_thread():
     # the per-thread scratch buffers are made on a thread's first dequantize: here inside inference mode
-    import threading
-
-    from minilora.quant import dequantize_nf4, quantize_nf4
-
     x = torch.randn(700, 300)
     state = quantize_nf4(x)
     expected = dequantize_nf4(state, torch.bfloat16)
