@@ -11,14 +11,13 @@ from . import quant
 from .quant import QuantState, dequantize_nf4, quantize_nf4
 from .qlora import NF4Linear, QLoRALinear, merge_qlora, quantize_model
 from .checkpointing import checkpoint_sequential, segment_bounds
-from .activation_memory import SavedBytes, SavedTensorMeter, measure_saved_activations
 from .paged import PagedAdamW, PagerStats
-from .paging_demo import PagingDemo, SimulatedOutOfMemory, long_sequence_demo
-from .memory import MemoryBreakdown, estimate as estimate_memory, measure as measure_memory
+from .memory import (MemoryBreakdown, SavedBytes, SavedTensorMeter, estimate as estimate_memory,
+                     measure as measure_memory, measure_saved_activations)
 from .data import (BPETokenizer, ByteTokenizer, Example, InstructionSet, TokenStream, english_documents,
                    load_tokenizer, yoda, yoda_dataset)
 from .train import TrainConfig, TrainResult, evaluate, respond  # the loop itself: minilora.train.train
 from .train_state import CheckpointError
-from .demo import DemoConfig, run_demo
+from . import demos  # the end-to-end and paging demonstrations: minilora.demos.run_demo, ...
 
 __version__ = "0.1.0"

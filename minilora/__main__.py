@@ -38,7 +38,7 @@ def _lora_args(p: argparse.ArgumentParser, d) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DemoConfig
+    from .demos.finetune import DemoConfig
     from .train import TrainConfig
     dc, tc = DemoConfig(), TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m minilora", description="minilora: LoRA and QLoRA by hand")
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(a) -> None:
-    from .demo import DemoConfig, print_report, run_demo
+    from .demos.finetune import DemoConfig, print_report, run_demo
     cfg = DemoConfig(steps=a.steps, pretrain_steps=a.pretrain_steps, modes=tuple(a.modes), seed=a.seed,
                      out=a.out, cache="" if a.no_cache else a.cache, progress=not a.no_progress,
                      n_train=a.n_train, n_val=a.n_val, vocab_size=a.vocab_size, n_layer=a.n_layer,
@@ -128,7 +128,7 @@ def cmd_demo(a) -> None:
 
 
 def cmd_pretrain(a) -> None:
-    from .demo import DemoConfig, pretrain_base
+    from .demos.finetune import DemoConfig, pretrain_base
     cfg = DemoConfig(vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd,
                      block_size=a.block_size, pretrain_steps=a.steps, pretrain_batch_size=a.batch_size,
                      pretrain_lr=a.lr, seed=a.seed, progress=not a.no_progress)
@@ -160,7 +160,7 @@ def _instruction_data(a, tok, block_size: int):
 
 
 def cmd_finetune(a) -> None:
-    from .demo import DemoConfig
+    from .demos.finetune import DemoConfig
     from .gpt import GPT
     from .train import TrainConfig, train
     dc = DemoConfig()

@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from minilora import GPT, GPTConfig, PagedAdamW, long_sequence_demo, measure_saved_activations, segment_bounds
+from minilora import GPT, GPTConfig, PagedAdamW, measure_saved_activations, segment_bounds
+from minilora.demos import long_sequence_demo
 from minilora import plots
 
 B, T, VOCAB, WIDTH = 4, 64, 256, 32

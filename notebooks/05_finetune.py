@@ -33,7 +33,7 @@ import torch
 
 from minilora import GPT, plots
 from minilora.data import InstructionSet, load_tokenizer, yoda_dataset
-from minilora.demo import DemoConfig, pretrain_base
+from minilora.demos import DemoConfig, pretrain_base
 from minilora.train import TrainConfig, evaluate, respond, train
 
 # The demo's learning rates and adapter settings; a small fixed model and short runs, so this takes ~1 minute.
@@ -61,7 +61,7 @@ for ex in train_examples[:3]:
 # ## A base model
 #
 # A small GPT with a byte-level BPE tokenizer, both trained from scratch on the English text of Python's
-# standard library (`minilora.demo.pretrain_base`).
+# standard library (`minilora.demos.pretrain_base`).
 
 # %%
 t0 = time.perf_counter()

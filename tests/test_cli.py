@@ -146,7 +146,7 @@ def test_argparse_errors_and_no_traceback_from_the_module():
 
 def test_demo_marks_qlora_skipped_when_quantization_is_missing(tmp_path, monkeypatch):
     """Without minilora.qlora the QLoRA row says so instead of showing numbers it did not measure."""
-    import minilora.demo as demo
+    import minilora.demos.finetune as demo
     monkeypatch.setattr(demo, "quantize_available", lambda: False)
     cfg = demo.DemoConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "cache"), modes=("qlora",),
                           pretrain_steps=2, steps=2, n_train=4, n_val=2, vocab_size=300, n_layer=1, n_head=2,

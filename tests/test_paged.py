@@ -3,7 +3,8 @@ import io
 import pytest
 import torch
 
-from minilora import GPT, GPTConfig, PagedAdamW, long_sequence_demo
+from minilora import GPT, GPTConfig, PagedAdamW
+from minilora.demos import long_sequence_demo
 
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 PAGE = 4096  # 512 elements' m and v per page

@@ -17,6 +17,7 @@ from .breakdown import GB, PARTS, MemoryBreakdown, format_bytes, format_table
 from .estimate import (DEFAULT_TARGETS, MODES, OPTIMIZERS, activation_bytes_per_token, as_dtype, estimate,
                        gpt_param_count, nf4_nbytes, scaled_config)
 from .measure import measure
+from .saved import SavedBytes, SavedTensorMeter, measure_saved_activations
 
 __all__ = ["ActivationSetup", "SavedActivations", "saved_activations", "GB", "PARTS", "MemoryBreakdown",
            "format_bytes", "format_table", "DEFAULT_TARGETS", "MODES", "OPTIMIZERS", "activation_bytes_per_token",

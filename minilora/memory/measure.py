@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..activation_memory import SavedTensorMeter
+from .saved import SavedTensorMeter
 from ..params import count_parameters
 from .breakdown import MemoryBreakdown
 from .estimate import dtype_name

@@ -1,6 +1,6 @@
 """Figures for the two memory savers: gradient checkpointing (saved bytes vs blocks) and the paged optimizer.
 
-Each function draws numbers measured elsewhere (benchmarks/checkpointing.py, minilora.paging_demo) and
+Each function draws numbers measured elsewhere (benchmarks/checkpointing.py, minilora.demos.paging) and
 returns a matplotlib Figure; nothing here measures or computes a result.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def plot_checkpointing(n_blocks: Sequence[int], peak_bytes: Mapping[str, Sequenc
 def plot_paging_demo(demo, title: str = "Paged optimizer: one long sequence, one spike") -> Figure:
     """Left: device bytes per step (weights+grads, optimizer pages resident at the spike, activation peak)
     against the capacity, with plain AdamW's need outlined. Right: pages copied out / in per step.
-    `demo` is a minilora.paging_demo.PagingDemo."""
+    `demo` is a minilora.demos.PagingDemo."""
     steps = demo.steps
     if not steps:
         raise ValueError("demo has no steps to draw")

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .data import (BPETokenizer, InstructionSet, TokenStream, english_documents, load_tokenizer, save_jsonl,
+from ..data import (BPETokenizer, InstructionSet, TokenStream, english_documents, load_tokenizer, save_jsonl,
                    split_documents, yoda_dataset)
-from .gpt import GPT, GPTConfig
-from .train import TrainConfig, TrainResult, evaluate, quantize_available, respond, train
+from ..gpt import GPT, GPTConfig
+from ..train import TrainConfig, TrainResult, evaluate, quantize_available, respond, train
 
 MODES = ("full", "lora", "qlora")
 
@@ -210,7 +210,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
 
     png = None
     if results:
-        from .plots.training import plot_loss_curves
+        from ..plots.training import plot_loss_curves
         fig = plot_loss_curves({m: r.losses for m, r in results.items()}, {m: r.evals for m, r in results.items()},
                                title="Yoda fine-tuning: training and validation loss")
         png = out / "loss_curves.png"

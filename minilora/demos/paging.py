@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .activation_memory import SavedTensorMeter, measure_saved_activations
-from .gpt import GPT, GPTConfig
-from .paged import PagedAdamW
+from ..memory import SavedTensorMeter, measure_saved_activations
+from ..gpt import GPT, GPTConfig
+from ..paged import PagedAdamW
 
 
 class SimulatedOutOfMemory(RuntimeError):
