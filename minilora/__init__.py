@@ -16,7 +16,8 @@ from .memory import (MemoryBreakdown, SavedBytes, SavedTensorMeter, estimate as 
                      measure as measure_memory, measure_saved_activations)
 from .data import (BPETokenizer, ByteTokenizer, Example, InstructionSet, TokenStream, english_documents,
                    load_tokenizer, yoda, yoda_dataset)
-from .train import TrainConfig, TrainResult, evaluate, respond  # the loop itself: minilora.train.train
+from .generate import respond
+from .train import TrainConfig, TrainResult, evaluate  # the loop itself: minilora.train.train
 from .train_state import CheckpointError
 from . import demos  # the end-to-end and paging demonstrations: minilora.demos.run_demo, ...
 

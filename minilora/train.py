@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .adapters import save_adapter
 from .data import IGNORE, InstructionSet, TokenStream, Tokenizer, prompt
 from .distributed import DataParallel, init_from_env
+from .generate import respond  # noqa: F401  (minilora.train.respond, as before)
 from .inject import add_lora, find_targets
 from .params import ParamCount, count_parameters
 from .train_state import fingerprint, load_train_state, save_train_state
@@ -213,22 +214,6 @@ def evaluate(model: nn.Module, data: InstructionSet | TokenStream, batch_size: i
     if isinstance(data, InstructionSet):
         out["exact_match"] = hits / max(1, rows)
     return out
-
-
-@torch.no_grad()
-def respond(model: nn.Module, tokenizer: Tokenizer, instruction: str, context: str = "",
-            max_new_tokens: int = 80) -> str:
-    """The model's greedy answer to one instruction (the text up to its end-of-text token)."""
-    device = next(model.parameters()).device
-    ids = tokenizer.encode(prompt(instruction, context))
-    block = getattr(getattr(model, "config", None), "block_size", None)
-    if block is not None:
-        max_new_tokens = max(0, min(max_new_tokens, block - len(ids)))
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens, greedy=True,
-                         eos_token_id=tokenizer.eos_id)[0, len(ids):].tolist()
-    if tokenizer.eos_id in out:
-        out = out[:out.index(tokenizer.eos_id)]
-    return tokenizer.decode(out)
 
 
 def measure_step_memory(model: nn.Module, cfg: TrainConfig, batch: tuple[torch.Tensor, torch.Tensor]):
