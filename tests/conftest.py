@@ -1,4 +1,6 @@
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,28 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 from minilora import GPT, GPTConfig
+
+
+def pytest_configure(config):
+    """One cache for the demo's pretrained base (minilora.demos.get_base) for the whole session: every test and
+    every notebook kernel (which inherits the environment) finds the base there, so it is pretrained at most
+    once. It lives in pytest's cache directory, so later sessions of this clone reuse it (a fresh clone builds
+    it once); a MINILORA_CACHE the caller set is kept."""
+    if os.environ.get("MINILORA_CACHE"):
+        return
+    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
+    root = cache.mkdir("minilora") if cache is not None else Path(tempfile.gettempdir()) / f"minilora-tests-{os.getuid()}"
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ["MINILORA_CACHE"] = str(root)
+
+
+@pytest.fixture(scope="session")
+def demo_base() -> Path:
+    """The demo's small pretrained base (GPT + BPE tokenizer directory), built once into the session cache."""
+    from minilora.demos import DemoConfig, get_base
+
+    path, _ = get_base(DemoConfig(progress=False), log=lambda *a: None)
+    return path
 
 
 @pytest.fixture

@@ -1,16 +1,28 @@
 """The lecture notebooks run top to bottom, each in a fresh python3 kernel, and a cell that raises fails the test.
 
 Notebooks live in notebooks/ as Jupytext "percent" scripts (NN_name.py): plain Python, so a diff shows code,
-never outputs. jupytext turns each into a notebook in memory and nbclient executes it.
+never outputs. jupytext turns each into a notebook in memory and nbclient executes it. Every claim a
+notebook's prose makes is asserted by the cell after it, so a library change that makes a notebook say
+something false fails here.
+
+No wall-clock limit: a busy machine only makes the run slower. The cell timeout is a hang guard (30 min per
+cell). The notebooks that need a pretrained base share the demo's cache (minilora.demos.get_base), which
+tests/conftest.py points at one directory for the whole session, so the base is built at most once.
+
+With MINILORA_NOTEBOOK_OUT=DIR (what `make notebooks` sets) each executed notebook is also written there as
+NN_name.ipynb, outputs and figures included, and rendered to NN_name.html when nbconvert is installed.
 """
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from minilora.files import atomic_write_text
 
 nbformat = pytest.importorskip("nbformat", reason="the notebooks extra (nbformat) runs the notebooks")
 nbclient = pytest.importorskip("nbclient", reason="the notebooks extra (nbclient) runs the notebooks")
@@ -19,14 +31,27 @@ pytest.importorskip("ipykernel", reason="the notebooks extra (ipykernel) is the 
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
-LIMIT_S = 180  # each notebook, start of kernel to last cell
+HANG_GUARD_S = 30 * 60  # per cell: only a cell that hangs hits it, not a slow machine
 
 
-def execute(nb, cwd: Path, timeout: int = LIMIT_S):
+def execute(nb, cwd: Path, timeout: int = HANG_GUARD_S):
     """Run every cell in a new python3 kernel; raises nbclient's CellExecutionError at the first failing cell."""
     client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                      resources={"metadata": {"path": str(cwd)}})
     return client.execute()
+
+
+def write_executed(nb, name: str, out: Path) -> list[Path]:
+    """NN_name.ipynb (with outputs) into out, and NN_name.html if nbconvert is installed; atomic writes."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [atomic_write_text(out / f"{name}.ipynb", nbformat.writes(nb))]
+    try:
+        import nbconvert
+    except ImportError:
+        return written
+    html, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
+    written.append(atomic_write_text(out / f"{name}.html", html))
+    return written
 
 
 def test_there_are_notebooks():
@@ -34,12 +59,17 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path, tmp_path):
+def test_notebook_runs_top_to_bottom(path, tmp_path, record_property):
     nb = jupytext.read(path)
     start = time.perf_counter()
-    execute(nb, tmp_path)
-    elapsed = time.perf_counter() - start
-    assert elapsed < LIMIT_S, f"{path.name} took {elapsed:.0f} s (limit {LIMIT_S} s)"
+    try:
+        execute(nb, tmp_path)
+    finally:
+        elapsed = time.perf_counter() - start
+        record_property("seconds", round(elapsed, 1))
+        print(f"{path.name}: {elapsed:.0f} s")  # shown with -s or -rP; informative, never asserted
+        if os.environ.get("MINILORA_NOTEBOOK_OUT"):  # the executed copy, also when a cell failed
+            write_executed(nb, path.stem, Path(os.environ["MINILORA_NOTEBOOK_OUT"]))
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code), "a code cell did not run"
     errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -51,8 +81,25 @@ def test_a_failing_cell_fails_the_run(tmp_path):
                                          nbformat.v4.new_code_cell("raise ValueError('this cell fails')"),
                                          nbformat.v4.new_code_cell("y = 2")])
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="this cell fails"):
-        execute(nb, tmp_path, timeout=60)
+        execute(nb, tmp_path, timeout=600)
     assert nb.cells[2].execution_count is None  # nothing after the failing cell ran
+
+
+def test_notebook_kernels_share_the_session_cache(tmp_path):
+    """A notebook's kernel sees the MINILORA_CACHE that conftest set, so get_base builds one base per session."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os; print(os.environ['MINILORA_CACHE'])")])
+    execute(nb, tmp_path, timeout=600)
+    assert nb.cells[0].outputs[0]["text"].strip() == os.environ["MINILORA_CACHE"]
+
+
+def test_executed_copies_are_written(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    execute(nb, tmp_path, timeout=600)
+    written = write_executed(nb, "00_check", tmp_path / "executed")
+    back = nbformat.read(written[0], as_version=4)
+    assert back.cells[0].outputs[0]["text"].strip() == "42"
+    assert not list((tmp_path / "executed").glob(".*.tmp")), "a temporary file was left behind"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
