@@ -58,7 +58,7 @@ def _optimizer_bytes(optimizer: torch.optim.Optimizer, adapter_ids: set[int]) ->
     resident = pager.resident_bytes
     adapter += resident * n_adapter // n_all
     base += resident - resident * n_adapter // n_all
-    return base, adapter, sum(_nbytes(t) for t in pager.on_host.values())
+    return base, adapter, pager.host_bytes
 
 
 def measure(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
