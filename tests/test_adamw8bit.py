@@ -1,0 +1,143 @@
+"""8-bit optimizer state: the blockwise 8-bit quantizer byte-equal to bitsandbytes', AdamW8bit step for step
+against bitsandbytes' AdamW8bit and torch.optim.AdamW, and a state_dict that resumes exactly."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from minilora import AdamW8bit
+from minilora.quant import dequantize_blockwise_8bit, quantize_blockwise_8bit
+from minilora.quant.blockwise8bit import dynamic_map
+
+BF = pytest.importorskip("bitsandbytes.functional")
+bnb = pytest.importorskip("bitsandbytes")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BLOCKSIZES = [256, 512, 1024, 2048, 4096]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_maps_equal_bitsandbytes(signed):
+    assert torch.equal(dynamic_map(signed), BF.create_dynamic_map(signed=signed))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 9000), blocksize=st.sampled_from(BLOCKSIZES), dtype=st.sampled_from(DTYPES),
+       signed=st.booleans(), exponent=st.integers(-8, 3), zeros=st.integers(0, 700), seed=st.integers(0, 2**31))
+def test_quantize_blockwise_8bit_equals_bitsandbytes(n, blocksize, dtype, signed, exponent, zeros, seed):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 10.0 ** exponent
+    if not signed:
+        x = x.square()  # a second moment: never negative
+    x[:zeros] = 0  # whole blocks of zeros (absmax 0)
+    x = x.clamp(-6e4, 6e4).to(dtype)
+    code = BF.create_dynamic_map(signed=signed)
+    q_ref, s_ref = BF.quantize_blockwise(x, code=code, blocksize=blocksize)
+    state = quantize_blockwise_8bit(x, blocksize, signed)
+    assert torch.equal(state.codes, q_ref)
+    assert torch.equal(state.absmax, s_ref.absmax)
+    assert torch.equal(dequantize_blockwise_8bit(state), BF.dequantize_blockwise(q_ref, s_ref))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_error_is_at_most_half_the_largest_gap_per_block(signed):
+    x = torch.randn(4096 * 3 + 17, generator=torch.Generator().manual_seed(0))
+    x = x if signed else x.abs()
+    state = quantize_blockwise_8bit(x, 256, signed)
+    code = dynamic_map(signed)
+    half_gap = (code[1:] - code[:-1]).max() / 2 + 2 / 65535  # nearest code, snapped to the 65,536-point grid
+    bound = state.absmax.repeat_interleave(256)[:x.numel()] * half_gap
+    assert ((dequantize_blockwise_8bit(state) - x).abs() <= bound * (1 + 1e-6)).all()
+    assert state.codes.shape == x.shape and state.codes.dtype == torch.uint8
+
+
+def test_quantizer_rejects_bad_input():
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_blockwise_8bit(torch.randn(10), blocksize=100)
+    with pytest.raises(TypeError, match="float"):
+        quantize_blockwise_8bit(torch.arange(10))
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_blockwise_8bit(torch.tensor([1.0, float("inf")]))
+
+
+def _run(make_opt, shapes, steps, seed=1, w0=None):
+    w0 = w0 or [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    params = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt = make_opt(params)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * (1 + step % 3)
+        opt.step()
+    return params, opt
+
+
+SHAPES = [(64, 128), (300, 70), (10, 10), (5000,)]
+
+
+def test_first_step_state_equals_bitsandbytes_code_for_code():
+    ours, opt = _run(lambda ps: AdamW8bit(ps, lr=1e-3), SHAPES, 1)
+    ref, ropt = _run(lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3), SHAPES, 1)
+    for p, q in zip(ours, ref):
+        s, r = opt.state[p], ropt.state[q]
+        if p.numel() >= 4096:
+            assert torch.equal(s["exp_avg_codes"], r["state1"]) and torch.equal(s["exp_avg_sq_codes"], r["state2"])
+            assert torch.equal(s["exp_avg_absmax"], r["absmax1"]) and torch.equal(s["exp_avg_sq_absmax"], r["absmax2"])
+        else:
+            assert r["state1"].dtype == torch.float32 and "exp_avg" in s  # small tensors keep fp32 state
+        assert torch.equal(p, q)
+
+
+def test_trajectory_within_1e3_of_bitsandbytes_after_100_steps():
+    ours, _ = _run(lambda ps: AdamW8bit(ps, lr=1e-3), SHAPES, 100)
+    ref, _ = _run(lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3), SHAPES, 100)
+    for p, q in zip(ours, ref):
+        assert ((p - q).norm() / q.norm()).item() < 1e-3
+
+
+def test_small_tensors_follow_torch_adamw_exactly_and_large_ones_closely():
+    ours, _ = _run(lambda ps: AdamW8bit(ps, lr=1e-2, weight_decay=0.1), SHAPES, 30)
+    ref, _ = _run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), SHAPES, 30)
+    assert torch.equal(ours[2], ref[2])  # 100 elements: fp32 state, the same update
+    for p, q in zip(ours, ref):
+        assert ((p - q).norm() / q.norm()).item() < 2e-2
+
+
+def test_state_is_two_bytes_per_parameter_plus_absmax():
+    ours, opt = _run(lambda ps: AdamW8bit(ps), [(1024, 64)], 1)
+    n = 1024 * 64
+    assert opt.state_nbytes() == 2 * n + 2 * 4 * (n // 256)
+
+
+def test_state_dict_round_trips_through_safetensors_and_resumes_exactly(tmp_path):
+    full, _ = _run(lambda ps: AdamW8bit(ps, lr=1e-3), SHAPES, 20)
+    half, opt = _run(lambda ps: AdamW8bit(ps, lr=1e-3), SHAPES, 10)
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
+    save_file(tensors, tmp_path / "opt.safetensors")
+    loaded = load_file(tmp_path / "opt.safetensors")
+    state = {i: {k: loaded[f"{i}.{k}"] for k in s} for i, s in sd["state"].items()}
+    params = [torch.nn.Parameter(p.detach().clone()) for p in half]
+    resumed = AdamW8bit(params, lr=1e-3)
+    resumed.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    g = torch.Generator().manual_seed(1)
+    for step in range(20):  # replay the same gradient stream, applying only the second half
+        grads = [torch.randn(p.shape, generator=g) * (1 + step % 3) for p in params]
+        if step >= 10:
+            for p, gr in zip(params, grads):
+                p.grad = gr
+            resumed.step()
+    for p, q in zip(params, full):
+        assert torch.equal(p, q)
+
+
+def test_bad_hyper_parameters_and_state_are_refused():
+    p = torch.nn.Parameter(torch.randn(5000))
+    for kw in (dict(lr=float("inf")), dict(lr=-1.0), dict(eps=float("nan")), dict(betas=(0.9, 1.0))):
+        with pytest.raises(ValueError):
+            AdamW8bit([p], **kw)
+    _, opt = _run(lambda ps: AdamW8bit(ps), [(5000,)], 1)
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg_codes"] = sd["state"][0]["exp_avg_codes"][:10]
+    with pytest.raises(ValueError, match="exp_avg_codes"):
+        AdamW8bit([torch.nn.Parameter(torch.randn(5000))]).load_state_dict(sd)
