@@ -154,3 +154,57 @@ def test_token_stream_windows_shift_by_one():
     assert sum(len(b[0]) for b in batches) == 9 and torch.equal(batches[0][1], batches[0][0] + 1)
     with pytest.raises(ValueError, match="block_size"):
         TokenStream([1, 2, 3], block_size=3)
+
+
+@pytest.mark.parametrize("line, key", [
+    ('{"instruction": null, "context": "a", "output": "b"}', "'instruction'"),
+    ('{"instruction": "x", "output": 5}', "'output'"),
+    ('{"instruction": "x", "input": ["a"], "output": "y"}', "'input'"),
+    ('{"instruction": "x", "context": false, "output": "y"}', "'context'"),
+    ('{"instruction": "x"}', "'output' is missing"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_jsonl_refuses_values_that_are_not_strings(tmp_path, line, key):
+    """A null or a number is refused naming file, line and key, not trained as the string "None" or "5"."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "x", "output": "y"}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=rf"d\.jsonl:3: .*{key}"):
+        load_jsonl(path)
+    with pytest.raises(TypeError, match="Example.output must be a str"):
+        Example("a", "b", 5)
+
+
+def test_jsonl_that_is_not_utf8_or_not_a_file(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"instruction": "x", "output": "y"}\n{"instruction": "caf\xe9", "output": "y"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 .*0xe9 at column 21"):
+        load_jsonl(path)
+    with pytest.raises(ValueError, match="is a directory"):
+        load_jsonl(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_jsonl(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("minilora_tokenizer.json", "garbage!!", "not valid JSON"),
+    ("minilora_tokenizer.json", '{"type": "bpe", "vocab_size": 300, "merges": [[104, 101], [32', "not valid JSON"),
+    ("minilora_tokenizer.json", '{"type": "bpe", "vocab_size": 300}', "needs 'merges'.*is missing"),
+    ("minilora_tokenizer.json", '{"type": "bpe", "merges": {"a": 1}}', "needs 'merges'.*is a dict"),
+    ("minilora_tokenizer.json", '{"type": "bpe", "merges": [[104, "e"]]}', "merge 0 must be a pair"),
+    ("minilora_tokenizer.json", '{"type": "bpe", "merges": [[104, 999]]}', "refers to an id"),
+    ("minilora_tokenizer.json", '{"type": "bpe", "vocab_size": 300, "merges": [[104, 101]]}', "vocab_size is 300"),
+    ("minilora_tokenizer.json", '[1]', "expected a JSON object"),
+    ("tokenizer.json", "garbage", "not valid JSON"),
+    ("tokenizer.json", '{"version": "1.0", "model": {', "not valid JSON"),
+    ("tokenizer.json", '{"version": "1.0"}', "not a valid Hugging Face tokenizer.json"),
+])
+def test_damaged_tokenizer_files_are_refused_naming_the_file(tmp_path, name, text, needle):
+    if name == "tokenizer.json":
+        pytest.importorskip("tokenizers")
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=needle) as e:
+        load_tokenizer(tmp_path)
+    assert str(tmp_path / name) in str(e.value)
+    (tmp_path / name).write_bytes(b'{"type": "b\xffpe"}')
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_tokenizer(tmp_path)

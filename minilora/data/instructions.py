@@ -16,6 +16,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..files import atomic_write_text
+
 # The words come from the pretraining corpus (Python's documentation), so the base model knows them all:
 # fine-tuning has to teach a new word order, not new words.
 NAMES = ["Python", "Guido", "Ada", "Yoda"]
@@ -39,6 +41,11 @@ class Example:
     instruction: str
     context: str
     output: str
+
+    def __post_init__(self):
+        for name in ("instruction", "context", "output"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"Example.{name} must be a str, got {type(getattr(self, name)).__name__}")
 
 
 def prompt(instruction: str, context: str = "") -> str:
@@ -92,27 +99,48 @@ def yoda_dataset(n_train: int = 2000, n_val: int = 200, seed: int = 0) -> tuple[
 
 def save_jsonl(examples: list[Example], path: str | os.PathLike) -> None:
     """One {"instruction", "context", "output"} object per line, written atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(asdict(e)) + "\n" for e in examples), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(asdict(e)) + "\n" for e in examples))
+
+
+def _example(rec, where: str) -> Example:
+    """One JSONL record -> Example; every field must be a string ("input" stands for "context", as in Alpaca)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    fields = {"instruction": rec.get("instruction"), "output": rec.get("output")}
+    key = "context" if "context" in rec else "input"
+    fields["context"] = rec.get(key, "")
+    for name, value in fields.items():
+        shown = key if name == "context" else name
+        if name != "context" and shown not in rec:
+            raise ValueError(f"{where}: the key {shown!r} is missing (each line needs 'instruction' and 'output')")
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: {shown!r} must be a string, got {json.dumps(value)[:40]}")
+    return Example(fields["instruction"], fields["context"], fields["output"])
 
 
 def load_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Read instruction/context/output records ("input" is accepted for "context", as in Alpaca)."""
+    """Read instruction/context/output records, one JSON object per line, all three values strings ("input"
+    is accepted for "context", as in Alpaca). A bad line is refused naming the file, the line and the key."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected a JSONL file (one JSON object per line)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (expected a JSONL file)")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "instruction" not in rec or "output" not in rec:
-                raise ValueError(f"{path}:{n}: expected an object with 'instruction' and 'output'")
-            out.append(Example(str(rec["instruction"]), str(rec.get("context", rec.get("input", ""))),
-                               str(rec["output"])))
+            out.append(_example(rec, f"{path}:{n}"))
     if not out:
         raise ValueError(f"{path}: no examples")
     return out

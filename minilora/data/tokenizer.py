@@ -23,6 +23,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Protocol
 
+from ..files import atomic_write, atomic_write_text
+
 MINILORA_TOKENIZER = "minilora_tokenizer.json"  # how a model directory names its byte tokenizer
 EOT = "<|endoftext|>"
 
@@ -52,10 +54,8 @@ class ByteTokenizer:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
     def save(self, directory: str | os.PathLike) -> None:
-        path = Path(directory) / MINILORA_TOKENIZER
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"type": "bytes", "vocab_size": self.vocab_size, "eos_id": self.eos_id}))
-        os.replace(tmp, path)
+        atomic_write_text(Path(directory) / MINILORA_TOKENIZER,
+                          json.dumps({"type": "bytes", "vocab_size": self.vocab_size, "eos_id": self.eos_id}))
 
     def __repr__(self) -> str:
         return "ByteTokenizer(vocab_size=257)"
@@ -69,7 +69,12 @@ class BPETokenizer:
     """Byte-level BPE: ids 0..255 are bytes, 256 + k is the k-th merge, eos_id = 256 + len(merges)."""
 
     def __init__(self, merges: list[tuple[int, int]]):
-        self.merges = [tuple(m) for m in merges]
+        self.merges = []
+        for k, m in enumerate(merges):
+            if not (isinstance(m, (list, tuple)) and len(m) == 2
+                    and all(isinstance(i, int) and not isinstance(i, bool) for i in m)):
+                raise ValueError(f"merge {k} must be a pair of token ids [a, b], got {m!r}")
+            self.merges.append(tuple(m))
         self.vocab: list[bytes] = [bytes([i]) for i in range(256)]
         for k, (a, b) in enumerate(self.merges):
             if not (0 <= a < 256 + k and 0 <= b < 256 + k):
@@ -165,11 +170,9 @@ class BPETokenizer:
         return b"".join(self.vocab[i] for i in ids if 0 <= i < self.eos_id).decode("utf-8", errors="replace")
 
     def save(self, directory: str | os.PathLike) -> None:
-        path = Path(directory) / MINILORA_TOKENIZER
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"type": "bpe", "vocab_size": self.vocab_size, "eos_id": self.eos_id,
-                                   "merges": self.merges}))
-        os.replace(tmp, path)
+        atomic_write_text(Path(directory) / MINILORA_TOKENIZER,
+                          json.dumps({"type": "bpe", "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                                      "merges": self.merges}))
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
@@ -186,7 +189,11 @@ class HFTokenizer:
         self.path = Path(directory) / "tokenizer.json"
         if not self.path.is_file():
             raise FileNotFoundError(f"HFTokenizer: {self.path} not found")
-        self._tok = _HF.from_file(str(self.path))
+        read_json(self.path)  # a precise message for a file that is not JSON at all
+        try:
+            self._tok = _HF.from_file(str(self.path))
+        except Exception as e:  # the tokenizers package raises a bare Exception for a malformed file
+            raise ValueError(f"{self.path}: not a valid Hugging Face tokenizer.json ({e})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         eos = self._tok.token_to_id(EOT)
         if eos is None:
@@ -204,30 +211,66 @@ class HFTokenizer:
     def save(self, directory: str | os.PathLike) -> None:
         dst = Path(directory) / "tokenizer.json"
         if dst.resolve() != self.path.resolve():
-            tmp = dst.with_name(dst.name + ".tmp")
-            shutil.copyfile(self.path, tmp)
-            os.replace(tmp, dst)
+            atomic_write(dst, lambda tmp: shutil.copyfile(self.path, tmp))
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(directory: str | os.PathLike | None = None) -> Tokenizer:
+def read_json(path: Path):
+    """The JSON value in the file at path; a file that is not UTF-8 JSON is refused naming it."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                         f"the file may be truncated or damaged") from None
+
+
+def _from_meta(meta: Path) -> Tokenizer:
+    """The tokenizer a minilora_tokenizer.json describes: {"type": "bytes"} or {"type": "bpe", "merges": [...]}."""
+    info = read_json(meta)
+    if not isinstance(info, dict):
+        raise ValueError(f"{meta}: expected a JSON object with a 'type', got {type(info).__name__}")
+    kind = info.get("type")
+    if kind == "bytes":
+        tok: Tokenizer = ByteTokenizer()
+    elif kind == "bpe":
+        if not isinstance(info.get("merges"), list):
+            what = "is missing" if "merges" not in info else f"is a {type(info['merges']).__name__}"
+            raise ValueError(f"{meta}: a 'bpe' tokenizer needs 'merges', a list of [a, b] token id pairs; "
+                             f"the key {what}")
+        try:
+            tok = BPETokenizer(info["merges"])
+        except ValueError as e:
+            raise ValueError(f"{meta}: {e}") from None
+    else:
+        raise ValueError(f"{meta}: unknown tokenizer type {kind!r} (expected 'bpe' or 'bytes')")
+    for key in ("vocab_size", "eos_id"):  # written by save(): a mismatch means the file was altered
+        if key in info and info[key] != getattr(tok, key):
+            raise ValueError(f"{meta}: {key} is {info[key]!r}, but its merges give {getattr(tok, key)}")
+    return tok
+
+
+def load_tokenizer(directory: str | os.PathLike | None = None, vocab_size: int | None = None) -> Tokenizer:
     """The tokenizer a directory holds: tokenizer.json -> HFTokenizer; minilora_tokenizer.json -> BPE or bytes;
-    nothing (or directory None) -> ByteTokenizer."""
+    nothing (or directory None) -> ByteTokenizer. A damaged file is refused naming it and what is wrong.
+    With vocab_size (the model's), a tokenizer whose ids the model cannot embed is refused too."""
     if directory is None:
         return ByteTokenizer()
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
-    if (directory / "tokenizer.json").is_file():
-        return HFTokenizer(directory)
     meta = directory / MINILORA_TOKENIZER
-    if not meta.is_file():
-        return ByteTokenizer()
-    info = json.loads(meta.read_text())
-    if info.get("type") == "bpe":
-        return BPETokenizer([tuple(m) for m in info["merges"]])
-    if info.get("type") != "bytes":
-        raise ValueError(f"{meta}: unknown tokenizer type {info.get('type')!r}")
-    return ByteTokenizer()
+    if (directory / "tokenizer.json").is_file():
+        tok: Tokenizer = HFTokenizer(directory)
+    else:
+        tok = _from_meta(meta) if meta.is_file() else ByteTokenizer()
+    if vocab_size is not None:
+        if not (directory / "tokenizer.json").is_file() and not meta.is_file() and vocab_size != tok.vocab_size:
+            raise ValueError(f"{directory} holds no tokenizer (tokenizer.json or {MINILORA_TOKENIZER}) for its "
+                             f"vocabulary of {vocab_size}")
+        if tok.vocab_size > vocab_size:
+            raise ValueError(f"the tokenizer in {directory} has {tok.vocab_size} ids, the model only {vocab_size}")
+    return tok
