@@ -13,6 +13,7 @@ from .qlora import NF4Linear, QLoRALinear, merge_qlora, quantize_model
 from .checkpointing import checkpoint_sequential, segment_bounds
 from .paged import PagedAdamW, PagerStats
 from .adamw8bit import AdamW8bit
+from .paged8bit import PagedAdamW8bit
 from .memory import (MemoryBreakdown, SavedBytes, SavedTensorMeter, estimate as estimate_memory,
                      measure as measure_memory, measure_saved_activations)
 from .data import (BPETokenizer, ByteTokenizer, Example, InstructionSet, TokenStream, english_documents,

@@ -36,6 +36,19 @@ def check_adamw_args(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
 
 
+def new_state(p: torch.Tensor, blocksize: int, min_8bit_size: int) -> dict:
+    """A parameter's state before its first step: m = v = 0, as 8-bit codes (code 0, absmax 0) or in fp32."""
+    state = {"step": torch.zeros((), dtype=torch.float32)}
+    if p.numel() < min_8bit_size:
+        return state | {"exp_avg": torch.zeros_like(p, dtype=torch.float32),
+                        "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
+    zeros = torch.zeros_like(p, dtype=torch.float32)
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        q = quantize_blockwise_8bit(zeros, blocksize, signed)
+        state[f"{key}_codes"], state[f"{key}_absmax"] = q.codes, q.absmax
+    return state
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """torch.optim.AdamW's update with m and v kept in blockwise 8-bit (signed map for m, unsigned for v)."""
 
@@ -46,17 +59,8 @@ class AdamW8bit(torch.optim.Optimizer):
         self.blocksize, self.min_8bit_size = blocksize, min_8bit_size
 
     def _init_state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        state["step"] = torch.zeros((), dtype=torch.float32)
-        if p.numel() >= self.min_8bit_size:
-            zeros = torch.zeros_like(p, dtype=torch.float32)
-            for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                q = quantize_blockwise_8bit(zeros, self.blocksize, signed)
-                state[f"{key}_codes"], state[f"{key}_absmax"] = q.codes, q.absmax
-        else:
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-        return state
+        self.state[p] = new_state(p, self.blocksize, self.min_8bit_size)
+        return self.state[p]
 
     def _moments(self, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """m and v in fp32: the stored tensors themselves (fp32 state) or dequantized copies (8-bit state)."""

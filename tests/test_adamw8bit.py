@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from minilora import AdamW8bit
+from minilora import AdamW8bit, PagedAdamW8bit
 from minilora.quant import dequantize_blockwise_8bit, quantize_blockwise_8bit
 from minilora.quant.blockwise8bit import dynamic_map
 
@@ -141,3 +141,53 @@ def test_bad_hyper_parameters_and_state_are_refused():
     sd["state"][0]["exp_avg_codes"] = sd["state"][0]["exp_avg_codes"][:10]
     with pytest.raises(ValueError, match="exp_avg_codes"):
         AdamW8bit([torch.nn.Parameter(torch.randn(5000))]).load_state_dict(sd)
+
+
+# ----- PagedAdamW8bit: the same update, its state in pages -----
+
+PAGED_SHAPES = [(64, 128), (300, 70), (10, 10), (5000,), (257, 33)]
+
+
+@pytest.mark.parametrize("budget_pages", [None, 0, 1, 3])
+def test_paged_8bit_equals_adamw8bit_under_any_budget(budget_pages):
+    page_size = 520 * 8  # 2,048 state elements per page: parameters span several pages and share some
+    budget = None if budget_pages is None else budget_pages * page_size
+    ref, ropt = _run(lambda ps: AdamW8bit(ps, lr=1e-2), PAGED_SHAPES, 12)
+    ours, opt = _run(lambda ps: PagedAdamW8bit(ps, lr=1e-2, page_size=page_size, device_budget=budget),
+                     PAGED_SHAPES, 12)
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
+    sd, rsd = opt.state_dict(), ropt.state_dict()
+    for i in rsd["state"]:
+        for k, v in rsd["state"][i].items():
+            assert torch.equal(sd["state"][i][k], v), (i, k)
+    if budget_pages is not None:
+        assert opt.stats.pages_out > 0 and opt.stats.peak_resident_bytes <= max(budget, page_size)
+
+
+def test_paged_8bit_state_moves_to_and_from_adamw8bit_and_resumes_exactly():
+    full, _ = _run(lambda ps: PagedAdamW8bit(ps, page_size=520 * 8, device_budget=520 * 8), PAGED_SHAPES, 8)
+    half, opt = _run(lambda ps: AdamW8bit(ps), PAGED_SHAPES, 4)
+    params = [torch.nn.Parameter(p.detach().clone()) for p in half]
+    resumed = PagedAdamW8bit(params, page_size=520 * 8, device_budget=520 * 8)
+    resumed.load_state_dict(opt.state_dict())
+    g = torch.Generator().manual_seed(1)
+    for step in range(8):
+        grads = [torch.randn(p.shape, generator=g) * (1 + step % 3) for p in params]
+        if step >= 4:
+            for p, gr in zip(params, grads):
+                p.grad = gr
+            resumed.step()
+    for p, q in zip(params, full):
+        assert torch.equal(p, q)
+
+
+def test_paged_8bit_state_is_a_quarter_of_paged_fp32():
+    from minilora import PagedAdamW
+    shapes = [(1024, 256)]
+    _, p8 = _run(lambda ps: PagedAdamW8bit(ps, page_size=520 * 64), shapes, 1)
+    _, p32 = _run(lambda ps: PagedAdamW(ps, page_size=2048 * 64), shapes, 1)
+    assert p8.state_nbytes() == 1024 * 256 // 256 * 520  # 2 bytes per element + 8 per block of 256
+    assert p32.state_nbytes() == 8 * 1024 * 256
+    with pytest.raises(ValueError, match="page_size"):
+        PagedAdamW8bit([torch.nn.Parameter(torch.zeros(5000))], page_size=100)
