@@ -28,9 +28,9 @@ from the same checkpoint. A rank that dies makes the others fail instead of wait
 after the process group's timeout (MINILORA_DIST_TIMEOUT seconds, default 300).
 
 Simplifications: every rank evaluates the whole validation set (the same numbers everywhere, no
-communication); the progress bar's tokens/s is rank 0's own. With dropout > 0 the ranks draw their masks
-from the same seed, so the run is no longer the single-process one, and a resumed run gives every rank
-rank 0's random state.
+communication); the progress bar's tokens/s counts every rank's tokens. With dropout > 0 the ranks draw
+their masks from the same seed, so the run is no longer the single-process one, and a resumed run gives
+every rank rank 0's random state.
 """
 import atexit
 import contextlib
@@ -177,20 +177,59 @@ def trainable_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-class DataParallel:
-    """What the trainer needs from torch.distributed. Without a process group every method is the identity
-    (model is the model itself, shard keeps all indices, total returns its arguments).
+class SingleProcess:
+    """What the training loop needs from its replicas, for one process: every method is the identity, so
+    the loop written against this interface is the plain single-process loop.
 
-    With one: model is DistributedDataParallel over the trainable parameters, with sum_hook counting into
-    stats. find_unused_parameters stays False (every adapter gets a gradient every step); minilora's
-    gradient checkpointing needs nothing else, because its segments hand the parameters' gradients back
-    through ordinary autograd, so DDP's per-parameter hooks fire once each, in the outer backward."""
+        model           what to call forward on
+        shard(idx)      this replica's part of a micro-batch's example indices
+        total(*values)  each value summed over the replicas
+        sync(now)       context for a micro-batch's backward: combine the gradients at its end if now
+        barrier()       wait for every replica;   is_main: the one replica that writes files"""
+
+    def __init__(self, model: nn.Module):
+        self.module, self.model = model, model
+        self.rank, self.world_size = 0, 1
+        self.stats = CommStats()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, indices: list[int]) -> list[int]:
+        return list(indices)
+
+    def total(self, *values: float) -> float | tuple[float, ...]:
+        return values[0] if len(values) == 1 else values
+
+    def sync(self, now: bool):
+        return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        pass
+
+    def report(self) -> dict:
+        """{"world_size", "rank", "comm": CommStats as a dict} for TrainResult.extra."""
+        return {"world_size": self.world_size, "rank": self.rank, "comm": self.stats.as_dict()}
+
+
+def replicas(model: nn.Module) -> SingleProcess:
+    """The trainer's replicas: DataParallel under a process group of several ranks, else SingleProcess."""
+    return DataParallel(model) if world_size() > 1 else SingleProcess(model)
+
+
+class DataParallel(SingleProcess):
+    """SingleProcess's interface over torch.distributed (without a process group it is SingleProcess).
+
+    model is DistributedDataParallel over the trainable parameters, with sum_hook counting into stats.
+    find_unused_parameters stays False (every adapter gets a gradient every step); minilora's gradient
+    checkpointing needs nothing else, because its segments hand the parameters' gradients back through
+    ordinary autograd, so DDP's per-parameter hooks fire once each, in the outer backward."""
 
     def __init__(self, model: nn.Module, find_unused_parameters: bool = False, bucket_cap_mb: float = 25.0,
                  check_frozen: bool = True):
-        self.module, self.model = model, model
+        super().__init__(model)
         self.rank, self.world_size = rank(), world_size()
-        self.stats = CommStats()
         if self.world_size == 1:
             return
         if not any(p.requires_grad for p in model.parameters()):
@@ -209,10 +248,6 @@ class DataParallel:
                          find_unused_parameters=find_unused_parameters, **no_buffer_sync)
         self.model.register_comm_hook(self.stats, sum_hook)
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's part of a micro-batch (see shard)."""
         return list(indices) if self.world_size == 1 else shard(indices, self.rank, self.world_size)
@@ -220,7 +255,7 @@ class DataParallel:
     def total(self, *values: float) -> float | tuple[float, ...]:
         """Σ over ranks of each value, in one float64 all-reduce (ints stay exact below 2**53)."""
         if self.world_size == 1:
-            return values[0] if len(values) == 1 else values
+            return super().total(*values)
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
         self.stats.scalar_bytes += t.numel() * t.element_size()
         try:
@@ -231,8 +266,8 @@ class DataParallel:
         return out[0] if len(out) == 1 else out
 
     def sync(self, now: bool):
-        """Context for one micro-batch's backward: all-reduce the gradients at its end only when now is True
-        (the last micro-batch of a step); before that they accumulate locally (DDP no_sync)."""
+        """All-reduce the gradients at the end of this backward only when now is True (the last micro-batch
+        of a step); before that they accumulate locally (DDP no_sync)."""
         if self.world_size == 1 or now:
             return contextlib.nullcontext()
         return self.model.no_sync()
@@ -247,7 +282,7 @@ class DataParallel:
 
     def check_same_frozen(self) -> None:
         """Raise ValueError unless every rank's frozen weights have rank 0's sha256 (a 32-byte all-gather)."""
-        from .train_state import fingerprint
+        from .runs import fingerprint
         digest = torch.tensor(list(bytes.fromhex(fingerprint(self.module))), dtype=torch.uint8,
                               device=self._comm_device())
         gathered = [torch.empty_like(digest) for _ in range(self.world_size)]
@@ -259,7 +294,3 @@ class DataParallel:
 
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-    def report(self) -> dict:
-        """{"world_size", "rank", "comm": CommStats as a dict} for TrainResult.extra."""
-        return {"world_size": self.world_size, "rank": self.rank, "comm": self.stats.as_dict()}

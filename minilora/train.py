@@ -17,27 +17,30 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .adapters import save_adapter
-from .data import IGNORE, InstructionSet, TokenStream, Tokenizer, prompt
-from .distributed import DataParallel, init_from_env
+from .data import IGNORE, InstructionSet, TokenStream
+from .distributed import SingleProcess, init_from_env, is_main, replicas
+from .evaluate import evaluate, greedy_matches  # noqa: F401  (minilora.train.greedy_matches, as before)
+from .files import atomic_write_json
 from .generate import respond  # noqa: F401  (minilora.train.respond, as before)
 from .inject import add_lora, find_targets
+from .memory.estimate import MODES
 from .params import ParamCount, count_parameters
-from .train_state import fingerprint, load_train_state, save_train_state
+from .runs import RunDir, identity
+from .train_state import RunCheckpoints, TrainingDiverged
 
-MODES = ("full", "lora", "qlora")
 # Settings that do not change the trajectory of a run; every other TrainConfig field must match on resume.
-NOT_TRAJECTORY = ("eval_every", "eval_batch_size", "eval_max_batches", "save_every", "out_dir", "progress", "label")
+NOT_TRAJECTORY = ("eval_every", "eval_batch_size", "eval_max_batches", "save_every", "out_dir", "overwrite",
+                  "progress", "label")
 
 
 @dataclass
@@ -70,6 +73,7 @@ class TrainConfig:
     eval_max_batches: int | None = None
     save_every: int = 0                   # checkpoint every n steps (0: only at the end); needs out_dir
     out_dir: str | None = None
+    overwrite: bool = False               # out_dir may be a non-empty directory that is not a finetune run
     progress: bool = True                 # tqdm bar with loss and tokens/s
     label: str | None = None              # the progress bar's name (default: mode)
 
@@ -79,22 +83,25 @@ class TrainConfig:
         if isinstance(self.targets, str):
             self.targets = (self.targets,)
         self.targets, self.betas = tuple(self.targets), tuple(self.betas)
-        for name in ("r", "steps", "batch_size", "grad_accum", "page_size", "blocksize", "eval_batch_size"):
+        ints = {"r": 1, "steps": 1, "batch_size": 1, "grad_accum": 1, "page_size": 1, "blocksize": 1,
+                "eval_batch_size": 1, "eval_max_batches": 1, "warmup_steps": 0, "eval_every": 0, "save_every": 0,
+                "seed": 0, "device_budget": 0}  # name: least value (the last two may also be None)
+        for name, least in ints.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TrainConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.alpha <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("TrainConfig: alpha must be > 0, grad_clip and weight_decay >= 0")
+            if (isinstance(v, bool) or not isinstance(v, int) or v < least) and not (v is None and name in (
+                    "eval_max_batches", "device_budget")):
+                raise ValueError(f"TrainConfig.{name} must be an int >= {least}, got {v!r}")
+        if len(self.betas) != 2:
+            raise ValueError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
+        positive, unit = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
+        for name, v, (ok, expected) in [("lr", self.lr, positive), ("alpha", self.alpha, positive),
+                                        ("eps", self.eps, positive), ("dropout", self.dropout, unit),
+                                        ("min_lr_ratio", self.min_lr_ratio, (lambda v: 0 <= v <= 1, "in [0, 1]")),
+                                        ("grad_clip", self.grad_clip, (lambda v: v >= 0, ">= 0 (0: no clipping)")),
+                                        ("weight_decay", self.weight_decay, (lambda v: v >= 0, ">= 0")),
+                                        *[("betas", b, unit) for b in self.betas]]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"TrainConfig.{name} must be a finite number {expected}, got {v!r}")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"TrainConfig.compute_dtype must be float32, bfloat16 or float16, "
                              f"got {self.compute_dtype!r}")
@@ -128,15 +135,6 @@ class TrainResult:
 
 # ----- the model for each mode -----
 
-def quantize_available() -> bool:
-    """True when minilora.qlora (NF4 base layers for QLoRA) can be imported."""
-    try:
-        from .qlora import quantize_model  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Make model trainable the cfg.mode way (in place): full -> all weights; lora -> add_lora(targets);
     qlora -> quantize_model(targets) to NF4, then add_lora. Seeds torch first, so adapters start identical."""
@@ -151,8 +149,6 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
             p.requires_grad_(True)
         return model
     if cfg.mode == "qlora":
-        if not quantize_available():
-            raise ValueError("mode='qlora' needs minilora.qlora.quantize_model, which this install lacks")
         from .qlora import quantize_model, untied_linears
         quantize_model(model, untied_linears(model, find_targets(model, cfg.targets)), blocksize=cfg.blocksize,
                        compute_dtype=getattr(torch, cfg.compute_dtype))
@@ -180,42 +176,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ----- evaluation -----
-
-def greedy_matches(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: would greedy decoding reproduce each row's target tokens exactly?
-
-    Greedy decoding emits argmax(logits) given the tokens so far. Fed the reference answer (teacher forcing),
-    if argmax equals the reference at every target position (the end-of-text token included), greedy
-    decoding writes the reference token by token and stops; at the first position where it differs, greedy
-    decoding would have diverged there. So one forward pass decides exact match for a whole batch."""
-    hit = (logits.argmax(dim=-1) == targets) | (targets == IGNORE)
-    return hit.all(dim=1)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: InstructionSet | TokenStream, batch_size: int = 64,
-             max_batches: int | None = None, device: str | torch.device = "cpu") -> dict:
-    """Mean cross-entropy over target tokens; for instruction data also exact_match (fraction of rows whose
-    greedy answer equals the reference, see greedy_matches)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, n_tokens, hits, rows = 0.0, 0, 0, 0
-    for x, y in data.batches(batch_size, max_batches):
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
-                                    reduction="sum").item()
-        n_tokens += int((y != IGNORE).sum())
-        hits += int(greedy_matches(logits, y).sum())
-        rows += len(x)
-    model.train(was_training)
-    out = {"loss": loss_sum / max(1, n_tokens), "tokens": n_tokens}
-    if isinstance(data, InstructionSet):
-        out["exact_match"] = hits / max(1, rows)
-    return out
-
-
 def measure_step_memory(model: nn.Module, cfg: TrainConfig, batch: tuple[torch.Tensor, torch.Tensor]):
     """minilora.memory.measure of one training step on a copy of model, leaving model and RNG untouched."""
     from .memory import measure
@@ -232,44 +192,59 @@ def _draw(data: InstructionSet | TokenStream, n: int, generator: torch.Generator
     return torch.randint(len(data), (n,), generator=generator).tolist()
 
 
+def _accumulate(rep: SingleProcess, micro: list[tuple[torch.Tensor, torch.Tensor]], device: str) -> tuple[float, float]:
+    """Forward and backward of one step's micro-batches; each one's mean loss is weighted by its share of the
+    step's target tokens, so accumulating equals one big batch. Returns (the step's loss, its input tokens)."""
+    n_target = rep.total(sum(int((y != IGNORE).sum()) for _, y in micro))
+    step_loss = 0.0
+    for k, (x, y) in enumerate(micro):
+        x, y = x.to(device), y.to(device)
+        with rep.sync(k == len(micro) - 1):  # gradients are combined once, after the last micro-batch
+            _, loss = rep.model(x, y)
+            share = int((y != IGNORE).sum()) / n_target
+            (loss * share).backward()
+        step_loss += loss.item() * share
+    return rep.total(step_loss, sum(x.numel() for x, _ in micro))
+
+
+def _check_finite(what: str, value: float, step: int, cfg: TrainConfig) -> None:
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"training diverged at step {step}: the {what} is {value} (lr {lr_at(step - 1, cfg):g});"
+                               f" stopped, the last checkpoint is kept. Lower the learning rate or add warmup")
+
+
 def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | TokenStream,
           val_data: InstructionSet | TokenStream | None = None, resume: bool = False,
           measure_memory: bool = False, callback: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train model (a base model; prepare_model is applied here) for cfg.steps optimizer steps.
 
-    resume=True restores the checkpoint in cfg.out_dir first (refusing a corrupt or mismatched one) and
-    runs the remaining steps. callback(step, loss) is called after every optimizer step (and its checkpoint).
-    At the end, with out_dir: a checkpoint, the adapter in PEFT layout (<out>/adapter) or the whole model
-    (<out>/model, full mode), and <out>/metrics.json."""
+    With cfg.out_dir the run works in a locked run directory (minilora.runs; another's files refused unless
+    cfg.overwrite) and checkpoints there; resume=True restores the last checkpoint first (refusing a corrupt
+    one or another run's) and runs the remaining steps. callback(step, loss) is called after every step (and
+    its checkpoint). A loss, gradient or weight that becomes inf / NaN raises TrainingDiverged. At the end:
+    a checkpoint, <out>/adapter (PEFT layout) or <out>/model (full mode), and <out>/metrics.json."""
     if resume and not cfg.out_dir:
         raise ValueError("resume=True needs TrainConfig.out_dir (where the checkpoint is)")
+    if resume and not Path(cfg.out_dir).is_dir():
+        raise FileNotFoundError(f"no checkpoint to resume from: {cfg.out_dir} does not exist")
     init_from_env()  # under torchrun: join the process group (minilora.distributed); otherwise nothing
+    with RunDir(cfg.out_dir, "finetune", cfg.overwrite, lock=is_main()) if cfg.out_dir else nullcontext() as run_dir:
+        return _train(model, cfg, train_data, val_data, resume, measure_memory, callback, run_dir)
+
+
+def _train(model, cfg, train_data, val_data, resume, measure_memory, callback, run_dir: RunDir | None):
     model = prepare_model(model, cfg)
     optimizer = make_optimizer(model, cfg)
-    par = DataParallel(model)  # one process: the model itself; several: DDP over the trainable parameters
+    rep = replicas(model)  # one process: the model itself; several: DDP over the trainable parameters
     generator = torch.Generator().manual_seed(cfg.seed)
-    frozen = fingerprint(model) if cfg.out_dir else ""
-    run = cfg.trajectory()
-    losses: list[float] = []
-    evals: list[dict] = []
-    tokens, seconds, start = 0, 0.0, 0
-    if resume:
-        state = load_train_state(cfg.out_dir, model=model, optimizer=optimizer, generator=generator, run=run,
-                                 frozen_fingerprint=frozen)
-        start = state["step"]
-        h = state["history"]
-        losses, evals, tokens, seconds = list(h["losses"]), list(h["evals"]), h["tokens"], h["seconds"]
-    memory = None
-    if measure_memory:
-        batch = train_data.collate(_draw(train_data, cfg.batch_size, torch.Generator().manual_seed(cfg.seed)))
-        memory = measure_step_memory(model, cfg, batch)
-
-    def checkpoint(step: int) -> None:
-        if not par.is_main:  # rank 0 alone writes
-            return
-        save_train_state(cfg.out_dir, model=model, optimizer=optimizer, generator=generator, step=step, run=run,
-                         history=dict(losses=losses, evals=evals, tokens=tokens, seconds=seconds),
-                         frozen_fingerprint=frozen)
+    ckpt = RunCheckpoints(run_dir, model=model, optimizer=optimizer, generator=generator, run=cfg.trajectory(),
+                          identity=identity(model, train_data, val_data) if run_dir else {})
+    h = dict(losses=[], evals=[], tokens=0, seconds=0.0)  # the run's history, saved with every checkpoint
+    start, h = ckpt.resume() if resume else (0, h)
+    losses, evals = h["losses"], h["evals"]
+    one_batch = lambda: train_data.collate(_draw(train_data, cfg.batch_size, torch.Generator().manual_seed(cfg.seed)))
+    memory = measure_step_memory(model, cfg, one_batch()) if measure_memory else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     def run_eval(step: int) -> None:
         if val_data is not None and not any(e["step"] == step for e in evals):
@@ -277,7 +252,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
                                                     cfg.device)})
 
     from tqdm import tqdm  # plain text bar: no widget library needed in notebooks
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and par.is_main),
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and rep.is_main),
                desc=cfg.label or cfg.mode, leave=False, dynamic_ncols=True)
     model.train()
     run_tokens, t_run = 0, time.perf_counter()
@@ -286,56 +261,40 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         idx = _draw(train_data, cfg.batch_size * cfg.grad_accum, generator)
-        micro = [train_data.collate(par.shard(idx[i:i + cfg.batch_size]))  # this rank's part of each micro-batch
-                 for i in range(0, len(idx), cfg.batch_size)]
-        n_target = par.total(sum(int((y != IGNORE).sum()) for _, y in micro))  # over all ranks
-        step_loss = 0.0
-        for k, (x, y) in enumerate(micro):
-            x, y = x.to(cfg.device), y.to(cfg.device)
-            with par.sync(k == len(micro) - 1):  # ranks sum their gradients once, after the last micro-batch
-                _, loss = par.model(x, y)
-                share = int((y != IGNORE).sum()) / n_target  # token-weighted: accumulation == one big batch
-                (loss * share).backward()
-            step_loss += loss.item() * share
-            run_tokens += x.numel()
-        step_loss, step_tokens = par.total(step_loss, sum(x.numel() for x, _ in micro))
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        micro = [train_data.collate(rep.shard(idx[i:i + cfg.batch_size])) for i in range(0, len(idx), cfg.batch_size)]
+        step_loss, step_tokens = _accumulate(rep, micro, cfg.device)
+        _check_finite("loss", step_loss, step + 1, cfg)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf)
+        _check_finite("gradient norm", norm.item(), step + 1, cfg)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
-        tokens += int(step_tokens)
-        seconds += time.perf_counter() - t0
+        h["tokens"] += int(step_tokens)
+        run_tokens += int(step_tokens)
+        h["seconds"] += time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{run_tokens / (time.perf_counter() - t_run):.0f}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             run_eval(done)
-        if cfg.out_dir and cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            checkpoint(done)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            ckpt.save(done, h)
         if callback is not None:
             callback(done, step_loss)
     bar.close()
     run_eval(cfg.steps)
-    if cfg.out_dir and par.is_main:
-        checkpoint(cfg.steps)
-        out = Path(cfg.out_dir)
-        if cfg.mode == "full" and hasattr(model, "save_pretrained"):
-            model.save_pretrained(out / "model")
-            if hasattr(train_data, "tokenizer"):  # so <out>/model is complete for generation
-                train_data.tokenizer.save(out / "model")
-        elif cfg.mode != "full":
-            save_adapter(model, out / "adapter")
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps({"config": asdict(cfg), "losses": losses, "evals": evals, "tokens": tokens,
-                                   "seconds": seconds}, indent=1))
-        os.replace(tmp, out / "metrics.json")
-    par.barrier()  # every rank returns once rank 0 has written its files
+    ckpt.finish(cfg.steps, h, lambda staged: _write_results(staged, model, cfg, train_data, h))
+    rep.barrier()  # every rank returns once rank 0 has written its files
     return TrainResult(model=model, config=cfg, losses=losses, evals=evals, params=count_parameters(model),
-                       tokens=tokens, seconds=seconds, memory=memory, extra=par.report())
+                       tokens=h["tokens"], seconds=h["seconds"], memory=memory, extra=rep.report())
 
 
-def config_from_dict(d: dict) -> TrainConfig:
-    """A TrainConfig from a dict (e.g. metrics.json), ignoring unknown keys."""
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in d.items() if k in names})
+def _write_results(staged: Path, model: nn.Module, cfg: TrainConfig, train_data, history: dict) -> None:
+    """The adapter in PEFT layout (<out>/adapter) or the whole model (<out>/model, full mode), metrics.json."""
+    if cfg.mode == "full" and hasattr(model, "save_pretrained"):
+        model.save_pretrained(staged / "model")
+        if hasattr(train_data, "tokenizer"):  # so <out>/model is complete for generation
+            train_data.tokenizer.save(staged / "model")
+    elif cfg.mode != "full":
+        save_adapter(model, staged / "adapter")
+    atomic_write_json(staged / "metrics.json", {"config": asdict(cfg), **history})

@@ -1,20 +1,20 @@
 """Training-state checkpoints: everything needed to continue a run exactly where it stopped.
 
     <out>/checkpoint/
-        trainable.safetensors   the trainable parameters by name (all of them for full fine-tuning,
-                                only lora_A / lora_B for LoRA and QLoRA)
+        trainable.safetensors   the trainable parameters by name (all for full fine-tuning, else lora_A / lora_B)
         optimizer.safetensors   the optimizer's tensors (AdamW: step, exp_avg, exp_avg_sq per parameter)
         rng.safetensors         torch's CPU (and CUDA) random state and the data sampler's generator state
-        state.json              step, run config, history, the optimizer's non-tensor state, the
-                                fingerprint of the frozen weights, and the sha256 of each file above
+        state.json              step, history, the optimizer's non-tensor state, the sha256 of each file above,
+                                what a resumed run may not change (run settings; minilora.runs.identity: data,
+                                model and adapter config, tokenizer, frozen base), its own integrity hash
 
-No pickle anywhere: tensors go to safetensors, everything else to JSON.
-
-Atomic: a checkpoint is written into a fresh `checkpoint.tmp-<pid>` directory, flushed to disk, and only
-then swapped in (checkpoint -> checkpoint.old, tmp -> checkpoint, drop checkpoint.old). A crash at any
-moment leaves either the old or the new checkpoint complete; if it strikes between the two renames,
-`checkpoint.old` is the one read back. Loading verifies every hash and every name and shape, and refuses
-a corrupt or mismatched checkpoint with CheckpointError instead of training on from garbage.
+No pickle anywhere. At every instant at least one complete checkpoint is reachable: a save writes a fresh
+`checkpoint.tmp-<pid>-<random>` (state.json last, all fsynced); then, if `checkpoint` is complete, drops
+`checkpoint.old` and renames checkpoint -> checkpoint.old; renames tmp -> checkpoint; drops checkpoint.old.
+A checkpoint is dropped state.json first, so a half-deleted one never looks complete; find_checkpoint takes
+the newest complete one. Loading validates state.json (schema, integrity hash), every file's hash, names and
+shapes, and refuses another run's checkpoint naming what differs (CheckpointError). Non-finite weights are
+never saved (TrainingDiverged).
 """
 from __future__ import annotations
 
@@ -28,13 +28,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .runs import fingerprint, first_difference, remove_dead_temps, temp_name  # noqa: F401 (fingerprint)
+
 FORMAT = "minilora-train-state"
-VERSION = 1
-NAME = "checkpoint"
+VERSION = 2
+NAME, OLD = "checkpoint", "checkpoint.old"
+FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+SCHEMA = {"format": str, "version": int, "step": int, "run": dict, "identity": dict, "history": dict,
+          "optimizer": dict, "files": dict, "integrity": str}
+HISTORY = {"losses": list, "evals": list, "tokens": int, "seconds": (int, float)}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, corrupt, or written for a different run."""
+
+
+class TrainingDiverged(RuntimeError, ValueError):
+    """The loss, the gradient norm or a weight became inf or NaN: the run stops and the last checkpoint stays
+    as it was. (A RuntimeError: the run failed; a ValueError: its settings made it fail.)"""
 
 
 # ----- generic (nested dict / list / tuple / tensor / scalar) <-> (JSON, tensors) -----
@@ -76,6 +87,8 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+# ----- what a checkpoint belongs to -----
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -84,18 +97,10 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(model: nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of every tensor in the state dict that is not trainable:
-    the frozen base a LoRA checkpoint belongs to (resuming onto other base weights would be wrong)."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if name in trainable:
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
-    return h.hexdigest()
+def integrity(state: dict) -> str:
+    """sha256 of state.json's content without its own `integrity` field (canonical JSON)."""
+    body = {k: v for k, v in state.items() if k != "integrity"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -106,100 +111,130 @@ def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, data: bytes = b"") -> None:
+    """fsync a file or directory; with data, first create the file holding it (inside the tmp directory)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) if data else os.open(path, os.O_RDONLY)
     try:
+        if data:
+            os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-# ----- save / load -----
+def _drop(checkpoint: Path) -> None:
+    """Remove a checkpoint directory, state.json first (so it never looks complete while half deleted)."""
+    (checkpoint / "state.json").unlink(missing_ok=True)
+    shutil.rmtree(checkpoint)
+
 
 def save_train_state(out_dir: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator, step: int, run: dict, history: dict,
-                     frozen_fingerprint: str) -> Path:
-    """Write <out_dir>/checkpoint atomically (tmp dir, fsync, rename swap). Returns its path."""
+                     generator: torch.Generator, step: int, run: dict, identity: dict, history: dict) -> Path:
+    """Write <out_dir>/checkpoint so that a complete checkpoint is reachable at every instant (module docstring)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final, old = out_dir / NAME, out_dir / f"{NAME}.old"
-    for stale in out_dir.glob(f"{NAME}.tmp-*"):  # left behind by a crashed save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir / f"{NAME}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    final, old = out_dir / NAME, out_dir / OLD
+    remove_dead_temps(out_dir, NAME)  # left behind by a crashed save; a live process's are left alone
+    tmp = out_dir / temp_name(NAME)
+    os.mkdir(tmp)
     try:
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         opt_tensors: dict[str, torch.Tensor] = {}
         opt_meta = flatten(optimizer.state_dict(), opt_tensors)
-        files = {"trainable.safetensors": trainable, "optimizer.safetensors": opt_tensors,
-                 "rng.safetensors": _rng_tensors(generator)}
         hashes = {}
-        for fname, tensors in files.items():
+        for fname, tensors in zip(FILES, (trainable, opt_tensors, _rng_tensors(generator))):
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             _fsync(tmp / fname)
             hashes[fname] = sha256(tmp / fname)
-        state = {"format": FORMAT, "version": VERSION, "step": step, "run": run, "history": history,
-                 "optimizer": opt_meta, "frozen_fingerprint": frozen_fingerprint, "files": hashes}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        _fsync(tmp / "state.json")
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
+        state = {"format": FORMAT, "version": VERSION, "step": step, "run": run, "identity": identity,
+                 "history": history, "optimizer": opt_meta, "files": hashes}
+        state["integrity"] = integrity(json.loads(json.dumps(state)))
+        _fsync(tmp / "state.json", json.dumps(state, indent=1).encode())
+        _fsync(tmp)
+        if (final / "state.json").is_file():  # the current checkpoint is complete: old may go, it moves aside
+            if old.exists():
+                _drop(old)
             os.replace(final, old)
+        elif final.exists():  # a `checkpoint` without state.json is no checkpoint (this code never makes one)
+            shutil.rmtree(final)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync(out_dir)
+        if old.exists():
+            _drop(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
-def find_checkpoint(out_dir: str | os.PathLike) -> Path:
-    """<out_dir>/checkpoint, or checkpoint.old if a save was cut off between its two renames."""
-    out_dir = Path(out_dir)
-    for p in (out_dir / NAME, out_dir / f"{NAME}.old"):
-        if (p / "state.json").is_file():
-            return p
-    raise FileNotFoundError(f"no checkpoint to resume from in {out_dir} (expected {out_dir / NAME}/state.json)")
+def validate_state(state: Any, path: Path) -> dict:
+    """Raise CheckpointError naming the key unless state.json has every key with its type, step >= 0, a
+    history of `step` losses, a sha256 for each tensor file, and an intact integrity hash."""
+    bad = lambda what: CheckpointError(f"checkpoint {path}: state.json {what}")  # noqa: E731
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise bad(f"is not a {FORMAT} file")
+    if state.get("version") != VERSION:
+        raise bad(f"has version {state.get('version')!r}, this minilora reads version {VERSION}")
+    for section, schema in (("", SCHEMA), ("history.", HISTORY)):
+        for key, kind, d in ((k, t, state["history"] if section else state) for k, t in schema.items()):
+            if key not in d:
+                raise bad(f"lacks the key {section + key!r}")
+            if isinstance(d[key], bool) or not isinstance(d[key], kind):
+                raise bad(f"has {section + key}={d[key]!r}, expected {getattr(kind, '__name__', 'a number')}")
+    h = state["history"]
+    if state["step"] < 0 or len(h["losses"]) != state["step"] or h["tokens"] < 0 or not h["seconds"] >= 0:
+        raise bad(f"has step={state['step']} with {len(h['losses'])} losses, tokens={h['tokens']}, "
+                  f"seconds={h['seconds']}: expected step >= 0, one loss per step, tokens and seconds >= 0")
+    files = state["files"]
+    if sorted(files) != sorted(FILES) or not all(isinstance(v, str) and len(v) == 64 for v in files.values()):
+        raise bad(f"'files' must give the sha256 of exactly {', '.join(FILES)}; it lists {sorted(files)}")
+    if integrity(state) != state["integrity"]:
+        raise bad("does not match its integrity hash (edited or corrupt)")
+    return state
 
 
 def read_state(path: str | os.PathLike) -> dict:
-    """state.json of a checkpoint, checked for format and for the hashes of its files."""
+    """state.json of a checkpoint, validated (validate_state) and checked against the hashes of its files."""
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: state.json is unreadable ({e})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: state.json is not a {FORMAT} file")
-    if state.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path}: version {state.get('version')}, this minilora reads {VERSION}")
-    for fname, digest in state.get("files", {}).items():
-        f = path / fname
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path}: {fname} is missing")
-        if sha256(f) != digest:
-            raise CheckpointError(f"checkpoint {path}: {fname} is corrupt (sha256 does not match state.json)")
+    validate_state(state, path)
+    for fname, digest in state["files"].items():
+        if not (path / fname).is_file() or sha256(path / fname) != digest:
+            raise CheckpointError(f"checkpoint {path}: {fname} is " + ("corrupt (sha256 does not match state.json)"
+                                                                        if (path / fname).is_file() else "missing"))
     return state
 
 
+def find_checkpoint(out_dir: str | os.PathLike) -> Path:
+    """The newest complete checkpoint in out_dir: `checkpoint`, or `checkpoint.old` where a save was cut off.
+    A directory without state.json is incomplete and skipped; one with a state.json must verify."""
+    out_dir = Path(out_dir)
+    found = [(read_state(p)["step"], i, p) for i, p in enumerate((out_dir / OLD, out_dir / NAME))
+             if (p / "state.json").is_file()]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint to resume from in {out_dir} (expected {out_dir / NAME}/state.json)")
+    return max(found)[2]
+
+
 def load_train_state(out_dir: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator, run: dict, frozen_fingerprint: str) -> dict:
+                     generator: torch.Generator, run: dict, identity: dict) -> dict:
     """Restore trainable weights, optimizer, RNG states; return state.json (step, history). Nothing is
-    modified unless every check passes: hashes, run settings, frozen-weight fingerprint, names and shapes."""
+    modified unless every check passes: state.json, hashes, run settings, identity, names and shapes."""
     from safetensors.torch import load_file
 
     path = find_checkpoint(out_dir)
     state = read_state(path)
-    saved_run = state.get("run", {})
-    for key in sorted(set(run) | set(saved_run)):
-        if saved_run.get(key) != run.get(key):
-            raise CheckpointError(f"checkpoint {path} was written with {key}={saved_run.get(key)!r}, "
-                                  f"this run has {key}={run.get(key)!r}")
-    if state.get("frozen_fingerprint") != frozen_fingerprint:
-        raise CheckpointError(f"checkpoint {path} belongs to other frozen base weights than this model's")
+    for saved, now in ((state["run"], run), (state["identity"], identity)):
+        if d := first_difference(saved, now, ""):
+            hashed = {"data": "training data", "val_data": "validation data", "frozen": "frozen base weights"}
+            what = f"{d[0]}={d[1]!r}, this run has {d[0]}={d[2]!r}" if d[0] not in hashed else \
+                f"other {hashed[d[0]]} ({d[0]} sha256 {str(d[1])[:12]}..., this run's {str(d[2])[:12]}...)"
+            raise CheckpointError(f"checkpoint {path} was written with {what}: resume with the same settings, "
+                                  f"or start a new run in another directory")
     try:
         trainable = load_file(str(path / "trainable.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
@@ -216,17 +251,50 @@ def load_train_state(out_dir: str | os.PathLike, *, model: nn.Module, optimizer:
                                   f"the model has {tuple(p.shape)} {p.dtype}")
     if "torch_cpu" not in rng or "sampler" not in rng:
         raise CheckpointError(f"checkpoint {path}: rng.safetensors lacks the random states")
-    opt_state = unflatten(state["optimizer"], opt_tensors)
+    try:  # before the weights: a state that does not fit leaves the model as it was
+        optimizer.load_state_dict(unflatten(state["optimizer"], opt_tensors))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({e})") from None
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(trainable[n])
-    try:
-        optimizer.load_state_dict(opt_state)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({e})") from None
     torch.set_rng_state(rng["torch_cpu"])
     generator.set_state(rng["sampler"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     return state
+
+
+class RunCheckpoints:
+    """The trainer's checkpoints in one run directory (None: nothing happens). Only the holder of the
+    directory's lock writes (under torchrun, rank 0); every rank reads on resume."""
+
+    def __init__(self, run_dir, *, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                 run: dict, identity: dict):
+        self.run_dir, self.run, self.identity = run_dir, run, identity
+        self.objects = dict(model=model, optimizer=optimizer, generator=generator)
+        self.writes = run_dir is not None and run_dir.locked
+
+    def resume(self) -> tuple[int, dict]:
+        """Restore the newest checkpoint (load_train_state); return its step and history."""
+        state = load_train_state(self.run_dir.path, **self.objects, run=self.run, identity=self.identity)
+        return state["step"], state["history"]
+
+    def save(self, step: int, history: dict) -> None:
+        """save_train_state, unless a trainable weight is inf or NaN (TrainingDiverged: the last one stays)."""
+        if self.writes:
+            params = [p for p in self.objects["model"].parameters() if p.requires_grad]
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise TrainingDiverged(f"training diverged before step {step}: a trainable weight is inf or NaN; "
+                                       f"not saved, the last checkpoint is kept. Lower the learning rate")
+            save_train_state(self.run_dir.path, **self.objects, step=step, run=self.run, identity=self.identity,
+                             history=history)
+
+    def finish(self, step: int, history: dict, write_results) -> None:
+        """The last checkpoint, then write_results(staged): each result is renamed into the run directory when
+        complete, metrics.json last (minilora.runs.RunDir.results)."""
+        if self.writes:
+            self.save(step, history)
+            with self.run_dir.results(last=("metrics.json",)) as staged:
+                write_results(staged)

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,10 +24,11 @@ import torch
 
 from ..data import (BPETokenizer, InstructionSet, TokenStream, english_documents, load_tokenizer, save_jsonl,
                    split_documents, yoda_dataset)
+from ..files import atomic_write, atomic_write_json
 from ..gpt import GPT, GPTConfig
-from ..train import TrainConfig, TrainResult, evaluate, quantize_available, respond, train
-
-MODES = ("full", "lora", "qlora")
+from ..memory.estimate import MODES
+from ..runs import RunDir, RunLockedError
+from ..train import TrainConfig, TrainResult, evaluate, respond, train
 
 
 @dataclass
@@ -57,6 +57,7 @@ class DemoConfig:
     modes: tuple[str, ...] = MODES
     seed: int = 0
     out: str = "runs/demo"
+    overwrite: bool = False        # out may be a non-empty directory that is not a demo run (nothing is deleted)
     cache: str | None = None       # None: $MINILORA_CACHE or ~/.cache/minilora; "" : no cache
     progress: bool = True
     n_show: int = 2                # validation examples shown before / after
@@ -88,8 +89,15 @@ def base_key(cfg: DemoConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def pretrain_base(cfg: DemoConfig, out: Path, log=print) -> TrainResult:
-    """Train a BPE tokenizer and a GPT from scratch on the stdlib English corpus; save both into `out`."""
+def pretrain_base(cfg: DemoConfig, out: str | os.PathLike, log=print, overwrite: bool = False) -> TrainResult:
+    """Train a BPE tokenizer and a GPT from scratch on the stdlib English corpus; save both into the run
+    directory `out` (minilora.runs: checked and locked before any work; a non-empty directory that is not a
+    pretrain run is refused unless overwrite, and even then nothing else in it is touched)."""
+    with RunDir(out, "pretrain", overwrite) as run_dir:
+        return _pretrain_into(cfg, run_dir, log)
+
+
+def _pretrain_into(cfg: DemoConfig, run_dir: RunDir, log) -> TrainResult:
     t0 = time.perf_counter()
     docs = english_documents()
     train_text, val_text = split_documents(docs)
@@ -105,27 +113,35 @@ def pretrain_base(cfg: DemoConfig, out: Path, log=print) -> TrainResult:
                      steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, seed=cfg.seed,
                      eval_max_batches=20, progress=cfg.progress, label="pretrain")
     res = train(model, tc, TokenStream(train_ids, cfg.block_size), TokenStream(val_ids, cfg.block_size))
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    res.model.save_pretrained(tmp)
-    tok.save(tmp)
-    (tmp / "pretrain.json").write_text(json.dumps({"config": asdict(cfg), "losses": res.losses,
-                                                  "evals": res.evals, "seconds": res.seconds}))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with run_dir.results(last=("pretrain.json",)) as staged:  # each file renamed into place, pretrain.json last
+        res.model.save_pretrained(staged)
+        tok.save(staged)
+        atomic_write_json(staged / "pretrain.json", {"config": asdict(cfg), "losses": res.losses,
+                                                     "evals": res.evals, "seconds": res.seconds})
     return res
 
 
+def _complete(base: Path) -> bool:
+    return (base / "model.safetensors").is_file() and (base / "pretrain.json").is_file()
+
+
 def get_base(cfg: DemoConfig, log=print) -> tuple[Path, bool]:
-    """(directory of the base model, whether it came from the cache)."""
+    """(directory of the base model, whether it came from the cache). Several processes may ask at once:
+    the first pretrains, the others wait for it and take its result."""
     root = cache_dir(cfg)
     target = (root if root else Path(cfg.out)) / f"base-{base_key(cfg)}"
-    if root and (target / "model.safetensors").is_file():
+    if root and _complete(target):
         return target, True
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log(f"pretraining the base model ({cfg.pretrain_steps} steps) -> {target}")
-    pretrain_base(cfg, target, log)
+    try:  # minilora's own directory (named by base_key): overwrite, so a half-written one is finished
+        run_dir = RunDir(target, "pretrain", overwrite=True)
+    except RunLockedError as e:
+        log(f"{e}: waiting for it")
+        run_dir = RunDir(target, "pretrain", overwrite=True, wait=True)
+    with run_dir:
+        if root and _complete(target):
+            return target, True
+        log(f"pretraining the base model ({cfg.pretrain_steps} steps) -> {target}")
+        _pretrain_into(cfg, run_dir, log)
     return target, False
 
 
@@ -172,10 +188,13 @@ def format_table(rows: list[dict]) -> str:
 def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     """Run the whole demo; returns {"rows", "answers", "png", "seconds", ...} and prints as it goes."""
     cfg = cfg or DemoConfig()
+    with RunDir(cfg.out, "demo", cfg.overwrite) as run_dir:  # checked and locked before any work
+        return _run_demo(cfg, run_dir.path, log)
+
+
+def _run_demo(cfg: DemoConfig, out: Path, log) -> dict:
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base_dir, cached = get_base(cfg, log)
+    base_dir, cached = get_base(replace(cfg, out=str(out)), log)
     tok = load_tokenizer(base_dir)
     base = GPT.from_pretrained(base_dir)
     log(f"base model: {base_dir}{' (cached)' if cached else ''}; {sum(p.numel() for p in base.parameters()):,} "
@@ -195,9 +214,6 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
 
     results: dict[str, TrainResult] = {}
     for mode in cfg.modes:
-        if mode == "qlora" and not quantize_available():
-            rows.append(_row(mode, None, reason="skipped: minilora.qlora.quantize_model is not available"))
-            continue
         log(f"fine-tuning: {mode} ({cfg.steps} steps)")
         tc = TrainConfig(mode=mode, r=cfg.r, alpha=cfg.alpha, targets=cfg.targets, steps=cfg.steps,
                          lr=cfg.lr_full if mode == "full" else cfg.lr_lora, warmup_steps=10,
@@ -213,15 +229,12 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
         from ..plots.training import plot_loss_curves
         fig = plot_loss_curves({m: r.losses for m, r in results.items()}, {m: r.evals for m, r in results.items()},
                                title="Yoda fine-tuning: training and validation loss")
-        png = out / "loss_curves.png"
-        fig.savefig(png, dpi=120)
+        png = atomic_write(out / "loss_curves.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
         import matplotlib.pyplot as plt
         plt.close(fig)
     summary = {"rows": rows, "answers": answers, "png": str(png) if png else None, "base_dir": str(base_dir),
                "base_cached": cached, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out / "summary.json")
+    atomic_write_json(out / "summary.json", summary)
     return summary
 
 
