@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as torch_checkpoint
 
 from minilora import GPT, GPTConfig, measure_saved_activations, segment_bounds
-from minilora.plots import plot_checkpointing
+from minilora.plots import plot_checkpointing, save_figure
 
 MODES = ("none", "minilora", "torch")
 
@@ -89,8 +88,7 @@ def main() -> None:
               f"{p['minilora'] / p['none']:>9.3f} {2 * math.sqrt(n) / n:>6.3f} {p['minilora'] / p['torch']:>10.3f} "
               f"{ratios['minilora'][-1]:>8.2f}x {ratios['torch'][-1]:>9.2f}x {drift:>13.1e}")
     fig = plot_checkpointing(args.blocks, peaks, {f"{m} / none": r for m, r in ratios.items()})
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    fig.savefig(args.out, dpi=120)
+    save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import matplotlib
 
@@ -24,7 +23,7 @@ import torch  # noqa: E402
 from minilora import GPT, GPTConfig, add_lora  # noqa: E402
 from minilora.memory import (GB, estimate, format_bytes, format_table, gpt_param_count, measure,  # noqa: E402
                              scaled_config)
-from minilora.plots import plot_memory_breakdown  # noqa: E402
+from minilora.plots import plot_memory_breakdown, save_figure  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]  # every linear layer of every block (the QLoRA paper's choice)
 LECTURE = dict(dtype="fp16", state_dtype="fp32")                        # slide: fp16 model, fp32 Adam
@@ -163,8 +162,7 @@ def main() -> None:
     plot_memory_breakdown(rows65, ax=ax2, title=f"65B parameters, batch 1 x {args.paper_seq} tokens",
                           reference_lines={"QLoRA paper: 780 GB": 780, "48 GB GPU": 48})
     fig.tight_layout()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    fig.savefig(args.out, dpi=120)
+    save_figure(fig, args.out)
     print(f"\nwrote {args.out}")
 
 

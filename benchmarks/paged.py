@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import torch
 
 from minilora import GPT, GPTConfig, PagedAdamW
-from minilora.plots import plot_paged_step
+from minilora.plots import plot_paged_step, save_figure
 
 
 def fastest_step(opt, device, reps: int) -> float:
@@ -78,8 +77,7 @@ def main() -> None:
             print(f"{ps >> 10:>5}KiB {name:>12} {str(prefetch):>8} {t / base:>12.2f}x {per_step / 2**20:>14.1f} "
                   f"{opt.stats.peak_resident_bytes / 2**20:>17.1f}")
     fig = plot_paged_step(labels, ratios, moved)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    fig.savefig(args.out, dpi=120)
+    save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
 

@@ -150,10 +150,8 @@ class PagedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step for every parameter with a gradient, chunk of pages by chunk of pages."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():
+            loss = None if closure is None else closure()
         units = self._units()
         for p in {id(u[0]): u[0] for u in units}.values():
             self.state[p]["step"] += 1

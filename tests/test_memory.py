@@ -206,3 +206,16 @@ def test_bad_arguments():
         estimate(cfg, batch_size=0)
     with pytest.raises(TypeError, match="optimizer"):
         measure(GPT(cfg), None, None)
+
+
+def test_memory_figure_saved_whole_or_not_at_all(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from minilora.plots import plot_memory_breakdown, save_figure
+
+    c = GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
+    fig = plot_memory_breakdown([estimate(c, mode, batch_size=1, seq_len=16, r=4) for mode in ("full", "lora")])
+    out = save_figure(fig, tmp_path / "figs" / "memory.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in out.parent.iterdir()) == ["memory.png"]
+    with pytest.raises(ValueError, match="suffix"):
+        save_figure(fig, tmp_path / "memory")

@@ -201,3 +201,24 @@ def test_cuda_pages_pinned_prefetched_and_equal_to_adamw():
     assert all(t.is_cuda for t in opt.pager.on_device.values())
     assert opt.stats.pages_in > 0 and opt.stats.peak_resident_bytes <= quarter_budget(results[1])
     assert opt.state_dict()["state"][0]["exp_avg"].device.type == "cpu"
+
+
+def test_pager_pages_any_dtype_and_reports_its_bytes():
+    from minilora.pager import Pager
+
+    pager = Pager((3, 5), torch.uint8, "cpu", device_budget=40)  # 15-byte pages, room for 2
+    assert (pager.page_size, pager.capacity, pager.capacity_bytes) == (15, 2, 30)
+    for pid in range(3):  # the third page evicts page 0, the least recently used
+        (page,) = pager.acquire([pid])
+        assert page.dtype == torch.uint8 and torch.equal(page, torch.zeros(3, 5, dtype=torch.uint8))
+        page.fill_(pid + 7)
+        pager.release([pid])
+    assert list(pager.on_device) == [1, 2] and list(pager.on_host) == [0]
+    assert (pager.resident_bytes, pager.host_bytes, pager.stats.peak_resident_bytes) == (30, 15, 30)
+    assert torch.equal(pager.read(0), torch.full((3, 5), 7, dtype=torch.uint8))
+    pager.set_budget(None)
+    assert pager.capacity_bytes is None and pager.resident_bytes == 30
+    with pytest.raises(ValueError, match="page_shape"):
+        Pager((0, 5), torch.uint8, "cpu", None)
+    with pytest.raises(ValueError, match="device_budget"):
+        Pager((3, 5), torch.uint8, "cpu", 14)

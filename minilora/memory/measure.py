@@ -2,28 +2,34 @@
 
 Parameters, buffers, gradients and optimizer state are counted from the tensors themselves (each storage
 once). Activations are the peak bytes autograd keeps for backward during the step, read by
-minilora.activation_memory's saved-tensor meter (so it works on the CPU too, checkpointed recomputation
+minilora.memory.saved's SavedTensorMeter (so it works on the CPU too, checkpointed recomputation
 included). On CUDA, torch.cuda.max_memory_allocated() of the step is reported beside them: it also sees
 what the meter does not (temporaries, the logits, allocator rounding).
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .saved import SavedTensorMeter
 from ..params import count_parameters
 from .breakdown import MemoryBreakdown
 from .estimate import dtype_name
+from .saved import SavedTensorMeter
 
 ADAPTER_NAMES = ("lora_A", "lora_B")
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _param_bytes(params: list[torch.Tensor]) -> tuple[int, int]:
+    """(bytes of the parameters, bytes of their gradients)."""
+    return sum(_nbytes(p) for p in params), sum(_nbytes(p.grad) for p in params if p.grad is not None)
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -97,23 +103,15 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
     if cuda:
         torch.cuda.synchronize()
         out.peak_allocated = torch.cuda.max_memory_allocated()
-    by_dtype: dict[str, int] = {}
+    named = list(model.named_parameters())
+    adapters = [p for name, p in named if name.endswith(ADAPTER_NAMES)]
+    out.adapters, out.adapter_gradients = _param_bytes(adapters)
+    out.weights, out.gradients = _param_bytes([p for name, p in named if not name.endswith(ADAPTER_NAMES)])
+    by_dtype: Counter[str] = Counter()
     seen: set[int] = set()
-    adapter_ids = set()
-    for name, p in model.named_parameters():
-        adapter = name.endswith(ADAPTER_NAMES)
-        if adapter:
-            adapter_ids.add(id(p))
+    for _, p in named:
         seen.add(p.data_ptr())
-        b = _nbytes(p)
-        by_dtype[dtype_name(p.dtype)] = by_dtype.get(dtype_name(p.dtype), 0) + b
-        grad = _nbytes(p.grad) if p.grad is not None else 0
-        if adapter:
-            out.adapters += b
-            out.adapter_gradients += grad
-        else:
-            out.weights += b
-            out.gradients += grad
+        by_dtype[dtype_name(p.dtype)] += _nbytes(p)
     for module in model.modules():
         if not hasattr(module, "n_quantized_params"):
             continue  # plain buffers are counted below
@@ -121,17 +119,17 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
         seen.update(t.data_ptr() for t in bufs)
         b = int(getattr(module, "quantized_nbytes", sum(_nbytes(t) for t in bufs)))
         out.quantized_weights += b
-        by_dtype["nf4"] = by_dtype.get("nf4", 0) + b
+        by_dtype["nf4"] += b
     for t in model.buffers():
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             out.weights += _nbytes(t)
-            by_dtype[dtype_name(t.dtype)] = by_dtype.get(dtype_name(t.dtype), 0) + _nbytes(t)
-    out.weights_by_dtype = by_dtype
+            by_dtype[dtype_name(t.dtype)] += _nbytes(t)
+    out.weights_by_dtype = dict(by_dtype)
+    adapter_ids = {id(p) for p in adapters}
     out.optimizer_state, out.adapter_optimizer_state, out.offloaded = _optimizer_bytes(optimizer, adapter_ids)
     count = count_parameters(model)
-    n_adapter = sum(p.numel() for name, p in model.named_parameters() if name.endswith(ADAPTER_NAMES))
-    out.n_params, out.n_trainable = count.total - n_adapter, count.trainable
+    out.n_params, out.n_trainable = count.total - sum(p.numel() for p in adapters), count.trainable
     first = batch[0] if isinstance(batch, (tuple, list)) else batch
     out.tokens = first.numel() if isinstance(first, torch.Tensor) else 0
     return out

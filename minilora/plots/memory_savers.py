@@ -1,6 +1,8 @@
-"""Figures for the two memory savers: gradient checkpointing (saved bytes vs blocks) and the paged optimizer.
+"""Figures for the two memory savers: gradient checkpointing and the paged optimizer.
 
-Each function draws numbers measured elsewhere (benchmarks/checkpointing.py, minilora.demos.paging) and
+Checkpointing: saved-activation bytes against depth (plot_checkpointing) and against the number of segments
+(plot_segment_sweep). Paging: the long-sequence demo's device bytes and page traffic (plot_paging_demo), and
+the optimizer step's time and bytes moved (plot_paged_step). Each function draws numbers measured elsewhere (benchmarks/checkpointing.py, minilora.demos.paging) and
 returns a matplotlib Figure; nothing here measures or computes a result.
 """
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-MiB = 2**20
+from .common import MiB
 
 
 def plot_checkpointing(n_blocks: Sequence[int], peak_bytes: Mapping[str, Sequence[float]],
@@ -51,6 +53,25 @@ def plot_checkpointing(n_blocks: Sequence[int], peak_bytes: Mapping[str, Sequenc
         ax.set_ylabel("time / time without checkpointing")
         ax.legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_segment_sweep(segments: Sequence[int], peak_bytes: Sequence[float], n_blocks: int,
+                       no_checkpointing: float | None = None) -> Figure:
+    """Peak saved-activation bytes of an n-block model checkpointed in s segments, against s; ⌈√n⌉ marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(list(segments), [b / MiB for b in peak_bytes], marker="o", label="checkpointed in s segments")
+    if no_checkpointing is not None:
+        ax.axhline(no_checkpointing / MiB, color="gray", ls="--", label="no checkpointing")
+    root = math.ceil(math.sqrt(n_blocks))
+    ax.axvline(root, color="C3", ls=":", label=f"s = ⌈√n⌉ = {root}")
+    ax.set_xlabel("segments s (inputs kept)")
+    ax.set_ylabel("peak saved activations (MiB)")
+    ax.set_title(f"{n_blocks} blocks: memory against number of checkpoints")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
