@@ -6,7 +6,7 @@ each figure is the median of --repeats runs after one warm-up. Ratios > 1 mean m
 
 Each call returns a new tensor, and each run's result is dropped before the next. bitsandbytes' output is
 a fresh torch.empty each time (64 MiB: fresh 4 KiB pages, faulted in on first write); minilora's comes
-from its huge-page cache (minilora/quant/hugepages.py), which hands the dropped output's memory out
+from its huge-page cache (minilora/quant/fast/hugepages.py), which hands the dropped output's memory out
 again. That is part of what is measured, on purpose: it is what a caller calling in a loop gets.
 
     python benchmarks/quant_speed.py [--repeats 9] [--out out/quant_speed.png]

@@ -4,7 +4,7 @@ import torch
 
 from minilora.quant import (dequantize_blockwise_4bit, dequantize_nf4, fp4_code, int4_code, nf4_code,
                             quantize_blockwise_4bit, quantize_nf4)
-from minilora.quant.nearest import midpoints, nearest_index, nearest_table
+from minilora.quant.fast.nearest import midpoints, nearest_index, nearest_table
 
 CODES = {"nf4": nf4_code(), "fp4": fp4_code(), "int4": int4_code()}
 

@@ -4,7 +4,8 @@ import threading
 import pytest
 import torch
 
-from minilora.quant import chunks, dequantize_nf4, quantize_nf4
+from minilora.quant import dequantize_nf4, quantize_nf4
+from minilora.quant.fast import chunks
 
 
 @pytest.fixture

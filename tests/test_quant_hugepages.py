@@ -3,7 +3,8 @@ import threading
 
 import torch
 
-from minilora.quant import dequantize_nf4, hugepages, quantize_nf4
+from minilora.quant import dequantize_nf4, quantize_nf4
+from minilora.quant.fast import hugepages
 
 
 MIB32_FLOATS = (32 << 20) // 4

@@ -14,7 +14,7 @@ from minilora.quant import (dequantize_4bit, dequantize_absmax, dequantize_block
                             error_bound_4bit, error_bound_int8, fp4_code, int4_code, nf4_code, quantize_4bit,
                             quantize_int8)
 from minilora.quant.bounds import U, absmax_error_bound, block_absmax
-from minilora.quant.blockwise import TINY
+from minilora.quant.format import TINY
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CODES = {"nf4": nf4_code(), "fp4": fp4_code(), "int4": int4_code()}

@@ -4,23 +4,26 @@
     codebooks            nf4_code, fp4_code, int4_code, dynamic_code      the tables, derived in code
     blockwise 4-bit      quantize_blockwise_4bit / dequantize_blockwise_4bit (any codebook)
     double quantization  quantize_absmax / dequantize_absmax_8bit; int8 teaching mode double_quantize_int8
-    QuantState           quantize_nf4 / dequantize_nf4, nbytes, bits_per_param, dequantize_absmax
+    QuantState           quantize_nf4 / dequantize_nf4 (nf4.py), nbytes, bits_per_param, dequantize_absmax
     interchange          to_bnb_state_dict / from_bnb_state_dict          bitsandbytes / HF checkpoint layout
     error bounds         error_bound_4bit / error_bound_int8               what the property tests check
     error table          roundtrip_errors / error_table                   NF4 vs FP4 vs int4 vs int8, measured
 
-CPU plumbing under them: chunks.py (cache-sized chunks, large ranges sliced over a pool of single-threaded
-threads), hugepages.py (large outputs on 2 MiB pages, recycled once no tensor uses them).
+The format facts they share (float dtypes, the blocksize rule, NESTED_BLOCKSIZE, TINY, nf4_nbytes) are in
+format.py. Each file states its format as the lecture does; the CPU speed work (chunks, a thread pool, scratch
+buffers, lookup tables, huge-page outputs) is the subpackage quant/fast/, which the public functions import on
+first use and hand their work to; it produces the same bytes (tests/test_quant_fast.py).
 """
 from .codebooks import dynamic_code, fp4_code, get_code, int4_code, max_gap, nf4_code
 from .int8 import dequantize_int8, quantize_int8
 from .blockwise import dequantize_blockwise_4bit, quantize_blockwise_4bit
 from .double import (Int8DoubleQuant, dequantize_absmax_8bit, double_dequantize_int8, double_quantize_int8,
                      quantize_absmax)
-from .state import QuantState, dequantize_4bit, dequantize_absmax, dequantize_nf4, quantize_4bit, quantize_nf4
+from .quant_state import QuantState
+from .nf4 import dequantize_4bit, dequantize_absmax, dequantize_nf4, quantize_4bit, quantize_nf4
 from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from .bounds import error_bound_4bit, error_bound_int8
-from .errors import FORMATS, error_table, roundtrip_errors
+from .error_tables import FORMATS, error_table, roundtrip_errors
 
 __all__ = [
     "nf4_code", "fp4_code", "int4_code", "dynamic_code", "get_code", "max_gap",

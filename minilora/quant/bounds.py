@@ -28,11 +28,12 @@ from __future__ import annotations
 import torch
 
 from .codebooks import dynamic_code, max_gap
-from .state import QuantState, dequantize_absmax
+from .format import TINY
+from .nf4 import dequantize_absmax
+from .quant_state import QuantState
 
 U = 2.0 ** -24                 # float32 unit roundoff
 SMALLEST = 2.0 ** -149         # smallest float32 subnormal: absolute slack for subnormal products
-TINY = 1e-38
 _CAST = {torch.float32: (0.0, 0.0), torch.float16: (2.0 ** -11, 2.0 ** -25), torch.bfloat16: (2.0 ** -8, 2.0 ** -134)}
 
 

@@ -29,17 +29,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .blockwise import TINY
-from .chunks import CHUNK, run_chunked
+from .blockwise import fast_path
 from .codebooks import dynamic_code
+from .format import NESTED_BLOCKSIZE, TINY, check_blocksize
 from .int8 import dequantize_int8, quantize_int8
 
-NESTED_BLOCKSIZE = 256
 GRID = 65535  # the 8-bit grid has GRID + 1 points, 2/GRID apart
 
 
 @functools.lru_cache(maxsize=4)
-def _grid_table(code_values: tuple[float, ...]) -> torch.Tensor:
+def grid_table(code_values: tuple[float, ...]) -> torch.Tensor:
     """(GRID + 1,) uint8: for grid point g_k = 2k/GRID - 1 (float32), the number of code midpoints below it."""
     code = torch.tensor(code_values, dtype=torch.float32)
     mids = (code[:-1] + code[1:]) * 0.5
@@ -48,7 +47,7 @@ def _grid_table(code_values: tuple[float, ...]) -> torch.Tensor:
     return torch.bucketize(g, mids).to(torch.uint8)
 
 
-def _quantize_rows(rows: torch.Tensor, table: torch.Tensor, q_out: torch.Tensor, c_out: torch.Tensor) -> None:
+def quantize_rows(rows: torch.Tensor, table: torch.Tensor, q_out: torch.Tensor, c_out: torch.Tensor) -> None:
     """One group per row: c = max |row|, q = table[trunc((clamp(row · (1/c), -1, 1) + 1)/2 · GRID + 0.5)]."""
     c = torch.amax(rows.abs(), 1, out=c_out)                                 # (groups,)
     inv = torch.where(c > 0, 1 / c.clamp(min=TINY), 0.0)[:, None]
@@ -60,55 +59,50 @@ def _quantize_rows(rows: torch.Tensor, table: torch.Tensor, q_out: torch.Tensor,
     q_out[c == 0] = 0                                                        # all-zero group: codes 0
 
 
+def dequantize_rows(q_rows: torch.Tensor, c_rows: torch.Tensor, code: torch.Tensor, offset: torch.Tensor,
+                    out_rows: torch.Tensor) -> None:
+    """One group per row: out = code[q] · c + offset (float32, rounded after the product and after the sum)."""
+    torch.index_select(code, 0, q_rows.reshape(-1).int(), out=out_rows.view(-1))
+    out_rows.mul_(c_rows[:, None]).add_(offset)
+
+
 def quantize_blockwise_8bit(y: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """q_i = table[trunc((s_i + 1)/2 · GRID + 0.5)], s_i = clamp(y_i · (1/c_g), -1, 1), c_g = max |y| in group g.
 
-    Returns (q uint8 (n,), c float32 (groups,)); code is a sorted 256-value map; blocksize a power of two <= 4096.
+    Returns (q uint8 (n,), c float32 (groups,)); code is a sorted 256-value map; blocksize the blocksize rule.
     """
+    check_blocksize(blocksize)
     y = y.reshape(-1).float()
+    table = grid_table(tuple(code.float().tolist())).to(y.device)
+    fast = fast_path()
+    if fast is not None:
+        return fast.quantize_blockwise_8bit(y, table, blocksize)
     n = y.numel()
     q = torch.empty(n, dtype=torch.uint8, device=y.device)
     c = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=y.device)
-    table = _grid_table(tuple(code.float().tolist())).to(y.device)
     full = n - n % blocksize
-    rows_per_chunk = CHUNK // blocksize
-
-    def work(begin: int, end: int) -> None:
-        chunks = zip(y[begin:end].view(-1, blocksize).split(rows_per_chunk),
-                     q[begin:end].view(-1, blocksize).split(rows_per_chunk),
-                     c[begin // blocksize:end // blocksize].split(rows_per_chunk))
-        for rows, q_out, c_out in chunks:
-            _quantize_rows(rows, table, q_out, c_out)
-
-    run_chunked(full, work, y.device)
+    quantize_rows(y[:full].view(-1, blocksize), table, q[:full].view(-1, blocksize), c[:full // blocksize])
     if full < n:  # ragged last group
-        _quantize_rows(y[full:].view(1, -1), table, q[full:].view(1, -1), c[-1:])
+        quantize_rows(y[full:].view(1, -1), table, q[full:].view(1, -1), c[-1:])
     return q, c
 
 
 def dequantize_blockwise_8bit(q: torch.Tensor, c: torch.Tensor, code: torch.Tensor,
                               blocksize: int = NESTED_BLOCKSIZE, offset: torch.Tensor | float = 0.0) -> torch.Tensor:
     """y'_i = code[q_i] · c_{i // blocksize} + offset (float32, rounded after the product and after the sum)."""
+    check_blocksize(blocksize)
     q, code = q.reshape(-1), code.float().to(q.device)
     offset = torch.as_tensor(offset, dtype=torch.float32, device=q.device)
+    fast = fast_path()
+    if fast is not None:
+        return fast.dequantize_blockwise_8bit(q, c, code, blocksize, offset)
     n = q.numel()
     out = torch.empty(n, dtype=torch.float32, device=q.device)
-
-    def rows(q_rows: torch.Tensor, c_rows: torch.Tensor, out_rows: torch.Tensor) -> None:
-        torch.index_select(code, 0, q_rows.reshape(-1).int(), out=out_rows.view(-1))
-        out_rows.mul_(c_rows[:, None]).add_(offset)
-
-    def work(begin: int, end: int) -> None:
-        per = CHUNK // blocksize
-        for args in zip(q[begin:end].view(-1, blocksize).split(per), c[begin // blocksize:end // blocksize].split(per),
-                        out[begin:end].view(-1, blocksize).split(per)):
-            rows(*args)
-
     full = n - n % blocksize
-    run_chunked(full, work, q.device)
+    dequantize_rows(q[:full].view(-1, blocksize), c[:full // blocksize], code, offset, out[:full].view(-1, blocksize))
     if full < n:
-        rows(q[full:].view(1, -1), c[-1:], out[full:].view(1, -1))
+        dequantize_rows(q[full:].view(1, -1), c[-1:], code, offset, out[full:].view(1, -1))
     return out
 
 
@@ -117,9 +111,13 @@ def quantize_absmax(absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
     """Double quantization of absmax: returns (a8 uint8, offset 0-dim fp32, nested_absmax fp32, nested_code).
 
     offset = mean(a) (0 for an empty a); a8, nested_absmax = 8-bit blockwise(a - offset, dynamic map).
+    The mean is taken in float32, as bitsandbytes does; when that sum overflows (absmax values near the
+    float32 maximum) it is taken in float64 and rounded, so that every finite input has a finite offset.
     """
     absmax = absmax.reshape(-1).float()
     offset = absmax.mean() if absmax.numel() else torch.zeros((), device=absmax.device)
+    if not torch.isfinite(offset):
+        offset = absmax.double().mean().float()
     nested_code = dynamic_code(absmax.device)
     a8, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, blocksize)
     return a8, offset, nested_absmax, nested_code
@@ -156,6 +154,8 @@ def double_quantize_int8(x: torch.Tensor, blocksize: int) -> Int8DoubleQuant:
     """W_int8 = round(127 · W / c1_b) per block; c1 = absmax_b is then quantized the same way: round(127 · c1 / c2)."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if isinstance(x, torch.Tensor) and x.numel() == 0:
+        raise ValueError("x is empty: double quantization needs at least one element (there is no c2 to store)")
     q, absmax = quantize_int8(x, blocksize)
     c1, c2 = quantize_int8(absmax, None)
     return Int8DoubleQuant(q, c1, c2.reshape(()), blocksize, x.dtype)

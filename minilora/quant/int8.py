@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .blockwise import check_float_tensor
+from .format import TINY, check_float_tensor
 
 
 def _blocks(x: torch.Tensor, blocksize: int | None) -> tuple[torch.Tensor, int]:
@@ -34,19 +34,34 @@ def quantize_int8(x: torch.Tensor, blocksize: int | None = None) -> tuple[torch.
     """X_int8 = round(127 / absmax_b · X) per block b; returns (X_int8 int8 in x's shape, absmax float32 (blocks,)).
 
     blocksize None: one absmax for the whole tensor (the slide's version). round() is round-half-to-even.
-    A block of zeros has absmax 0 and codes 0. NaN or Inf raise ValueError.
+    A block of zeros has absmax 0 and codes 0. NaN or Inf raise ValueError. dequantize_int8 needs the same
+    blocksize back.
     """
     check_float_tensor(x)
     blocks, _ = _blocks(x, blocksize)                      # (groups, size)
     absmax = blocks.abs().amax(1)                          # (groups,)
     if not torch.isfinite(absmax).all():
         raise ValueError("x contains NaN or Inf; quantization needs finite values")
-    c = 127 / absmax.clamp(min=torch.finfo(torch.float32).tiny)   # c = 127 / absmax
-    q = torch.round(blocks * c[:, None]).clamp_(-127, 127).to(torch.int8)
+    c = 127 / absmax.clamp(min=TINY)                       # c = 127 / absmax
+    scaled = blocks * c[:, None]
+    overflow = ~torch.isfinite(c)                          # absmax < 127 / float32 max: c is inf, divide first
+    if overflow.any():
+        scaled[overflow] = blocks[overflow] / absmax[overflow, None].clamp(min=TINY) * 127
+    q = torch.round(scaled).clamp_(-127, 127).to(torch.int8)
     return q.reshape(-1)[:x.numel()].reshape(x.shape), absmax
 
 
 def dequantize_int8(q: torch.Tensor, absmax: torch.Tensor, blocksize: int | None = None) -> torch.Tensor:
-    """X' = X_int8 · absmax_b / 127 (= X_int8 / c), float32 in q's shape."""
-    blocks, _ = _blocks(q, blocksize)                      # (groups, size) float32
-    return (blocks * (absmax.float()[:, None] / 127)).reshape(-1)[:q.numel()].reshape(q.shape)
+    """X' = X_int8 · absmax_b / 127 (= X_int8 / c), float32 in q's shape.
+
+    blocksize must be the one the codes were made with: absmax must hold one value per block of it.
+    """
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
+        raise TypeError(f"q must be an int8 tensor (from quantize_int8), got "
+                        f"{q.dtype if isinstance(q, torch.Tensor) else type(q).__name__}")
+    blocks, size = _blocks(q, blocksize)                   # (groups, size) float32
+    if not isinstance(absmax, torch.Tensor) or absmax.numel() != blocks.shape[0]:
+        got = absmax.numel() if isinstance(absmax, torch.Tensor) else type(absmax).__name__
+        raise ValueError(f"absmax must hold one value per block of {size} ({blocks.shape[0]} for {q.numel()} "
+                         f"codes, blocksize={blocksize!r}), got {got}: pass the blocksize the codes were made with")
+    return (blocks * (absmax.float().reshape(-1)[:, None] / 127)).reshape(-1)[:q.numel()].reshape(q.shape)

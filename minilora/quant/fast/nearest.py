@@ -21,32 +21,14 @@ from typing import NamedTuple
 
 import torch
 
+from ..codebooks import check_code, midpoints
+
 
 class NearestTable(NamedTuple):
     K: int               # bins per unit: t = trunc(s·K) in [-K, K]
     base: torch.Tensor   # (2K+1,) uint8, indexed by t + K
     mid: torch.Tensor    # (2K+1,) float32, the midpoint inside bin t (+inf if none)
     zero_index: int      # index(0.0): the code that padding and all-zero blocks get
-
-
-def midpoints(code: torch.Tensor) -> torch.Tensor:
-    """m_i = (c_i + c_{i+1}) / 2 in float32: the decision boundaries between neighbouring codes."""
-    code = code.float()
-    return (code[:-1] + code[1:]) / 2
-
-
-def check_code(code: torch.Tensor, name: str = "code") -> torch.Tensor:
-    """A 4-bit codebook: float tensor of 16 sorted, finite values with strictly increasing midpoints."""
-    if not isinstance(code, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of 16 sorted values, got {type(code).__name__}")
-    if code.numel() != 16 or not code.is_floating_point():
-        raise ValueError(f"{name} must hold 16 floating-point values, got {code.numel()} of {code.dtype}")
-    code = code.detach().reshape(-1).float().cpu()
-    if not torch.isfinite(code).all() or code.abs().max() > 1:
-        raise ValueError(f"{name} must lie in [-1, 1]")
-    if not (midpoints(code)[1:] > midpoints(code)[:-1]).all():
-        raise ValueError(f"{name} must be sorted ascending (no value more than twice)")
-    return code
 
 
 def _bin(t: int, K: int) -> tuple[float, float, bool, bool]:

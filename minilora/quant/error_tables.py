@@ -8,7 +8,7 @@ import torch
 
 from .codebooks import get_code
 from .int8 import dequantize_int8, quantize_int8
-from .state import dequantize_4bit, quantize_4bit
+from .nf4 import dequantize_4bit, quantize_4bit
 
 FORMATS = ("nf4", "fp4", "int4", "int8")
 

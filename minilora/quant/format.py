@@ -1,0 +1,58 @@
+"""The format facts every part of minilora's quantization shares, each stated once.
+
+    FLOAT_DTYPES      what a quantized tensor may come from and dequantize to: float32, float16, bfloat16
+    blocksize rule    a 4-bit blocksize is a power of two from 32 to 4096 (the block of element j is j // blocksize)
+    NESTED_BLOCKSIZE  double quantization: 256 block absmax values share one float32 nested absmax
+    TINY              absmax is clamped to this before 1/absmax, as bitsandbytes does (all-zero blocks give s = 0)
+    nf4_nbytes        bytes of n weights in NF4:  ⌈n/2⌉ codes + absmax (+ nested absmax + offset)
+
+kernels/, the double quantization, int8 absmax and the memory estimate import these names.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+MIN_BLOCKSIZE, MAX_BLOCKSIZE = 32, 4096
+NESTED_BLOCKSIZE = 256
+TINY = 1e-38
+
+
+def is_blocksize(blocksize) -> bool:
+    """True for a power of two from MIN_BLOCKSIZE to MAX_BLOCKSIZE (an int, not a bool)."""
+    return (isinstance(blocksize, int) and not isinstance(blocksize, bool)
+            and MIN_BLOCKSIZE <= blocksize <= MAX_BLOCKSIZE and blocksize & (blocksize - 1) == 0)
+
+
+def check_blocksize(blocksize: int, name: str = "blocksize") -> int:
+    """blocksize must be a power of two from 32 to 4096."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"{name} must be an int (a power of two from 32 to 4096), got {blocksize!r}")
+    if not is_blocksize(blocksize):
+        raise ValueError(f"{name} must be a power of two from 32 to 4096, got {blocksize}")
+    return blocksize
+
+
+def check_float_tensor(x: torch.Tensor, name: str = "x") -> None:
+    """x must be a float32, float16 or bfloat16 tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def nf4_nbytes(n: int, blocksize: int = 64, double_quant: bool = True, blocksize2: int = NESTED_BLOCKSIZE) -> int:
+    """Bytes of n weights in NF4: ⌈n/2⌉ packed codes + per-block absmax (1 byte each with double quantization,
+    else 4) + with double quantization an fp32 absmax per blocksize2 blocks and an fp32 offset.
+    n·(4 + 8/64 + 32/(64·256))/8 bytes plus rounding and the offset: 4.127 bits per weight. 0 for n = 0."""
+    if n < 0 or blocksize <= 0 or blocksize2 <= 0:
+        raise ValueError(f"nf4_nbytes: n, blocksize and blocksize2 must be positive, got {n}, {blocksize}, {blocksize2}")
+    if n == 0:
+        return 0
+    blocks = math.ceil(n / blocksize)
+    if not double_quant:
+        return math.ceil(n / 2) + 4 * blocks
+    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / blocksize2) + 4
