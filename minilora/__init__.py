@@ -9,7 +9,7 @@ from .adapters import adapter_state_dict, load_adapter, save_adapter
 from .params import ParamCount, count_parameters, format_count, lora_params_real, slide_table
 from . import quant
 from .quant import QuantState, dequantize_nf4, quantize_nf4
-from .qlora import NF4Linear, QLoRALinear, merge_qlora, quantize_model
+from .qlora import NF4Linear, QLoRALinear, add_qlora, load_qlora_adapter, merge_qlora, quantize_model
 from .checkpointing import checkpoint_sequential, segment_bounds
 from .paged import PagedAdamW, PagerStats
 from .adamw8bit import AdamW8bit

@@ -1,17 +1,14 @@
 """A small GPT with GPT-2's architecture and GPT-2's parameter names.
 
 Module paths are the ones Hugging Face's GPT2LMHeadModel uses (transformer.wte, transformer.h.0.attn.c_attn,
-...), so a GPT-2 checkpoint loads by name and LoRA adapter keys line up with PEFT's. GPT-2 stores its
-projections as Conv1D, i.e. weight of shape (in, out); minilora uses nn.Linear, (out, in), and transposes
-on load and save.
+...), so a GPT-2 checkpoint loads by name and LoRA adapter keys line up with PEFT's. Reading and writing
+Hugging Face's GPT-2 directories (config.json + model.safetensors) lives in gpt2_checkpoint.py.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -32,6 +29,10 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
     gradient_checkpointing: bool = False
     checkpoint_segments: int | None = None  # None: ceil(sqrt(n_layer)) segments
+    activation_function: str = "gelu_new"   # the MLP's nonlinearity, by transformers' name (ACTIVATIONS)
+    scale_attn_weights: bool = True         # scores Q Kᵀ / √hs (False: Q Kᵀ)
+    scale_attn_by_inverse_layer_idx: bool = False  # scores also / (layer index + 1)
+    tie_word_embeddings: bool = True        # lm_head.weight is wte.weight (False: its own matrix)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -46,16 +47,49 @@ class GPTConfig:
         if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= self.n_layer):
             raise ValueError(f"GPTConfig.checkpoint_segments must be None (⌈√n_layer⌉) or an int in "
                              f"[1, n_layer={self.n_layer}], got {s!r}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"GPTConfig.activation_function must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {self.activation_function!r}")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+
+
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU: 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))."""
+    return F.gelu(x, approximate="tanh")
+
+
+# The activations transformers' GPT-2 accepts (its ACT2FN names), each as the formula it computes. The two
+# with learned parameters there (prelu, xielu) are not GPT-2 activations minilora can load: refused.
+ACTIVATIONS = {
+    "gelu_new": _tanh_gelu, "gelu_pytorch_tanh": _tanh_gelu, "gelu_python_tanh": _tanh_gelu,
+    "gelu_fast": _tanh_gelu, "gelu_accurate": _tanh_gelu,
+    "gelu": F.gelu, "gelu_python": F.gelu,                         # x Φ(x), with erf
+    "gelu_10": lambda x: F.gelu(x).clamp(-10.0, 10.0),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107) / (0.282095 * math.sqrt(2.0)))),
+    "relu": F.relu, "relu6": F.relu6, "relu2": lambda x: F.relu(x).square(), "leaky_relu": F.leaky_relu,
+    "silu": F.silu, "swish": F.silu, "mish": F.mish, "hardswish": F.hardswish,
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+    "linear": lambda x: x,
+}
 
 
 class CausalSelfAttention(nn.Module):
-    """softmax(Q Kᵀ / √hs + causal mask) V over n_head heads, then the output projection."""
+    """softmax(Q Kᵀ · scale + causal mask) V over n_head heads, then the output projection.
 
-    def __init__(self, config: GPTConfig):
+    scale = 1/√hs (GPT-2's default; 1 with scale_attn_weights=False), further / (layer_idx + 1) with
+    scale_attn_by_inverse_layer_idx."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.scale = 1.0 / math.sqrt(config.n_embd // config.n_head) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -68,31 +102,32 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scale)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    """c_proj(GELU(c_fc(x))), 4x wide, with GPT-2's tanh approximation of GELU."""
+    """c_proj(act(c_fc(x))), 4x wide; act is GPT-2's tanh approximation of GELU unless the config names another."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.act = ACTIVATIONS[config.activation_function]
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -109,11 +144,12 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
             if name.endswith("c_proj.weight"):
@@ -183,67 +219,16 @@ class GPT(nn.Module):
         self.train(was_training)
         return idx
 
-    # ----- GPT-2 checkpoints (Hugging Face layout: config.json + model.safetensors) -----
-
-    CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    # ----- GPT-2 checkpoints (Hugging Face layout: config.json + model.safetensors), see gpt2_checkpoint.py -----
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "GPT":
-        """Load a local Hugging Face GPT-2 directory, transposing GPT-2's Conv1D weights (in, out) -> (out, in)."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        for f in ("config.json", "model.safetensors"):
-            if not (path / f).is_file():
-                raise FileNotFoundError(f"from_pretrained: {path / f} not found (expected a GPT-2 directory)")
-        hf = json.loads((path / "config.json").read_text())
-        names = {f.name for f in fields(GPTConfig)}
-        cfg = dict(block_size=hf.get("n_positions", hf.get("block_size", 1024)), vocab_size=hf["vocab_size"],
-                   n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                   layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
-        cfg.update({k: v for k, v in hf.get("minilora", {}).items() if k in names})
-        cfg.update(overrides)
-        model = cls(GPTConfig(**cfg))
-        sd = load_file(str(path / "model.safetensors"))
-        sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in sd.items()}
-        own = model.state_dict()
-        for key, value in sd.items():
-            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-                continue  # causal-mask buffers of older checkpoints; lm_head is tied to wte
-            if key not in own:
-                raise KeyError(f"from_pretrained: unexpected key {key!r} in {path / 'model.safetensors'}")
-            if key.endswith(cls.CONV1D):
-                value = value.t()
-            if value.shape != own[key].shape:
-                raise ValueError(f"from_pretrained: {key} has shape {tuple(value.shape)}, "
-                                 f"expected {tuple(own[key].shape)}")
-            with torch.no_grad():
-                own[key].copy_(value)
-        missing = [k for k in own if k != "lm_head.weight" and k not in sd]
-        if missing:
-            raise KeyError(f"from_pretrained: {path} lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        return model
+        """Load a local Hugging Face GPT-2 directory; config.json fields minilora does not implement are refused."""
+        from .gpt2_checkpoint import load_gpt2
+        return load_gpt2(cls, path, **overrides)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write config.json + model.safetensors in GPT-2's layout (Conv1D weights transposed back), atomically."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        c = self.config
-        sd = {}
-        for key, value in self.state_dict().items():
-            if key == "lm_head.weight":
-                continue
-            value = value.detach().cpu()
-            sd[key] = (value.t() if key.endswith(self.CONV1D) else value).contiguous()
-        hf = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=c.vocab_size,
-                  n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                  n_head=c.n_head, layer_norm_epsilon=c.layer_norm_epsilon, activation_function="gelu_new",
-                  tie_word_embeddings=True, minilora=asdict(c))
-        tmp = path / "model.safetensors.tmp"
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path / "model.safetensors")
-        tmp = path / "config.json.tmp"
-        tmp.write_text(json.dumps(hf, indent=2))
-        os.replace(tmp, path / "config.json")
+        """Write config.json + model.safetensors in GPT-2's layout, each atomically (a plain GPT only: a model
+        with LoRA or NF4 layers is refused, merge_lora / merge_qlora first)."""
+        from .gpt2_checkpoint import save_gpt2
+        save_gpt2(self, path)

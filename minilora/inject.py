@@ -6,7 +6,9 @@ A target pattern matches a module name when it is the exact name, a dotted suffi
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 import torch.nn as nn
 
@@ -53,19 +55,40 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+@contextmanager
+def all_or_nothing(model: nn.Module, names: Iterable[str]):
+    """On an exception inside the block, put back the modules that were at `names` and every parameter's
+    requires_grad, so a failed add_lora / load_adapter leaves the model exactly as it was."""
+    modules = {n: model.get_submodule(n) for n in names}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for n, m in modules.items():
+            _set_submodule(model, n, m)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
 def add_lora(model: nn.Module, targets: str | Iterable[str], r: int = 8, alpha: float = 16.0,
              dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming") -> nn.Module:
-    """Wrap each target layer W0 as W0 + (alpha/r)·B·A (in place) and leave only lora_A / lora_B trainable."""
-    for name in find_targets(model, targets):
-        module = model.get_submodule(name)
-        if isinstance(module, LoRALinear) or hasattr(module, "lora_A"):
-            raise ValueError(f"target {name!r} already has a LoRA adapter")
-        wrapper = next((w for t, w in LORA_WRAPPERS.items() if type(module) is t), None)
-        if wrapper is None:
-            kinds = ", ".join(t.__name__ for t in LORA_WRAPPERS)
-            raise TypeError(f"target {name!r} is a {type(module).__name__}; LoRA wraps only {kinds}")
-        _set_submodule(model, name, wrapper(module, r=r, alpha=alpha, dropout=dropout,
-                                            use_rslora=use_rslora, init=init))
+    """Wrap each target layer W0 as W0 + (alpha/r)·B·A (in place) and leave only lora_A / lora_B trainable.
+    Every target is checked and wrapped before the model changes: on an error the model is as it was."""
+    names = find_targets(model, targets)
+    wrapped = {}
+    with all_or_nothing(model, names):  # a wrapper freezes its base as it is made
+        for name in names:
+            module = model.get_submodule(name)
+            if isinstance(module, LoRALinear) or hasattr(module, "lora_A"):
+                raise ValueError(f"target {name!r} already has a LoRA adapter")
+            wrapper = next((w for t, w in LORA_WRAPPERS.items() if type(module) is t), None)
+            if wrapper is None:
+                kinds = ", ".join(t.__name__ for t in LORA_WRAPPERS)
+                raise TypeError(f"target {name!r} is a {type(module).__name__}; LoRA wraps only {kinds}")
+            wrapped[name] = wrapper(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+    for name, layer in wrapped.items():
+        _set_submodule(model, name, layer)
     mark_only_lora_trainable(model)
     return model
 
@@ -81,8 +104,30 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
         p.requires_grad_(name.endswith(("lora_A", "lora_B")))
 
 
+def parameter_uses(model: nn.Module) -> Counter:
+    """id(parameter) -> how many module slots hold it (2 for a weight tied between wte and lm_head)."""
+    return Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+
+
+def untie_lora_bases(model: nn.Module) -> bool:
+    """Give every LoRA layer whose base weight is shared (a tied lm_head shares the embedding's matrix) its own
+    copy, so that folding ΔW into it leaves the embedding as it was. A model whose config records the tie
+    (config.tie_word_embeddings, as GPT-2's does) is told that the head is untied now. True if any was."""
+    uses, untied = parameter_uses(model), False
+    for layer in lora_layers(model).values():
+        w = getattr(layer.base_layer, "weight", None)
+        if isinstance(w, nn.Parameter) and uses[id(w)] > 1 and not layer.merged:
+            layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+            untied = True
+    if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False
+    return untied
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight, W = W0 + scaling·B·A, and put the plain layer back (in place)."""
+    """Fold every adapter into its base weight, W = W0 + scaling·B·A, and put the plain layer back (in place).
+    An adapter on a tied lm_head gets its own merged matrix (the embedding keeps W0): the head is untied."""
+    untie_lora_bases(model)
     for name, layer in lora_layers(model).items():
         _set_submodule(model, name, layer.merged_layer())
     return model

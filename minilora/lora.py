@@ -26,15 +26,17 @@ class LoRALinear(nn.Module):
         in_features, out_features = getattr(base, "in_features", None), getattr(base, "out_features", None)
         if in_features is None or out_features is None:
             raise TypeError(f"base must be a linear layer with in_features/out_features, got {type(base).__name__}")
-        if not isinstance(r, int) or r <= 0:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r (LoRA rank) must be a positive int, got {r!r}")
         if r > min(in_features, out_features):
             raise ValueError(f"r (LoRA rank) = {r} exceeds min(in_features, out_features) = "
                              f"{min(in_features, out_features)}: the update would not be low-rank")
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if not isinstance(use_rslora, bool):
+            raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
         if init not in ("kaiming", "gaussian"):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
         self.base_layer = base
@@ -93,7 +95,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W0 <- W0 + scaling · B A. Merging twice would add the update twice, so it is an error."""
+        """W0 <- W0 + scaling · B A, in place (a weight shared with another module, such as a tied lm_head's,
+        changes there too: merge_lora unties it first). Merging twice would add the update twice: an error."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge: adapter is already merged (call unmerge() first)")
         w = self.base_layer.weight

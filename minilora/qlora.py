@@ -2,203 +2,34 @@
 
     Y = X · doubleDequant(c1, c2, W_nf4)ᵀ + scaling · (X · Aᵀ) · Bᵀ (+ bias)
 
-The 16-bit copy of W exists only inside the matmul: autograd keeps the packed 4-bit weight and dequantizes it
-again in backward (dX = dY · W), so the frozen base costs ~0.52 bytes per weight in memory, not 2.
+The NF4 layer and its matmul live in nf4_linear.py; here are the adapter layer on top of it (QLoRALinear) and
+the model-level steps: quantize_model, add_qlora (quantize, then add_lora), load_qlora_adapter, merge_qlora.
 """
 from __future__ import annotations
-
-import dataclasses
-import os
 
 import torch
 import torch.nn as nn
 
-from .inject import find_targets, lora_layers, register_lora_wrapper, _set_submodule
+from .adapters import load_adapter, read_adapter_config
+from .inject import (_set_submodule, add_lora, all_or_nothing, find_targets, lora_layers, parameter_uses,
+                     register_lora_wrapper, untie_lora_bases)
 from .lora import LoRALinear
-from .quant import dequantize_nf4, quantize_nf4
-
-BACKENDS = ("auto", "torch", "triton")
-_STATE_TENSORS = ("packed", "absmax", "nested_absmax", "offset")  # per-layer storage, kept as buffers
-_CODEBOOKS = ("code", "nested_code")  # format constants (16 + 256 values), one copy per device for all layers
-_CODEBOOK_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _codebook_on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    key = (id(table), device)
-    if key not in _CODEBOOK_CACHE:
-        _CODEBOOK_CACHE[key] = table.to(device)
-    return _CODEBOOK_CACHE[key]
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on a CUDA device with Triton installed, else 'torch'; MINILORA_BACKEND overrides auto."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get("MINILORA_BACKEND", "auto")
-        if backend not in BACKENDS:
-            raise ValueError(f"MINILORA_BACKEND must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        try:
-            import triton  # noqa: F401
-            return "triton" if device.type == "cuda" else "torch"
-        except ImportError:
-            return "torch"
-    return backend
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear layer whose weight is stored as NF4 (+ double quantization). Y = X · deq(W)ᵀ + b."""
-
-    def __init__(self, state, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16,
-                 backend: str = "auto"):
-        super().__init__()
-        if len(state.shape) != 2:
-            raise ValueError(f"NF4Linear needs a 2-D weight state, got shape {tuple(state.shape)}")
-        if compute_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {compute_dtype}")
-        resolve_backend(backend, torch.device("cpu"))  # validate the name early
-        self.out_features, self.in_features = state.shape
-        self.compute_dtype, self.backend = compute_dtype, backend
-        self._state = state  # scalars and metadata; tensors live in buffers so .to(device) moves them
-        for name in _STATE_TENSORS:
-            value = getattr(state, name, None)
-            self.register_buffer(name, value if isinstance(value, torch.Tensor) else None)
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.n_quantized_params = self.out_features * self.in_features
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> "NF4Linear":
-        """Quantize linear.weight to NF4 (blockwise absmax, optionally double-quantized)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        state = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(state, linear.bias, compute_dtype, backend)
-
-    def quant_state(self):
-        """The QuantState with this module's (possibly moved) buffers and the codebooks on the same device."""
-        fields = {n: getattr(self, n) for n in _STATE_TENSORS if getattr(self, n) is not None}
-        for n in _CODEBOOKS:
-            if isinstance(getattr(self._state, n, None), torch.Tensor):
-                fields[n] = _codebook_on(getattr(self._state, n), self.packed.device)
-        return dataclasses.replace(self._state, **fields)
-
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """doubleDequant(c1, c2, W_nf4) as a dense (out, in) tensor."""
-        return dequantize_nf4(self.quant_state(), dtype or self.compute_dtype)
-
-    @property
-    def quantized_nbytes(self) -> int:
-        """Bytes this layer stores for its weight: packed codes, (quantized) absmax, nested absmax, offset."""
-        return self.quant_state().nbytes
-
-    def to_linear(self, weight: torch.Tensor | None = None) -> nn.Linear:
-        """A frozen dense nn.Linear in the original dtype holding weight (default: the dequantized weight)."""
-        w = self.dequantized_weight(torch.float32) if weight is None else weight
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=w.device, dtype=self._state.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(w)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qlora_linear(x, self, None, None, 0.0)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"blocksize={self._state.blocksize}, compute_dtype={self.compute_dtype}, backend={self.backend}")
-
-
-# ---- the matmuls against the packed weight: PyTorch reference or Triton kernels ----
-
-# Up to this many rows the fused kernel wins (memory-bound: it reads 0.52 B per weight instead of 2). Above
-# it the GEMM is compute-bound and re-dequantizing W for every row block costs more than one dequantization
-# into a temporary followed by cuBLAS (measured on an H100: fused 1.5-2.6x slower at M = 512 and 4096).
-FUSED_MAX_M = 64
-
-
-def _dequantized(base: NF4Linear, backend: str, dtype: torch.dtype) -> torch.Tensor:
-    """deq(W) as a temporary (out, in) tensor, by the Triton dequant kernel or by PyTorch."""
-    if backend == "triton":
-        from .kernels import nf4_dequantize_state
-        return nf4_dequantize_state(base.quant_state(), dtype=dtype)
-    return base.dequantized_weight(dtype)
-
-
-def _base_forward(x, base: NF4Linear, backend: str, bias, xa, lora_B, scaling) -> torch.Tensor:
-    """X · deq(W)ᵀ + b + scaling · XA · Bᵀ, (M, in) -> (M, out). For small M the Triton kernel dequantizes
-    inside the matmul and adds the bias and the LoRA term in the same launch; otherwise W is dequantized to a
-    temporary and multiplied."""
-    if backend == "triton" and x.shape[0] <= FUSED_MAX_M:
-        from .kernels import nf4_matmul_state
-        return nf4_matmul_state(x, base.quant_state(), bias=None if bias is None else bias.to(x.dtype),
-                                lora_xa=xa, lora_B=lora_B, lora_scaling=scaling)
-    y = x @ _dequantized(base, backend, x.dtype).t()
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    if xa is not None:
-        y = y + scaling * (xa @ lora_B.t())
-    return y
-
-
-def _base_matmul_dx(dy: torch.Tensor, base: NF4Linear, backend: str) -> torch.Tensor:
-    """dY · deq(W), (M, out) -> (M, in): the input gradient, W dequantized again rather than saved."""
-    if backend == "triton" and dy.shape[0] <= FUSED_MAX_M:
-        from .kernels import nf4_matmul_dx_state
-        return nf4_matmul_dx_state(dy, base.quant_state())
-    return dy @ _dequantized(base, backend, dy.dtype)
-
-
-class _QLoRAFunction(torch.autograd.Function):
-    """Forward Y = X deq(W)ᵀ + b + s·(X_d Aᵀ)Bᵀ; saves X, X_d, A, B and the packed weight, never deq(W)."""
-
-    @staticmethod
-    def forward(ctx, x, x_lora, lora_A, lora_B, bias, scaling, base, backend):
-        xa = x_lora @ lora_A.t() if lora_A is not None else None   # (M, r)
-        y = _base_forward(x, base, backend, bias, xa, lora_B, scaling)  # (M, out)
-        ctx.base, ctx.backend, ctx.scaling = base, backend, scaling
-        ctx.save_for_backward(x_lora if xa is not None else None, xa, lora_A, lora_B, *[getattr(base, n) for n in _STATE_TENSORS
-                                                             if getattr(base, n) is not None])
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x_lora, xa, lora_A, lora_B = ctx.saved_tensors[:4]
-        base, s = ctx.base, ctx.scaling
-        dx = dx_lora = dA = dB = None
-        if ctx.needs_input_grad[0]:
-            dx = _base_matmul_dx(dy, base, ctx.backend)
-        if lora_A is not None:
-            d_xa = s * (dy @ lora_B)                       # (M, r)
-            if ctx.needs_input_grad[1]:
-                dx_lora = d_xa @ lora_A                    # (M, in)
-            if ctx.needs_input_grad[2]:
-                dA = d_xa.t() @ x_lora                     # (r, in)
-            if ctx.needs_input_grad[3]:
-                dB = s * (dy.t() @ xa)                     # (out, r)
-        return dx, dx_lora, dA, dB, None, None, None, None
-
-
-def qlora_linear(x: torch.Tensor, base: NF4Linear, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
-                 scaling: float, x_lora: torch.Tensor | None = None) -> torch.Tensor:
-    """Y = X · deq(W)ᵀ + b + scaling · (X_lora Aᵀ) Bᵀ for X of any leading shape, computed in base.compute_dtype."""
-    if x.shape[-1] != base.in_features:
-        raise ValueError(f"input has {x.shape[-1]} features, layer expects {base.in_features}")
-    lead, dt = x.shape[:-1], base.compute_dtype
-    backend = resolve_backend(base.backend, x.device)
-    x2 = x.reshape(-1, base.in_features).to(dt)
-    xl = x2 if x_lora is None else x_lora.reshape(-1, base.in_features).to(dt)
-    a = lora_A.to(dt) if lora_A is not None else None
-    b = lora_B.to(dt) if lora_B is not None else None
-    y = _QLoRAFunction.apply(x2, xl, a, b, base.bias, scaling, base, backend)
-    return y.reshape(*lead, base.out_features).to(x.dtype)
+from .nf4_linear import BACKENDS, FUSED_MAX_M, NF4Linear, qlora_linear, resolve_backend  # noqa: F401
 
 
 class QLoRALinear(LoRALinear):
-    """A frozen NF4 base (NF4Linear) plus trainable LoRA adapters, trained through _QLoRAFunction."""
+    """A frozen NF4 base (NF4Linear) plus trainable LoRA adapters, trained through nf4_linear's autograd function.
+
+    It keeps LoRALinear's contract: merge() folds the update in, so forward is one dense matmul, and unmerge()
+    undoes it exactly. 4-bit codes cannot absorb ΔW in place (W0 + ΔW needs a new quantization), so merge()
+    builds `merged_linear`, a dense nn.Linear holding deq(W) + scaling·B·A in the original dtype, which forward
+    uses while merged; the NF4 weight is kept, and unmerge() drops the dense copy. merge_qlora(model) puts the
+    dense layer (or, with requantize, its NF4 quantization) in this layer's place.
+    """
+
+    def __init__(self, base: NF4Linear, *args, **kwargs):
+        super().__init__(base, *args, **kwargs)
+        self.merged_linear = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -209,12 +40,28 @@ class QLoRALinear(LoRALinear):
         return cls(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            if not x.is_floating_point():
+                raise TypeError(f"input must be a floating-point tensor (as for nn.Linear), got {x.dtype}")
+            return self.merged_linear(x.to(self.merged_linear.weight.dtype)).to(x.dtype)
         x_lora = self.lora_dropout(x) if self.training and not isinstance(self.lora_dropout, nn.Identity) else None
         return qlora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, x_lora)
 
+    @torch.no_grad()
     def merge(self) -> None:
-        raise RuntimeError("QLoRALinear cannot merge into its 4-bit weight in place; use merge_qlora(model) "
-                           "(dequantize + add, optionally re-quantize)")
+        """W = deq(W_nf4) + scaling · B A, as the dense merged_linear that forward uses until unmerge()."""
+        if self.merged:
+            raise RuntimeError("QLoRALinear.merge: adapter is already merged (call unmerge() first)")
+        self.merged_linear = self.base_layer.to_linear(self.merged_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Back to deq(W_nf4) + the adapter path: the dense copy goes, the NF4 weight was never changed."""
+        if not self.merged:
+            raise RuntimeError("QLoRALinear.unmerge: adapter is not merged")
+        self.merged_linear = None
+        self.merged = False
 
     def merged_weight(self) -> torch.Tensor:
         """deq(W) + scaling · B A in fp32."""
@@ -222,8 +69,9 @@ class QLoRALinear(LoRALinear):
 
     def merged_layer(self, requantize: bool = False) -> nn.Module:
         """An nn.Linear holding deq(W) + scaling·B·A (or, with requantize, that sum quantized to NF4 again)."""
-        base = self.base_layer
-        linear = base.to_linear(self.merged_weight())
+        if not self.merged:
+            self.merge()
+        linear, base = self.merged_linear, self.base_layer
         if not requantize:
             return linear
         return NF4Linear.from_linear(linear, blocksize=base._state.blocksize, compute_dtype=base.compute_dtype,
@@ -237,9 +85,7 @@ def untied_linears(model: nn.Module, names: list[str] | None = None) -> list[str
     """The nn.Linear modules among names (default: all) whose weight no other module shares. A tied lm_head
     shares its weight with the token embedding, which must stay a plain matrix for the lookup, so QLoRA (like
     bitsandbytes) leaves it unquantized; an adapter on it trains on the full-precision weight."""
-    uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
+    uses = parameter_uses(model)
     if names is None:
         names = [n for n, _ in model.named_modules()]
     return [n for n in names if type(model.get_submodule(n)) is nn.Linear
@@ -256,15 +102,56 @@ def quantize_model(model: nn.Module, targets: str | list[str] | None = None, blo
         module = model.get_submodule(name)
         if type(module) is not nn.Linear:
             raise TypeError(f"quantize_model: target {name!r} is a {type(module).__name__}, not an nn.Linear")
+    for name in names:
+        module = model.get_submodule(name)
         _set_submodule(model, name, NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant,
                                                           compute_dtype=compute_dtype, backend=backend))
     return model
 
 
+def _quantizable(model: nn.Module, targets, caller: str) -> list[str]:
+    """The targets QLoRA quantizes: the untied nn.Linear among them; refuses when that is none of them."""
+    names = find_targets(model, targets)
+    quantized = untied_linears(model, names)
+    if not quantized:
+        raise ValueError(f"{caller}: none of the targets {names} is an nn.Linear with its own weight to quantize "
+                         f"(a tied lm_head stays in full precision); use plain LoRA (add_lora / load_adapter)")
+    return quantized
+
+
+def add_qlora(model: nn.Module, targets: str | list[str], r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+              blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+              use_rslora: bool = False) -> nn.Module:
+    """QLoRA in one call (in place): the untied nn.Linear among targets become frozen NF4 (quantize_model), then
+    every target gets rank-r adapters (add_lora); a tied lm_head among them keeps its full-precision weight
+    under a plain LoRA adapter. On an error the model is left as it was."""
+    names = find_targets(model, targets)
+    quantized = _quantizable(model, targets, "add_qlora")
+    with all_or_nothing(model, names):
+        quantize_model(model, quantized, blocksize=blocksize, double_quant=double_quant,
+                       compute_dtype=compute_dtype)
+        add_lora(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+    return model
+
+
+def load_qlora_adapter(model: nn.Module, adapter_dir, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A saved adapter on an NF4 base (in place): quantize the untied nn.Linear among the adapter's
+    target_modules, then load_adapter. On an error the model is left as it was."""
+    targets = read_adapter_config(adapter_dir)["target_modules"]
+    quantized = _quantizable(model, targets, "load_qlora_adapter")
+    with all_or_nothing(model, quantized):
+        quantize_model(model, quantized, compute_dtype=compute_dtype)
+        load_adapter(model, adapter_dir)
+    return model
+
+
 def merge_qlora(model: nn.Module, requantize: bool = False) -> tuple[nn.Module, dict[str, float]]:
-    """Fold each QLoRA adapter into its dequantized base (in place); the result is a dense model. With requantize
-    the merged weights (and the quantized layers without an adapter) stay NF4; the report maps layer name -> relative rounding error ‖Q(W) − W‖ / ‖W‖ of that step."""
+    """Fold each QLoRA adapter into its dequantized base (in place); the result is a dense model. With
+    requantize the merged weights (and the quantized layers without an adapter) stay NF4; the report maps layer
+    name -> relative rounding error ‖Q(W) − W‖ / ‖W‖ of that step. An adapter on a tied lm_head (kept in full
+    precision) gets its own merged matrix, as in merge_lora: the embedding keeps W0."""
     report = {}
+    untie_lora_bases(model)
     if not requantize:  # a dequantized model: quantized layers without an adapter become dense too
         for name, module in list(model.named_modules()):
             if isinstance(module, NF4Linear) and not name.endswith(".base_layer"):

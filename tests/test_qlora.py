@@ -114,8 +114,17 @@ def test_merge_qlora_dequantizes_and_reports_requantization_error():
     idx = torch.randint(0, 40, (2, 10))
     with torch.no_grad():
         before = model(idx)
-    with pytest.raises(RuntimeError, match="merge_qlora"):
-        next(iter(lora_layers(model).values())).merge()
+    layer = next(iter(lora_layers(model).values()))
+    layer.merge()  # LoRALinear's contract: merged, one dense matmul, same outputs; unmerge() is exact
+    assert isinstance(layer.merged_linear, nn.Linear)
+    with torch.no_grad():
+        assert rel(model(idx), before) < 1e-5
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    assert layer.merged_linear is None and isinstance(layer.base_layer, NF4Linear)
+    with torch.no_grad():
+        assert torch.equal(model(idx), before)
     merged, report = merge_qlora(model)
     assert not lora_layers(merged) and report == {}
     assert type(merged.transformer.h[0].attn.c_attn) is nn.Linear
