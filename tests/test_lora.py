@@ -114,3 +114,27 @@ def test_merge_lora_gives_a_plain_model_with_the_same_outputs(tiny_gpt):
     after = merged(idx)
     assert ((after - before).norm() / before.norm()).item() < 1e-5
     assert isinstance(merged, GPT)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(r=True), dict(r=2.0), dict(r="4"), dict(alpha=float("nan")), dict(alpha=float("inf")), dict(alpha=True),
+    dict(dropout=float("nan")), dict(dropout=-0.1), dict(use_rslora="yes"),
+])
+def test_non_finite_and_wrongly_typed_settings_are_refused(kwargs):
+    args = dict(r=4, alpha=8.0) | kwargs
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name if name != "r" else "rank"):
+        LoRALinear(nn.Linear(20, 12), **args)
+
+
+def test_a_failed_add_lora_leaves_the_model_as_it_was(tiny_gpt):
+    frozen = tiny_gpt.transformer.h[0].attn.c_attn.weight.requires_grad_(False)
+    modules = dict(tiny_gpt.named_modules())
+    flags = {n: p.requires_grad for n, p in tiny_gpt.named_parameters()}
+    for targets, kw, error in [(["c_attn", "ln_1"], {}, TypeError), (["c_attn", "c_fc"], dict(alpha=float("nan")), ValueError),
+                               (["c_attn"], dict(r=True), ValueError), (["c_fc", "c_attn"], dict(r=40), ValueError)]:
+        with pytest.raises(error):
+            add_lora(tiny_gpt, targets, **kw)
+        assert dict(tiny_gpt.named_modules()) == modules and not lora_layers(tiny_gpt)
+        assert {n: p.requires_grad for n, p in tiny_gpt.named_parameters()} == flags
+    assert not frozen.requires_grad
