@@ -21,6 +21,8 @@ with the operations of torch.optim.AdamW in its order, so the results agree with
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from .pager import Pager, PagerStats, check_budget
@@ -147,6 +149,28 @@ class PagedAdamW(torch.optim.Optimizer):
                 units += [(p, group, pages[k:k + size]) for k in range(0, len(pages), size)]
         return units
 
+    def _resident(self, units: list[tuple]) -> Iterator[tuple]:
+        """For each work unit in turn, with its pages on the device (and the next unit's being prefetched):
+        yield (p, group, flat_p, spans), spans = [(slice of flat_p, slice of the page's elements, page)] for
+        each page p spans. Once the caller is done with a unit, flat_p is written back into a non-contiguous
+        p and the pages are released to the budget."""
+        E = self.page_elems
+        for i, (p, group, pids) in enumerate(units):
+            pages = self.pager.acquire(pids)
+            following = units[i + 1][2] if i + 1 < len(units) else ()
+            if self.prefetch:
+                self.pager.prefetch(following)  # on CUDA this copy overlaps the caller's update
+            off, n = self.state[p]["offset"], p.numel()
+            flat_p = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
+            spans = []  # [a, b): the state elements of p in page pid
+            for pid, page in zip(pids, pages):
+                a, b = max(pid * E, off), min((pid + 1) * E, off + n)
+                spans.append((slice(a - off, b - off), slice(a - pid * E, b - pid * E), page))
+            yield p, group, flat_p, spans
+            if not p.is_contiguous():
+                p.copy_(flat_p.view_as(p))
+            self.pager.release(pids, keep=following)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step for every parameter with a gradient, chunk of pages by chunk of pages."""
@@ -155,26 +179,12 @@ class PagedAdamW(torch.optim.Optimizer):
         units = self._units()
         for p in {id(u[0]): u[0] for u in units}.values():
             self.state[p]["step"] += 1
-        E = self.page_elems
-        for i, (p, group, pids) in enumerate(units):
-            pages = self.pager.acquire(pids)
-            if self.prefetch and i + 1 < len(units):
-                self.pager.prefetch(units[i + 1][2])  # on CUDA this copy overlaps the update below
-            off, n = self.state[p]["offset"], p.numel()
-            flat_p = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
+        for p, group, flat_p, spans in self._resident(units):
             flat_g = p.grad.reshape(-1)
-            spans = []  # (slice of p, slice of the page) for each page: [a, b) in state elements
-            for pid, page in zip(pids, pages):
-                a, b = max(pid * E, off), min((pid + 1) * E, off + n)
-                spans.append((slice(a - off, b - off), slice(a - pid * E, b - pid * E), page))
-            beta1, beta2 = group["betas"]
             adamw_update_([flat_p[s] for s, _, _ in spans], [flat_g[s] for s, _, _ in spans],
-                          [pg[0, q] for _, q, pg in spans], [pg[1, q] for _, q, pg in spans],
-                          self.state[p]["step"].item(), group["lr"], beta1, beta2, group["eps"],
+                          [page[0, q] for _, q, page in spans], [page[1, q] for _, q, page in spans],
+                          self.state[p]["step"].item(), group["lr"], *group["betas"], group["eps"],
                           group["weight_decay"])
-            if not p.is_contiguous():
-                p.copy_(flat_p.view_as(p))
-            self.pager.release(pids, keep=units[i + 1][2] if i + 1 < len(units) else ())
         return loss
 
     # ----- saving and resuming -----
