@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minilora.quant.format import NESTED_BLOCKSIZE  # double quantization: 256 block scales share one fp32 absmax
+
 PROGRAMS_PER_SM = 2      # the split heuristics aim for this many programs per SM
 INTERPRETER_SMS = 4      # CPU runs pretend to have 4 SMs, so small shapes still split
-NESTED_BLOCKSIZE = 256   # double quantization: 256 block scales share one fp32 absmax
 BLOCK_K = 64
 BLOCK_R = 16             # the LoRA epilogue walks the rank 16 at a time
 

@@ -8,10 +8,10 @@ from typing import Optional, Union
 
 import torch
 
-from . import _runtime
-from .configs import NESTED_BLOCKSIZE, cdiv, plan_dequant, plan_matmul, plan_matmul_dx
+from minilora.quant.format import FLOAT_DTYPES, NESTED_BLOCKSIZE, is_blocksize
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from . import _runtime
+from .configs import cdiv, plan_dequant, plan_matmul, plan_matmul_dx
 
 
 @dataclass
@@ -44,8 +44,7 @@ def _check_nf4(packed, absmax, code, numel: int, blocksize: int, nested_absmax, 
                          f"{(numel + 1) // 2} for a weight of {numel} elements")
     if numel >= 2**31:
         raise ValueError(f"weights of 2**31 or more elements are not supported, got {numel}")
-    if not (isinstance(blocksize, int) and 32 <= blocksize <= 4096
-            and blocksize & (blocksize - 1) == 0):
+    if not is_blocksize(blocksize):
         raise ValueError(f"blocksize must be a power of two in 32..4096, got {blocksize!r}")
     if code.dtype != torch.float32 or code.numel() != 16:
         raise ValueError(f"code must be the fp32 NF4 table of 16 values, got {code.dtype} "

@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..gpt import GPT, GPTConfig
 from ..inject import find_targets
+from ..quant.format import nf4_nbytes  # the NF4 byte count, stated once (re-exported by minilora.memory)
 from .activations import LINEARS, ActivationSetup, SavedActivations, itemsize, saved_activations
 from .breakdown import MemoryBreakdown
 
@@ -54,18 +55,6 @@ def as_dtype(value: torch.dtype | str, name: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def nf4_nbytes(n: int, blocksize: int = 64, double_quant: bool = True, blocksize2: int = 256) -> int:
-    """Bytes of n weights in NF4: ⌈n/2⌉ packed codes + per-block absmax (1 byte each with double quantization,
-    else 4) + with double quantization an fp32 absmax per blocksize2 blocks and an fp32 offset.
-    n·(4 + 8/64 + 32/(64·256))/8 bytes plus rounding and the offset: 4.127 bits per weight."""
-    if n < 0 or blocksize <= 0 or blocksize2 <= 0:
-        raise ValueError(f"nf4_nbytes: n, blocksize and blocksize2 must be positive, got {n}, {blocksize}, {blocksize2}")
-    blocks = math.ceil(n / blocksize)
-    if not double_quant:
-        return math.ceil(n / 2) + 4 * blocks
-    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / blocksize2) + 4
 
 
 def gpt_param_count(config: GPTConfig) -> int:
