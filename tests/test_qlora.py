@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -177,3 +179,83 @@ def test_triton_backend_matches_torch_backend_in_interpreter_mode(rows):
         q.zero_grad()
     for a, b in zip(outs["triton"], outs["torch"]):
         assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("make", ["nf4", "qlora"])
+def test_a_bias_set_to_train_gets_the_gradient_nn_linear_gives_it(make):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24)
+    layer = (NF4Linear.from_linear(linear, compute_dtype=torch.float32, backend="torch") if make == "nf4" else
+             QLoRALinear.from_linear(linear, r=2, compute_dtype=torch.float32, backend="torch"))
+    base = layer if make == "nf4" else layer.base_layer
+    assert base.bias.grad is None and not base.bias.requires_grad  # frozen unless asked
+    base.bias.requires_grad_(True)
+    ref = nn.Linear(64, 24)
+    with torch.no_grad():
+        ref.weight.copy_(base.dequantized_weight(torch.float32))
+        ref.bias.copy_(linear.bias)
+    x, g = torch.randn(3, 5, 64), torch.randn(3, 5, 24)
+    layer(x).backward(g)
+    ref(x).backward(g)
+    assert base.bias.grad is not None and rel(base.bias.grad, ref.bias.grad) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_non_float_inputs_are_refused_like_nn_linear(dtype):
+    q = QLoRALinear.from_linear(nn.Linear(64, 8), compute_dtype=torch.float32, backend="torch")
+    x = torch.ones(2, 64, dtype=dtype)
+    with pytest.raises(RuntimeError):
+        nn.Linear(64, 8)(x)
+    for layer in (q, q.base_layer):
+        with pytest.raises(TypeError, match="floating-point"):
+            layer(x)
+    q.merge()
+    with pytest.raises(TypeError, match="floating-point"):
+        q(x)
+
+
+def test_add_qlora_is_quantize_model_then_add_lora():
+    from minilora import add_qlora
+    cfg = GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    ours = add_qlora(GPT(cfg), ["c_attn", "c_fc", "lm_head"], r=4, alpha=8, compute_dtype=torch.float32)
+    torch.manual_seed(0)
+    ref = GPT(cfg)
+    quantize_model(ref, [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")],
+                   compute_dtype=torch.float32)
+    add_lora(ref, ["c_attn", "c_fc", "lm_head"], r=4, alpha=8)
+    assert {n: type(m) for n, m in ours.named_modules()} == {n: type(m) for n, m in ref.named_modules()}
+    assert type(ours.lm_head) is LoRALinear and ours.lm_head.base_layer.weight is ours.transformer.wte.weight
+    for (n, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), n
+    plain = GPT(cfg)
+    before = {n: type(m) for n, m in plain.named_modules()}
+    with pytest.raises(ValueError, match="tied lm_head stays in full precision"):
+        add_qlora(plain, ["lm_head"])
+    with pytest.raises(ValueError, match="alpha"):
+        add_qlora(plain, ["c_attn"], alpha=float("nan"))
+    assert {n: type(m) for n, m in plain.named_modules()} == before  # a failed call quantized nothing
+
+
+def test_load_qlora_adapter_round_trip_and_rollback(tmp_path):
+    from minilora import add_qlora, load_qlora_adapter, save_adapter
+    cfg = GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    base = GPT(cfg).eval()
+    trained = add_qlora(copy.deepcopy(base), ["c_attn", "lm_head"], r=4, alpha=8, compute_dtype=torch.float32)
+    for layer in lora_layers(trained).values():
+        nn.init.normal_(layer.lora_B, std=0.1)
+    save_adapter(trained, tmp_path / "a")
+    fresh = GPT(cfg).eval()
+    fresh.load_state_dict(base.state_dict())
+    load_qlora_adapter(fresh, tmp_path / "a")
+    assert isinstance(fresh.transformer.h[1].attn.c_attn, QLoRALinear) and type(fresh.lm_head) is LoRALinear
+    idx = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        assert rel(fresh(idx), trained(idx)) < 1e-6
+    bad = GPT(cfg)
+    add_lora(bad, ["c_fc"], r=4, alpha=8)  # already has LoRA layers, on other modules: the load must fail
+    before = {n: type(m) for n, m in bad.named_modules()}
+    with pytest.raises(KeyError):
+        load_qlora_adapter(bad, tmp_path / "a")
+    assert {n: type(m) for n, m in bad.named_modules()} == before  # c_attn was quantized, then put back
