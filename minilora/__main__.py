@@ -7,21 +7,76 @@
     python -m minilora generate --model runs/base --adapter runs/lora/adapter --context "You must learn patience."
     python -m minilora memory --mode full lora qlora --n-layer 32 --n-embd 4096 --seq-len 512
 
-Bad arguments end with one line `error: ...` and exit status 2, never a traceback.
+Bad input (an argument, a file, a directory) ends with one line `error: ...` and exit status 2, before any
+work starts where it can be known then; only a bug shows a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from dataclasses import fields
 from pathlib import Path
+
+import torch
+
+from .adapters import load_adapter
+from .data import InstructionSet, load_jsonl, load_tokenizer, prompt, split_examples, yoda_dataset
+from .demos.finetune import DemoConfig, pretrain_base, print_report, run_demo
+from .distributed import is_main
+from .generate import generate_text
+from .gpt import GPT, GPTConfig
+from .memory import MODES, estimate, format_table
+from .qlora import load_qlora_adapter
+from .runs import check_run_dir
+from .train import TrainConfig, measure_step_memory, prepare_model, train
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as every other bad input: one line `error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _positive(v: str) -> int:
-    n = int(v)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return n
+    if not v.strip().isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v!r}")
+    return int(v)
+
+
+def _number(expected: str, ok):
+    """An argparse type: a finite float for which ok(x) holds (inf and nan are refused, not trained on)."""
+    def parse(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and ok(x)):
+            raise argparse.ArgumentTypeError(f"expected a finite number {expected}, got {v!r}")
+        return x
+    return parse
+
+
+_above_zero = _number("> 0", lambda x: x > 0)
+_at_least_zero = _number(">= 0", lambda x: x >= 0)
+_fraction = _number("in [0, 1)", lambda x: 0 <= x < 1)
+
+
+def _device(v: str) -> str:
+    """cpu, cuda, cuda:N or mps, and only one this PyTorch build and machine have."""
+    try:
+        d = torch.device(v)
+    except (RuntimeError, ValueError):
+        d = torch.device("meta")
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    have = {"cpu": True, "cuda": (d.index or 0) < n_cuda, "mps": torch.backends.mps.is_available()}
+    if d.type not in have:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {v!r}")
+    if not have[d.type]:
+        raise argparse.ArgumentTypeError(f"{v!r} is not available: this PyTorch build sees {n_cuda} CUDA device(s)"
+                                         f"{'' if d.type == 'cuda' else ' and no MPS'}; use --device cpu")
+    return v
 
 
 def _model_args(p: argparse.ArgumentParser, d) -> None:
@@ -29,67 +84,68 @@ def _model_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--n-head", type=_positive, default=d.n_head)
     p.add_argument("--n-embd", type=_positive, default=d.n_embd)
     p.add_argument("--block-size", type=_positive, default=d.block_size)
+    p.add_argument("--vocab-size", type=_positive, default=d.vocab_size, help="vocabulary size (a BPE needs >= 257)")
 
 
 def _lora_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--r", "--lora-r", dest="r", type=_positive, default=d.r, help="LoRA rank (--lora-r under torchrun)")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (scaling = alpha / r)")
+    p.add_argument("--alpha", type=_above_zero, default=d.alpha, help="LoRA alpha (scaling = alpha / r)")
     p.add_argument("--targets", nargs="+", default=list(d.targets), help="module name patterns for LoRA")
 
 
+def _run_args(p: argparse.ArgumentParser, d) -> None:
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it holds other files (nothing of theirs is deleted)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .demos.finetune import DemoConfig
-    from .train import TrainConfig
     dc, tc = DemoConfig(), TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m minilora", description="minilora: LoRA and QLoRA by hand")
+    parser = _Parser(prog="python -m minilora", description="minilora: LoRA and QLoRA by hand")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="pretrain (or reuse) a small GPT, fine-tune it full / LoRA / QLoRA, report")
     p.add_argument("--out", default=dc.out, help="run directory (default %(default)s)")
     p.add_argument("--steps", type=_positive, default=dc.steps, help="fine-tuning steps per mode")
     p.add_argument("--pretrain-steps", type=_positive, default=dc.pretrain_steps)
-    p.add_argument("--modes", nargs="+", choices=("full", "lora", "qlora"), default=list(dc.modes))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(dc.modes))
     p.add_argument("--cache", default=None, help="where pretrained bases are kept (default ~/.cache/minilora)")
     p.add_argument("--no-cache", action="store_true", help="pretrain a fresh base and keep it in --out only")
     p.add_argument("--n-train", type=_positive, default=dc.n_train)
     p.add_argument("--n-val", type=_positive, default=dc.n_val)
-    p.add_argument("--vocab-size", type=int, default=dc.vocab_size, help="BPE vocabulary of the base (>= 257)")
     _model_args(p, dc)
-    p.add_argument("--seed", type=int, default=dc.seed)
-    p.add_argument("--no-progress", action="store_true")
+    _run_args(p, dc)
 
     p = sub.add_parser("pretrain", help="train a BPE tokenizer and a GPT from scratch on the stdlib's English")
     p.add_argument("--out", required=True, help="directory for config.json, model.safetensors, tokenizer")
     p.add_argument("--steps", type=_positive, default=dc.pretrain_steps)
     p.add_argument("--batch-size", type=_positive, default=dc.pretrain_batch_size)
-    p.add_argument("--lr", type=float, default=dc.pretrain_lr)
-    p.add_argument("--vocab-size", type=int, default=dc.vocab_size, help="BPE vocabulary (>= 257)")
+    p.add_argument("--lr", type=_above_zero, default=dc.pretrain_lr)
     _model_args(p, dc)
-    p.add_argument("--seed", type=int, default=dc.seed)
-    p.add_argument("--no-progress", action="store_true")
+    _run_args(p, dc)
 
     p = sub.add_parser("finetune", help="fine-tune a base model on instruction data (full, LoRA or QLoRA)")
     p.add_argument("--base", required=True, help="base model directory (pretrain's --out, or a GPT-2 directory)")
     p.add_argument("--out", required=True, help="run directory: checkpoint/, adapter/ or model/, metrics.json")
-    p.add_argument("--mode", choices=("full", "lora", "qlora"), default=tc.mode)
+    p.add_argument("--mode", choices=MODES, default=tc.mode)
     p.add_argument("--data", default=None, help="JSONL of instruction/context/output (default: the Yoda task)")
     p.add_argument("--n-train", type=_positive, default=dc.n_train)
     p.add_argument("--n-val", type=_positive, default=dc.n_val)
     p.add_argument("--steps", type=_positive, default=dc.steps)
     p.add_argument("--batch-size", type=_positive, default=dc.batch_size)
     p.add_argument("--grad-accum", type=_positive, default=tc.grad_accum)
-    p.add_argument("--lr", type=float, default=None, help="default: %g full, %g LoRA/QLoRA" % (dc.lr_full, dc.lr_lora))
+    p.add_argument("--lr", type=_above_zero, default=None, help="default: %g full, %g LoRA/QLoRA" % (dc.lr_full, dc.lr_lora))
     p.add_argument("--warmup-steps", type=int, default=10)
     _lora_args(p, dc)
-    p.add_argument("--dropout", type=float, default=tc.dropout, help="LoRA dropout")
+    p.add_argument("--dropout", type=_fraction, default=tc.dropout, help="LoRA dropout")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--paged", action="store_true", help="paged AdamW")
-    p.add_argument("--seed", type=int, default=dc.seed)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or mps")
+    _run_args(p, dc)
 
     p = sub.add_parser("generate", help="greedy (or sampled) answer of a model, optionally with an adapter")
     p.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
@@ -99,14 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", default=None, help="context of the instruction prompt")
     p.add_argument("--prompt", default=None, help="raw text to continue instead of an instruction prompt")
     p.add_argument("--max-new-tokens", type=_positive, default=60)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--temperature", type=_at_least_zero, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("memory", help="training-memory breakdown per mode (analytic; --measure runs one step)")
     p.add_argument("--model", default=None, help="take the shape from this model directory")
     _model_args(p, dc)
-    p.add_argument("--vocab-size", type=_positive, default=dc.vocab_size)
-    p.add_argument("--mode", nargs="+", choices=("full", "lora", "qlora"), default=["full", "lora", "qlora"])
+    p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--batch-size", type=_positive, default=dc.batch_size)
     p.add_argument("--seq-len", type=_positive, default=None, help="default: block size")
     _lora_args(p, dc)
@@ -119,62 +174,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(a) -> None:
-    from .demos.finetune import DemoConfig, print_report, run_demo
+    check_run_dir(a.out, "demo", a.overwrite)  # before any work: a file, or someone else's files, is refused
     cfg = DemoConfig(steps=a.steps, pretrain_steps=a.pretrain_steps, modes=tuple(a.modes), seed=a.seed,
                      out=a.out, cache="" if a.no_cache else a.cache, progress=not a.no_progress,
                      n_train=a.n_train, n_val=a.n_val, vocab_size=a.vocab_size, n_layer=a.n_layer,
-                     n_head=a.n_head, n_embd=a.n_embd, block_size=a.block_size)
+                     n_head=a.n_head, n_embd=a.n_embd, block_size=a.block_size, overwrite=a.overwrite)
     print_report(run_demo(cfg))
 
 
 def cmd_pretrain(a) -> None:
-    from .demos.finetune import DemoConfig, pretrain_base
+    check_run_dir(a.out, "pretrain", a.overwrite)  # before the tokenizer and the model are trained
     cfg = DemoConfig(vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd,
                      block_size=a.block_size, pretrain_steps=a.steps, pretrain_batch_size=a.batch_size,
                      pretrain_lr=a.lr, seed=a.seed, progress=not a.no_progress)
-    res = pretrain_base(cfg, Path(a.out))
+    res = pretrain_base(cfg, Path(a.out), overwrite=a.overwrite)
     print(f"pretrained {a.steps} steps in {res.seconds:.0f}s: validation loss {res.final['loss']:.3f} "
           f"-> {a.out}")
 
 
-def tokenizer_for(directory: str, model):
-    """The tokenizer stored beside a model, checked against the model's vocabulary."""
-    from .data import ByteTokenizer, load_tokenizer
-    tok = load_tokenizer(directory)
-    vocab = model.config.vocab_size
-    if isinstance(tok, ByteTokenizer) and vocab != tok.vocab_size:
-        raise ValueError(f"{directory} holds no tokenizer (tokenizer.json or minilora_tokenizer.json) for its "
-                         f"vocabulary of {vocab}")
-    if tok.vocab_size > vocab:
-        raise ValueError(f"the tokenizer in {directory} has {tok.vocab_size} ids, the model only {vocab}")
-    return tok
-
-
-def _instruction_data(a, tok, block_size: int):
-    from .data import InstructionSet, load_jsonl, split_examples, yoda_dataset
-    if a.data:
-        train_ex, val_ex = split_examples(load_jsonl(a.data), 0.1, seed=a.seed)
-    else:
-        train_ex, val_ex = yoda_dataset(a.n_train, a.n_val, seed=a.seed)
-    return InstructionSet(train_ex, tok, block_size), InstructionSet(val_ex, tok, block_size)
-
-
 def cmd_finetune(a) -> None:
-    from .demos.finetune import DemoConfig
-    from .gpt import GPT
-    from .train import TrainConfig, train
+    check_run_dir(a.out, "finetune", a.overwrite)  # before the model and the data are read
     dc = DemoConfig()
-    base = GPT.from_pretrained(a.base)
-    tok = tokenizer_for(a.base, base)
-    train_set, val_set = _instruction_data(a, tok, base.config.block_size)
     lr = a.lr if a.lr is not None else (dc.lr_full if a.mode == "full" else dc.lr_lora)
     cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=tuple(a.targets), lr=lr,
                       warmup_steps=a.warmup_steps, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                       gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,
                       device=a.device, eval_every=a.eval_every, save_every=a.save_every, out_dir=a.out,
-                      progress=not a.no_progress)
+                      overwrite=a.overwrite, progress=not a.no_progress)
+    data = load_jsonl(a.data) if a.data else None  # a bad file fails here, before the model is read
+    examples = split_examples(data, 0.1, seed=a.seed) if data else yoda_dataset(a.n_train, a.n_val, seed=a.seed)
+    base = GPT.from_pretrained(a.base)
+    tok = load_tokenizer(a.base, vocab_size=base.config.vocab_size)
+    train_set, val_set = (InstructionSet(ex, tok, base.config.block_size) for ex in examples)
     res = train(base, cfg, train_set, val_set, resume=a.resume)
-    from .distributed import is_main
     if not is_main():  # under torchrun, rank 0 alone saves and reports
         return
     if a.mode == "full":
@@ -186,43 +218,21 @@ def cmd_finetune(a) -> None:
 
 
 def cmd_generate(a) -> None:
-    import torch
-    from .adapters import load_adapter
-    from .data import prompt
-    from .gpt import GPT
-    model = GPT.from_pretrained(a.model)
-    tok = tokenizer_for(a.model, model)
-    if a.adapter:
-        if a.qlora:
-            import json
-            from .inject import find_targets
-            from .qlora import quantize_model, untied_linears
-            config = Path(a.adapter) / "adapter_config.json"
-            if not config.is_file():
-                raise FileNotFoundError(f"{config} not found")
-            targets = json.loads(config.read_text())["target_modules"]
-            quantize_model(model, untied_linears(model, find_targets(model, targets)), compute_dtype=torch.float32)
-        load_adapter(model, a.adapter)
-    elif a.qlora:
+    if a.qlora and not a.adapter:
         raise ValueError("--qlora needs --adapter")
     if a.prompt is not None and a.context is not None:
         raise ValueError("give either --prompt or --context, not both")
+    model = GPT.from_pretrained(a.model)
+    tok = load_tokenizer(a.model, vocab_size=model.config.vocab_size)
+    if a.adapter and a.qlora:
+        load_qlora_adapter(model, a.adapter, compute_dtype=torch.float32)
+    elif a.adapter:
+        load_adapter(model, a.adapter)
     text = a.prompt if a.prompt is not None else prompt(a.instruction, a.context or "")
-    ids = tok.encode(text)
-    n = max(0, min(a.max_new_tokens, model.config.block_size - len(ids)))
-    if a.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {a.temperature}")
-    g = torch.Generator().manual_seed(a.seed)
-    out = model.generate(torch.tensor([ids]), n, greedy=a.temperature == 0, temperature=a.temperature or 1.0,
-                         eos_token_id=tok.eos_id, generator=g)[0, len(ids):].tolist()
-    if tok.eos_id in out:
-        out = out[:out.index(tok.eos_id)]
-    print(tok.decode(out))
+    print(generate_text(model, tok, text, a.max_new_tokens, temperature=a.temperature, seed=a.seed))
 
 
 def cmd_memory(a) -> None:
-    from .gpt import GPT, GPTConfig
-    from .memory import estimate, format_table
     if a.model:
         cfg = GPT.from_pretrained(a.model).config
     else:
@@ -245,9 +255,6 @@ def cmd_memory(a) -> None:
 
 
 def _measure(cfg, mode: str, a, seq: int):
-    import torch
-    from .gpt import GPT
-    from .train import TrainConfig, measure_step_memory, prepare_model
     if a.dtype != "float32":
         raise ValueError("--measure trains a float32 model; leave --dtype at float32 to measure")
     n_params = 12 * cfg.n_layer * cfg.n_embd ** 2
@@ -267,13 +274,19 @@ COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "finetune": cmd_finetune
             "memory": cmd_memory}
 
 
+# Bad input, as the library reports it (CheckpointError, RunDirError and JSON/Unicode errors are ValueErrors;
+# a KeyError names a missing tensor or key). Anything else is a bug and keeps its traceback.
+BAD_INPUT = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
+             IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, ImportError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+    except BAD_INPUT as e:
+        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        print(f"error: {' '.join(msg.split())}", file=sys.stderr)  # one line, whatever the message holds
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

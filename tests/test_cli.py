@@ -19,9 +19,13 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
+    """Pretrained once, into a directory that already holds a user's file: --overwrite writes beside it."""
     out = tmp_path_factory.mktemp("base")
-    assert main(["pretrain", "--out", str(out), "--steps", "30", "--vocab-size", "300", "--no-progress", *TINY]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(["pretrain", "--out", str(out), "--steps", "30", "--vocab-size", "300", "--no-progress", "--overwrite",
+                 *TINY]) == 0
     assert {"config.json", "model.safetensors", "minilora_tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert (out / "notes.txt").read_text() == "mine"
     return out
 
 
@@ -142,17 +146,3 @@ def test_argparse_errors_and_no_traceback_from_the_module():
     r = subprocess.run([sys.executable, "-m", "minilora", "finetune", "--base", "/nope", "--out", "/tmp/x"],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: ")
-
-
-def test_demo_marks_qlora_skipped_when_quantization_is_missing(tmp_path, monkeypatch):
-    """Without minilora.qlora the QLoRA row says so instead of showing numbers it did not measure."""
-    import minilora.demos.finetune as demo
-    monkeypatch.setattr(demo, "quantize_available", lambda: False)
-    cfg = demo.DemoConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "cache"), modes=("qlora",),
-                          pretrain_steps=2, steps=2, n_train=4, n_val=2, vocab_size=300, n_layer=1, n_head=2,
-                          n_embd=32, block_size=160, progress=False)
-    summary = demo.run_demo(cfg, log=lambda *a: None)
-    row = summary["rows"][-1]
-    assert row["mode"] == "qlora" and "skipped" in row["skipped"] and "trainable" not in row
-    assert "skipped: minilora.qlora" in demo.format_table(summary["rows"])
-    assert summary["png"] is None
