@@ -78,3 +78,27 @@ def test_bad_config_and_input(tiny_gpt):
         tiny_gpt(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(FileNotFoundError, match="config.json"):
         GPT.from_pretrained("/nonexistent")
+
+
+def test_generate_text_greedy_sampled_and_a_prompt_without_room(tiny_config):
+    from minilora import ByteTokenizer
+    from minilora.generate import generate_text, respond
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=24, vocab_size=257, n_layer=1, n_head=2, n_embd=16)).eval()
+    tok = ByteTokenizer()
+    ids = tok.encode("abc")
+    expected = model.generate(torch.tensor([ids]), 5, greedy=True, eos_token_id=tok.eos_id)[0, 3:].tolist()
+    if tok.eos_id in expected:
+        expected = expected[:expected.index(tok.eos_id)]
+    assert generate_text(model, tok, "abc", 5) == tok.decode(expected)
+    a, b = (generate_text(model, tok, "abc", 8, temperature=5.0, seed=s) for s in (1, 1))
+    assert a == b  # the seed decides the sample
+    assert len(generate_text(model, tok, "x" * 20, 50)) <= 4  # the answer fits block_size (≤ 1 char per byte)
+    with pytest.raises(ValueError, match="prompt is 30 tokens; the model's block_size 24"):
+        generate_text(model, tok, "y" * 30, 5)
+    with pytest.raises(ValueError, match="prompt is 24 tokens"):
+        generate_text(model, tok, "y" * 24, 5)
+    with pytest.raises(ValueError, match="temperature"):
+        generate_text(model, tok, "abc", 5, temperature=-1.0)
+    with pytest.raises(ValueError, match="block_size 24"):
+        respond(model, tok, "z" * 40)
