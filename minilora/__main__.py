@@ -33,16 +33,21 @@ from .train import TrainConfig, measure_step_memory, prepare_model, train
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument as every other bad input: one line `error: ...`, exit status 2."""
-
     def error(self, message: str):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
-def _positive(v: str) -> int:
-    if not v.strip().isdigit() or int(v) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v!r}")
-    return int(v)
+def _int(least: int):
+    """An argparse type: an integer >= least."""
+    def parse(v: str) -> int:
+        if not v.strip().lstrip("+-").isdigit() or int(v) < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {v!r}")
+        return int(v)
+    return parse
+
+
+_positive, _count = _int(1), _int(0)
 
 
 def _number(expected: str, ok):
@@ -71,11 +76,9 @@ def _device(v: str) -> str:
         d = torch.device("meta")
     n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     have = {"cpu": True, "cuda": (d.index or 0) < n_cuda, "mps": torch.backends.mps.is_available()}
-    if d.type not in have:
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {v!r}")
-    if not have[d.type]:
-        raise argparse.ArgumentTypeError(f"{v!r} is not available: this PyTorch build sees {n_cuda} CUDA device(s)"
-                                         f"{'' if d.type == 'cuda' else ' and no MPS'}; use --device cpu")
+    if not have.get(d.type, False):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, one this machine has (this PyTorch "
+                                         f"sees {n_cuda} CUDA device(s){'' if have['mps'] else ', no MPS'}), got {v!r}")
     return v
 
 
@@ -94,7 +97,7 @@ def _lora_args(p: argparse.ArgumentParser, d) -> None:
 
 
 def _run_args(p: argparse.ArgumentParser, d) -> None:
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=_count, default=d.seed)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true",
                    help="write into --out even if it holds other files (nothing of theirs is deleted)")
@@ -136,13 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=dc.batch_size)
     p.add_argument("--grad-accum", type=_positive, default=tc.grad_accum)
     p.add_argument("--lr", type=_above_zero, default=None, help="default: %g full, %g LoRA/QLoRA" % (dc.lr_full, dc.lr_lora))
-    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--warmup-steps", type=_count, default=10)
     _lora_args(p, dc)
     p.add_argument("--dropout", type=_fraction, default=tc.dropout, help="LoRA dropout")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--paged", action="store_true", help="paged AdamW")
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--eval-every", type=_count, default=0)
+    p.add_argument("--save-every", type=_count, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or mps")
     _run_args(p, dc)
@@ -156,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="raw text to continue instead of an instruction prompt")
     p.add_argument("--max-new-tokens", type=_positive, default=60)
     p.add_argument("--temperature", type=_at_least_zero, default=0.0, help="0: greedy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count, default=0)
 
     p = sub.add_parser("memory", help="training-memory breakdown per mode (analytic; --measure runs one step)")
     p.add_argument("--model", default=None, help="take the shape from this model directory")
@@ -188,8 +191,7 @@ def cmd_pretrain(a) -> None:
                      block_size=a.block_size, pretrain_steps=a.steps, pretrain_batch_size=a.batch_size,
                      pretrain_lr=a.lr, seed=a.seed, progress=not a.no_progress)
     res = pretrain_base(cfg, Path(a.out), overwrite=a.overwrite)
-    print(f"pretrained {a.steps} steps in {res.seconds:.0f}s: validation loss {res.final['loss']:.3f} "
-          f"-> {a.out}")
+    print(f"pretrained {a.steps} steps in {res.seconds:.0f}s: validation loss {res.final['loss']:.3f} -> {a.out}")
 
 
 def cmd_finetune(a) -> None:
@@ -274,8 +276,7 @@ COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "finetune": cmd_finetune
             "memory": cmd_memory}
 
 
-# Bad input, as the library reports it (CheckpointError, RunDirError and JSON/Unicode errors are ValueErrors;
-# a KeyError names a missing tensor or key). Anything else is a bug and keeps its traceback.
+# Bad input as the library reports it (CheckpointError, RunDirError, JSON errors are ValueErrors); else a bug.
 BAD_INPUT = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
              IsADirectoryError, PermissionError)
 
