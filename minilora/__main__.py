@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 
@@ -190,7 +189,7 @@ def cmd_pretrain(a) -> None:
     cfg = DemoConfig(vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd,
                      block_size=a.block_size, pretrain_steps=a.steps, pretrain_batch_size=a.batch_size,
                      pretrain_lr=a.lr, seed=a.seed, progress=not a.no_progress)
-    res = pretrain_base(cfg, Path(a.out), overwrite=a.overwrite)
+    res = pretrain_base(cfg, a.out, overwrite=a.overwrite)
     print(f"pretrained {a.steps} steps in {res.seconds:.0f}s: validation loss {res.final['loss']:.3f} -> {a.out}")
 
 
@@ -209,10 +208,8 @@ def cmd_finetune(a) -> None:
     tok = load_tokenizer(a.base, vocab_size=base.config.vocab_size)
     train_set, val_set = (InstructionSet(ex, tok, base.config.block_size) for ex in examples)
     res = train(base, cfg, train_set, val_set, resume=a.resume)
-    if not is_main():  # under torchrun, rank 0 alone saves and reports
+    if not is_main():  # under torchrun, rank 0 alone reports (train wrote <out>/model with its tokenizer)
         return
-    if a.mode == "full":
-        tok.save(Path(a.out) / "model")
     ev = res.final
     print(f"{a.mode}: {res.params}")
     print(f"step {len(res.losses)}: train loss {res.losses[-1]:.4f}, validation loss {ev['loss']:.4f}, "

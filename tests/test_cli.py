@@ -67,7 +67,7 @@ def test_lora_finetune_then_generate_with_the_adapter(base, tmp_path, capsys):
     with_adapter = capsys.readouterr().out
     from minilora import GPT, load_adapter
     from minilora.data import load_tokenizer
-    from minilora.train import respond
+    from minilora.generate import respond
     model = load_adapter(GPT.from_pretrained(base), tmp_path / "adapter")
     expected = respond(model, load_tokenizer(base), "Say it like Yoda.", "You must learn patience.", 5)
     assert with_adapter == expected + "\n"
