@@ -181,6 +181,8 @@ def test_jsonl_that_is_not_utf8_or_not_a_file(tmp_path):
         load_jsonl(path)
     with pytest.raises(ValueError, match="is a directory"):
         load_jsonl(tmp_path)
+    path.write_bytes(b'\xef\xbb\xbf{"instruction": "x", "output": "y"}\n')  # UTF-8 with a byte-order mark
+    assert load_jsonl(path) == [Example("x", "", "y")]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         load_jsonl(tmp_path / "missing.jsonl")
 
@@ -192,7 +194,7 @@ def test_jsonl_that_is_not_utf8_or_not_a_file(tmp_path):
     ("minilora_tokenizer.json", '{"type": "bpe", "merges": {"a": 1}}', "needs 'merges'.*is a dict"),
     ("minilora_tokenizer.json", '{"type": "bpe", "merges": [[104, "e"]]}', "merge 0 must be a pair"),
     ("minilora_tokenizer.json", '{"type": "bpe", "merges": [[104, 999]]}', "refers to an id"),
-    ("minilora_tokenizer.json", '{"type": "bpe", "vocab_size": 300, "merges": [[104, 101]]}', "vocab_size is 300"),
+    ("minilora_tokenizer.json", '{"type": "bpe", "vocab_size": 300, "merges": [[104, 101]]}', "vocab_size is 300, but the tokenizer it describes has vocab_size 258"),
     ("minilora_tokenizer.json", '[1]', "expected a JSON object"),
     ("tokenizer.json", "garbage", "not valid JSON"),
     ("tokenizer.json", '{"version": "1.0", "model": {', "not valid JSON"),

@@ -130,7 +130,7 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
                                  f"{e.start + 1})") from None

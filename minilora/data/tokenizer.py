@@ -249,7 +249,8 @@ def _from_meta(meta: Path) -> Tokenizer:
         raise ValueError(f"{meta}: unknown tokenizer type {kind!r} (expected 'bpe' or 'bytes')")
     for key in ("vocab_size", "eos_id"):  # written by save(): a mismatch means the file was altered
         if key in info and info[key] != getattr(tok, key):
-            raise ValueError(f"{meta}: {key} is {info[key]!r}, but its merges give {getattr(tok, key)}")
+            raise ValueError(f"{meta}: {key} is {info[key]!r}, but the tokenizer it describes has "
+                             f"{key} {getattr(tok, key)}")
     return tok
 
 
