@@ -1,6 +1,8 @@
 """Byte-for-byte agreement with bitsandbytes (CPU) and the saved-weight interchange, both ways."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed: no reference to compare")
 from bitsandbytes.functional import QuantState as BnbQuantState  # noqa: E402
@@ -97,3 +99,46 @@ def test_import_errors_are_clear():
         from_bnb_state_dict({"weight": torch.zeros(2, dtype=torch.uint8)})
     with pytest.raises(ValueError, match="NF4"):
         to_bnb_state_dict(quantize_4bit(torch.randn(64), fp4_code()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), e=st.integers(-45, 0), blocks=st.integers(1, 700), blocksize=st.sampled_from([32, 64, 256]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_every_finite_input_quantizes_equal_to_bitsandbytes_where_it_is_finite(seed, e, blocks, blocksize, dtype):
+    # magnitudes from subnormal to the dtype's maximum: bitsandbytes' float32 mean of the block maxima overflows for
+    # the largest ones (its offset and nested absmax become inf, its output NaN); ours stays finite there
+    g = torch.Generator().manual_seed(seed)
+    top = torch.finfo(dtype).max
+    x = (torch.randn(blocks * blocksize - seed % blocksize, generator=g) * (top * 10.0 ** e / 4)).clamp(-top, top)
+    x = x.to(dtype)
+    ours = quantize_nf4(x, blocksize=blocksize)
+    assert torch.isfinite(ours.offset) and torch.isfinite(ours.nested_absmax).all()
+    packed, ref = F.quantize_4bit(x, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+    if torch.isfinite(ref.offset) and torch.isfinite(ref.state2.absmax).all():
+        assert torch.equal(ours.packed, packed.view(-1)) and torch.equal(ours.absmax, ref.absmax)
+        assert torch.equal(ours.offset, ref.offset) and torch.equal(ours.nested_absmax, ref.state2.absmax)
+        theirs = F.dequantize_4bit(packed, ref).reshape(x.shape)
+        assert torch.equal(dequantize_nf4(ours), theirs)
+    else:
+        assert float(x.float().abs().max()) > 1e36  # only where the float32 sum of block maxima overflows
+
+
+@pytest.mark.parametrize("c", [1e-37, 5e-39, 2.9e-39, 1e-40, 1e-45])
+def test_nested_8bit_codes_of_tiny_groups_equal_bitsandbytes(c):
+    # 1/c has no floor in bitsandbytes' 8-bit rule: inf below 2.9e-39, where y · inf clamps to ±1 and 0 · inf -> 0
+    from minilora.quant import dynamic_code
+    from minilora.quant.double import quantize_blockwise_8bit
+    y = torch.tensor([-c, 0.0, c / 2, c, c / 3, -c / 7] + [0.0] * 250 + [c, -c / 2])
+    q, state = F.quantize_blockwise(y, code=dynamic_code(), blocksize=256)
+    ours, c2 = quantize_blockwise_8bit(y, dynamic_code(), 256)
+    assert torch.equal(ours, q) and torch.equal(c2, state.absmax)
+
+
+@pytest.mark.parametrize("n", [31, 100, 64 * 5 + 1])
+def test_an_all_zero_ragged_block_equals_bitsandbytes(n):
+    x = torch.zeros(n)  # bitsandbytes stores max(absmax, 1e-38) for a ragged last block
+    packed, ref = F.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours = quantize_nf4(x)
+    assert torch.equal(ours.packed, packed.view(-1)) and torch.equal(ours.absmax, ref.absmax)
+    assert torch.equal(ours.offset, ref.offset) and torch.equal(ours.nested_absmax, ref.state2.absmax)
+    assert torch.equal(dequantize_nf4(ours), F.dequantize_4bit(packed, ref).reshape(n))

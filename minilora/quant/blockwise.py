@@ -10,8 +10,8 @@ For block b of `blocksize` consecutive elements (the flattened tensor; a ragged 
                                                  padded with the code of 0)
     w_j      = code[q_j] · absmax_b             (dequantize, in float32, then cast to the dtype)
 
-This is bitsandbytes' 4-bit layout, byte for byte (its ragged last block divides, x / absmax, and so
-does this one). Outlier elements only stretch their own block's scale.
+This is bitsandbytes' 4-bit layout, byte for byte (its ragged last block divides, x / absmax, and stores
+max(absmax, TINY) as its absmax; so does this one). Outlier elements only stretch their own block's scale.
 
 The public functions hand the work to the CPU speed path (quant/fast/, same bytes, proven equal by
 tests/test_quant_fast.py) unless it is switched off; quantize_blocks / dequantize_blocks are the reference.
@@ -46,10 +46,10 @@ def quantize_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     blocks = x[:full].view(-1, blocksize)                              # (full blocks, blocksize)
     absmax = blocks.abs().amax(1)
     s = (blocks * (1.0 / absmax.clamp(min=TINY))[:, None]).view(-1)
-    if full < n:                                                       # the ragged last block divides
-        tail_absmax = x[full:].abs().amax(0, keepdim=True)
+    if full < n:                     # the ragged last block divides, and stores its absmax clamped to TINY
+        tail_absmax = x[full:].abs().amax(0, keepdim=True).clamp(min=TINY)
         absmax = torch.cat([absmax, tail_absmax])
-        s = torch.cat([s, x[full:] / tail_absmax.clamp(min=TINY)])
+        s = torch.cat([s, x[full:] / tail_absmax])
     check_finite(absmax)
     mids = midpoints(code).to(x.device)
     q = torch.bucketize(s, mids)                                       # number of midpoints below s

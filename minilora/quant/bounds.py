@@ -38,10 +38,14 @@ _CAST = {torch.float32: (0.0, 0.0), torch.float16: (2.0 ** -11, 2.0 ** -25), tor
 
 
 def block_absmax(x: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """True float32 absmax of each block of the flattened x (ragged last block included)."""
+    """Float32 absmax of each block of the flattened x as the format stores it: the true maximum of |x|, except
+    that a ragged last block stores max(absmax, TINY) (as bitsandbytes does)."""
     flat = x.detach().reshape(-1).float()
     pad = (-flat.numel()) % blocksize
-    return torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize).abs().amax(1)
+    a = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize).abs().amax(1)
+    if pad:
+        a[-1:] = a[-1:].clamp(min=TINY)
+    return a
 
 
 def absmax_error_bound(state: QuantState) -> torch.Tensor:

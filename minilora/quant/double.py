@@ -15,7 +15,8 @@ a grid of 65536 points over [-1, 1], k = trunc((s + 1)/2 · 65535 + 0.5), and a 
 the code nearest to the grid point g_k = 2k/65535 - 1 (the number of code midpoints below g_k). So
 |s - code| <= G8/2 + 1/65535, where G8 = 0.9/64 is the largest gap of the dynamic map; codes closer
 together than the grid step (only near 0) are not told apart. A group whose values are all 0 (c2 = 0)
-gets index 0; its values dequantize to exactly the offset.
+gets index 0; its values dequantize to exactly the offset. As in bitsandbytes, 1/c2 has no floor: below
+c2 = 2.9e-39 it is inf, y · inf clamps to ±1, and 0 · inf (NaN) gets index 0.
 
 Error of the dequantized absmax: |a'_i - a_i| <= c2 · (G8/2 + 1/65535) + float32 rounding (bounds.py).
 
@@ -31,7 +32,7 @@ import torch
 
 from .blockwise import fast_path
 from .codebooks import dynamic_code
-from .format import NESTED_BLOCKSIZE, TINY, check_blocksize
+from .format import NESTED_BLOCKSIZE, check_blocksize
 from .int8 import dequantize_int8, quantize_int8
 
 GRID = 65535  # the 8-bit grid has GRID + 1 points, 2/GRID apart
@@ -50,8 +51,9 @@ def grid_table(code_values: tuple[float, ...]) -> torch.Tensor:
 def quantize_rows(rows: torch.Tensor, table: torch.Tensor, q_out: torch.Tensor, c_out: torch.Tensor) -> None:
     """One group per row: c = max |row|, q = table[trunc((clamp(row · (1/c), -1, 1) + 1)/2 · GRID + 0.5)]."""
     c = torch.amax(rows.abs(), 1, out=c_out)                                 # (groups,)
-    inv = torch.where(c > 0, 1 / c.clamp(min=TINY), 0.0)[:, None]
-    t = (rows * inv).clamp_(-1, 1).add_(1).mul_(0.5)                         # float32, as the reference
+    inv = torch.where(c > 0, 1 / c, 0.0)[:, None]                           # no floor: inf for c < 2.9e-39
+    t = (rows * inv).clamp_(-1, 1).nan_to_num_(nan=-1.0)                    # 0 · inf = NaN gets index 0
+    t = t.add_(1).mul_(0.5)                                                  # float32, as the reference
     # t · GRID + 0.5 with one rounding (a fused multiply-add): exact in float64 since t is a multiple of
     # 2^-25 below 1, then rounded once to float32; float -> int truncates.
     k = t.double().mul_(GRID).add_(0.5).float().to(torch.int32)
