@@ -253,15 +253,15 @@ def identity(model: nn.Module, train_data, val_data=None) -> dict:
     probe = "The quick brown fox, 1234 (jumps)!\n"
     tokenizer = None if tok is None else {"class": type(tok).__name__, "vocab_size": tok.vocab_size,
                                           "eos_id": tok.eos_id, "probe": list(tok.encode(probe))}
-    return json.loads(json.dumps({
-        "data": data_fingerprint(train_data), "val_data": None if val_data is None else data_fingerprint(val_data),
-        "model": config, "adapter": adapters, "tokenizer": tokenizer, "frozen": fingerprint(model)}))
+    return json.loads(json.dumps({  # checked in this order: the most telling difference is named first
+        "model": config, "adapter": adapters, "tokenizer": tokenizer, "data": data_fingerprint(train_data),
+        "val_data": None if val_data is None else data_fingerprint(val_data), "frozen": fingerprint(model)}))
 
 
 def first_difference(saved: Any, now: Any, name: str) -> tuple[str, Any, Any] | None:
     """(dotted name, saved value, current value) of the first place two JSON values differ, or None."""
     if isinstance(saved, dict) and isinstance(now, dict):
-        for k in sorted(set(saved) | set(now)):
+        for k in [*now, *(k for k in saved if k not in now)]:  # in the order of the current run's fields
             d = first_difference(saved.get(k), now.get(k), f"{name}.{k}" if name else k)
             if d:
                 return d

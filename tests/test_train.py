@@ -1,5 +1,6 @@
 """The trainer end to end at tiny sizes: full / LoRA / QLoRA learn, resume is bit-exact, checkpoints are safe."""
 import json
+import math
 import os
 
 import pytest
@@ -232,3 +233,90 @@ def test_loss_curve_plot_smooths_and_checks_its_input():
         plot_loss_curves({})
     with pytest.raises(ValueError, match="window"):
         smooth([1.0], 0)
+
+
+# ----- what a resume checks (issue 13, item 8) -----
+
+def test_resume_refuses_other_data_model_or_tokenizer_naming_it(setup, tmp_path):
+    tok, config, _, data = setup
+    out = str(tmp_path)
+    train(fresh(setup), tiny(steps=2, out_dir=out), data, data)
+    fewer = InstructionSet(data.examples[:7], tok, 64)  # another --data / --n-train
+    with pytest.raises(CheckpointError, match="other training data"):
+        train(fresh(setup), tiny(steps=2, out_dir=out), fewer, data, resume=True)
+    with pytest.raises(CheckpointError, match="other validation data"):
+        train(fresh(setup), tiny(steps=2, out_dir=out), data, fewer, resume=True)
+    other_tok = BPETokenizer.train(" ".join(e.context for e in data.examples), 300)
+    with pytest.raises(CheckpointError, match="tokenizer.vocab_size=400, this run has tokenizer.vocab_size=300"):
+        train(fresh(setup), tiny(steps=2, out_dir=out), InstructionSet(data.examples, other_tok, 192), data,
+              resume=True)
+    wider = GPT(GPTConfig(**{**config.__dict__, "block_size": 96}))
+    with pytest.raises(CheckpointError, match="model.block_size=64, this run has model.block_size=96"):
+        train(wider, tiny(steps=2, out_dir=out), data, data, resume=True)
+    with pytest.raises(CheckpointError, match="targets=\\['c_attn', 'c_proj', 'c_fc'\\], this run has targets=\\['c_attn'\\]"):
+        train(fresh(setup), tiny(steps=2, targets=("c_attn",), out_dir=out), data, data, resume=True)
+    again = train(fresh(setup), tiny(steps=2, out_dir=out), data, data, resume=True)  # the same run: accepted
+    assert len(again.losses) == 2
+
+
+def _edit_state(path, edit):
+    state = json.loads((path / "checkpoint" / "state.json").read_text())
+    edit(state)
+    (path / "checkpoint" / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.update(files={}), "'files' must give the sha256 of exactly"),  # no longer switches hashing off
+    (lambda s: s["files"].pop("rng.safetensors"), "'files' must give"),
+    (lambda s: s.update(step=-3), "step=-3"),
+    (lambda s: s.pop("history"), "lacks the key 'history'"),
+    (lambda s: s["history"].pop("tokens"), "lacks the key 'history.tokens'"),
+    (lambda s: s.update(step="2"), "step='2', expected int"),
+    (lambda s: s["history"]["losses"].__setitem__(0, 0.5), "integrity hash"),  # schema-valid, but edited
+    (lambda s: s["run"].update(lr=0.5), "integrity hash"),
+    (lambda s: s.pop("integrity"), "lacks the key 'integrity'"),
+])
+def test_state_json_is_validated_and_covered_by_its_hash(setup, tmp_path, edit, match):
+    _, _, _, data = setup
+    train(fresh(setup), tiny(steps=2, out_dir=str(tmp_path)), data)
+    _edit_state(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=match):
+        train(fresh(setup), tiny(steps=2, out_dir=str(tmp_path)), data, resume=True)
+
+
+# ----- non-finite settings and a diverging run (issue 13, item 9) -----
+
+@pytest.mark.parametrize("field", ["lr", "alpha", "eps", "dropout", "min_lr_ratio", "grad_clip", "weight_decay"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, "1e-3"])
+def test_non_finite_or_negative_settings_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} must be a finite number"):
+        TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match="TrainConfig.lr must be a finite number > 0"):
+        TrainConfig(lr=0.0)
+    with pytest.raises(ValueError, match="TrainConfig.betas"):
+        TrainConfig(betas=(0.9, 1.0))
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+    from minilora.train import TrainingDiverged
+    _, _, _, data = setup
+    good = {}
+
+    def poison(step, loss):  # after the checkpoint of step 2, a weight turns NaN (as an overflow would)
+        if step == 2:
+            good["state"] = (tmp_path / "checkpoint" / "state.json").read_bytes()
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if n.endswith("lora_B")).fill_(float("nan"))
+    model = fresh(setup)
+    with pytest.raises(TrainingDiverged, match="diverged at step 3: the loss is nan"):
+        train(model, tiny(steps=6, save_every=1, out_dir=str(tmp_path)), data, callback=poison)
+    assert (tmp_path / "checkpoint" / "state.json").read_bytes() == good["state"]
+    assert json.loads(good["state"])["step"] == 2
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "metrics.json").exists()
+    resumed = train(fresh(setup), tiny(steps=6, save_every=1, out_dir=str(tmp_path)), data, resume=True)
+    assert all(math.isfinite(x) for x in resumed.losses) and len(resumed.losses) == 6
+
+    # a learning rate that is finite but absurd: the weights overflow, the run stops with the same error
+    with pytest.raises(TrainingDiverged, match="diverged at step"):
+        train(fresh(setup), tiny(mode="full", lr=1e30, steps=20, out_dir=str(tmp_path / "big")), data)
+    assert not (tmp_path / "big" / "model").exists() and not (tmp_path / "big" / "metrics.json").exists()
