@@ -129,6 +129,10 @@ class PagedAdamW(torch.optim.Optimizer):
         self.pager.grow(-(-self.n_elements // self.page_elems))
         return state
 
+    def _paged(self, p: torch.Tensor) -> bool:
+        """Whether p's state lives in the pages (here always; PagedAdamW8bit keeps small tensors apart)."""
+        return True
+
     def _units(self) -> list[tuple]:
         """Work units (param, group, page ids), in update order, with at most half the budget's pages each
         so the next unit can be prefetched beside the current one."""
@@ -138,7 +142,7 @@ class PagedAdamW(torch.optim.Optimizer):
         units = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None or p.numel() == 0:
+                if p.grad is None or p.numel() == 0 or not self._paged(p):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("PagedAdamW does not support sparse gradients")

@@ -94,32 +94,23 @@ class PagedAdamW8bit(PagedAdamW):
         for p in {id(u[0]): u[0] for u in units}.values():
             self.state[p]["step"] += 1
         E = self.page_elems
-        for i, (p, group, pids) in enumerate(units):
-            pages = self.pager.acquire(pids)
-            if self.prefetch and i + 1 < len(units):
-                self.pager.prefetch(units[i + 1][2])
-            off, n = self.state[p]["offset"], p.numel()
-            flat_p = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
-            spans, moments = [], []
-            for pid, page in zip(pids, pages):
-                a, b = max(pid * E, off), min((pid + 1) * E, off + n)  # block-aligned at a
+        for p, group, flat_p, spans in self._resident(units):
+            blocks, moments = [], []
+            for _, q, page in spans:  # q starts on a block boundary; the last block may be ragged
                 views = page_views(page, E)
-                q, blocks = slice(a - pid * E, b - pid * E), slice((a - pid * E) // BLOCK, -(-(b - pid * E) // BLOCK))
-                spans.append((slice(a - off, b - off), q, blocks, views))
+                blocks.append((q, slice(q.start // BLOCK, -(-q.stop // BLOCK)), views))
                 moments.append([dequantize_blockwise_8bit(Blockwise8bitState(
-                    views[f"{key}_codes"][q], views[f"{key}_absmax"][blocks], BLOCK, signed, torch.float32))
+                    views[f"{key}_codes"][q], views[f"{key}_absmax"][blocks[-1][1]], BLOCK, signed, torch.float32))
                     for key, signed in (("exp_avg", True), ("exp_avg_sq", False))])
-            adamw_update_([flat_p[s[0]] for s in spans], [p.grad.reshape(-1)[s[0]] for s in spans],
+            flat_g = p.grad.reshape(-1)
+            adamw_update_([flat_p[s] for s, _, _ in spans], [flat_g[s] for s, _, _ in spans],
                           [m for m, _ in moments], [v for _, v in moments], self.state[p]["step"].item(),
                           group["lr"], *group["betas"], group["eps"], group["weight_decay"])
-            for (_, q, blocks, views), (m, v) in zip(spans, moments):
+            for (q, b, views), (m, v) in zip(blocks, moments):
                 for key, value, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
                     state = quantize_blockwise_8bit(value, BLOCK, signed)
                     views[f"{key}_codes"][q] = state.codes
-                    views[f"{key}_absmax"][blocks] = state.absmax
-            if not p.is_contiguous():
-                p.copy_(flat_p.view_as(p))
-            self.pager.release(pids, keep=units[i + 1][2] if i + 1 < len(units) else ())
+                    views[f"{key}_absmax"][b] = state.absmax
         return loss
 
     # ----- saving and resuming: AdamW8bit's layout -----

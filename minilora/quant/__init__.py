@@ -3,6 +3,7 @@
     int8 absmax          quantize_int8 / dequantize_int8                  X_int8 = round(127/absmax · X)
     codebooks            nf4_code, fp4_code, int4_code, dynamic_code      the tables, derived in code
     blockwise 4-bit      quantize_blockwise_4bit / dequantize_blockwise_4bit (any codebook)
+    8-bit blockwise      quantize_blockwise_8bit / dequantize_blockwise_8bit  (signed / unsigned dynamic maps)
     double quantization  quantize_absmax / dequantize_absmax_8bit; int8 teaching mode double_quantize_int8
     QuantState           quantize_nf4 / dequantize_nf4 (nf4.py), nbytes, bits_per_param, dequantize_absmax
     interchange          to_bnb_state_dict / from_bnb_state_dict          bitsandbytes / HF checkpoint layout
@@ -24,6 +25,7 @@ from .nf4 import dequantize_4bit, dequantize_absmax, dequantize_nf4, quantize_4b
 from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from .bounds import error_bound_4bit, error_bound_int8
 from .error_tables import FORMATS, error_table, roundtrip_errors
+from .blockwise8bit import Blockwise8bitState, dequantize_blockwise_8bit, quantize_blockwise_8bit
 
 __all__ = [
     "nf4_code", "fp4_code", "int4_code", "dynamic_code", "get_code", "max_gap",
@@ -33,4 +35,5 @@ __all__ = [
     "QuantState", "quantize_4bit", "dequantize_4bit", "quantize_nf4", "dequantize_nf4", "dequantize_absmax",
     "to_bnb_state_dict", "from_bnb_state_dict", "error_bound_4bit", "error_bound_int8",
     "roundtrip_errors", "error_table",
+    "Blockwise8bitState", "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
 ]
