@@ -42,7 +42,10 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 
 def dequantize_absmax(state: QuantState) -> torch.Tensor:
     """Per-block absmax in float32, with double quantization undone: c1' = dequant(c2, c1_8bit) + offset."""
-    check_state(state)
+    return _absmax(check_state(state))
+
+
+def _absmax(state: QuantState) -> torch.Tensor:
     if not state.double_quant:
         return state.absmax.float()
     return dequantize_absmax_8bit(state.absmax, state.offset.float().reshape(()), state.nested_absmax.float(),
@@ -53,7 +56,7 @@ def dequantize_4bit(state: QuantState, dtype: torch.dtype | None = None) -> torc
     """doubleDequant(c1, c2, W_4bit) = code[W_4bit] · dequant(c2, c1): the tensor in its original shape, in its
     original dtype or in `dtype` (computed in float32 and rounded once, as a cast of the float32 result would be)."""
     check_state(state)
-    return dequantize_blockwise_4bit(state.packed, dequantize_absmax(state), state.code, state.blocksize,
+    return dequantize_blockwise_4bit(state.packed, _absmax(state), state.code, state.blocksize,
                                      state.shape, state.dtype if dtype is None else dtype)
 
 
