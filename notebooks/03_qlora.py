@@ -18,17 +18,18 @@
 #     Y = X · doubleDequant(c1, c2, W_nf4)ᵀ + (α/r) · X · Aᵀ · Bᵀ
 #
 # This notebook opens the layer up: what it stores, what its forward and backward compute, which tensors
-# autograd keeps and which it recomputes, and the Triton kernel that fuses dequantization into the matmul.
-# The kernel runs here on the CPU under Triton's interpreter, which must be switched on before Triton is
-# imported — hence the first cell.
-
-# %%
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+# autograd keeps and which it recomputes, why the computation runs in bf16 rather than fp16, and the Triton
+# kernel that fuses dequantization into the matmul. The kernel runs here on the CPU under Triton's interpreter.
+# Nothing has to be set for that: `minilora.kernels` imports a second copy of its kernel modules with the
+# interpreter switched on and uses it for CPU tensors, while CUDA tensors get the compiled kernels
+# (`kernels/_runtime.py`), so the import order does not matter.
+#
+# Every sentence that states a number, an ordering or a comparison is followed by a cell that asserts it.
 
 # %%
 import inspect
+import math
+import os
 
 import torch
 import torch.nn as nn
@@ -37,8 +38,10 @@ from minilora import GPT, GPTConfig, add_lora, count_parameters, measure_saved_a
 from minilora.qlora import NF4Linear, QLoRALinear, quantize_model
 from minilora.quant import dequantize_nf4, quantize_nf4
 import minilora.kernels as K
+from minilora.kernels import configs
 
 torch.manual_seed(0)
+print("TRITON_INTERPRET in this kernel's environment:", os.environ.get("TRITON_INTERPRET", "not set"))
 
 # %% [markdown]
 # ## What the layer stores
@@ -58,14 +61,21 @@ print(f"weight as NF4 : {layer.base_layer.quantized_nbytes:>9,} bytes ({state.bi
 for name in ("packed", "absmax", "nested_absmax", "offset"):
     t = getattr(layer.base_layer, name)
     print(f"    {name:<14} {str(t.dtype).removeprefix('torch.'):<8} {tuple(t.shape)}")
-print(count_parameters(layer))
+pc = count_parameters(layer)
+print(pc)
+assert pc.trainable == 8 * (512 + 1024) and [n for n, p in layer.named_parameters() if p.requires_grad] == \
+    ["lora_A", "lora_B"], "claim broke: A and B (r·(in + out) numbers) are the only parameters that train"
+assert abs(state.bits_per_param - 4.127) < 0.001, f"claim broke: 4.127 bits per weight ({state.bits_per_param:.4f})"
+assert layer.base_layer.quantized_nbytes < 0.27 * 2 * n, "claim broke: NF4 takes about a quarter of bf16's bytes"
 
 # %% [markdown]
 # ## Forward and backward
 #
 # The forward is the formula above. In backward only A and B receive gradients (the NF4 weight is a buffer,
 # not a parameter), and the input gradient needs W again: dX = dY · W. Checked against the same computation
-# written out with a dense copy of the dequantized weight:
+# written out with a dense copy of the dequantized weight (equal to fp32 rounding, 1e-4), and the 4-bit
+# quantization error of the output against the original fp32 layer: 5 to 15 % here, because a fresh
+# `nn.Linear`'s weights are uniform, not the normal distribution NF4 is built for:
 
 # %%
 with torch.no_grad():
@@ -87,6 +97,13 @@ print("max |dB − reference|       :", (layer.lora_B.grad - B.grad).abs().max()
 print("quantization error of Y vs the original fp32 layer:",
       f"{((layer.base_layer(x) - dense(x)).norm() / dense(x).norm()).item():.3%} (relative)")
 print("tensors that got a gradient:", [n for n, p in layer.named_parameters() if p.grad is not None])
+for what, a, b in (("Y", y, y_ref), ("dX", x.grad, x_ref.grad), ("dA", layer.lora_A.grad, A.grad),
+                   ("dB", layer.lora_B.grad, B.grad)):
+    assert (a - b).abs().max() < 1e-4, f"claim broke: {what} equals the dense reference"
+assert [n for n, p in layer.named_parameters() if p.grad is not None] == ["lora_A", "lora_B"], \
+    "claim broke: only A and B receive gradients"
+q_err = ((layer.base_layer(x) - dense(x)).norm() / dense(x).norm()).item()
+assert 0.05 < q_err < 0.15, f"claim broke: the 4-bit error of Y is 5 to 15 % ({q_err:.3%})"
 
 # %% [markdown]
 # ## What autograd keeps, and what it recomputes
@@ -118,12 +135,30 @@ def naive(x):
 
 
 x = torch.randn(6, 512, requires_grad=True)
+saved = {}
 for title, fn in (("dequantize, then x @ W.T", lambda: naive(x)), ("minilora QLoRALinear", lambda: layer(x))):
     rows = saved_for_backward(fn)
+    saved[title] = rows
     new = sum(b for *_, b, old in rows if not old)
     print(f"{title}: {new:,} new bytes saved")
     for shape, dtype, nbytes, old in rows:
         print(f"    {str(shape):<14} {dtype:<8} {nbytes:>9,} bytes{'  (already stored: the layer itself)' if old else ''}")
+
+# %% [markdown]
+# The naive version keeps a dense fp32 copy of W (1024 × 512, as its transpose, 2 MiB) for backward; minilora's keeps no new
+# tensor of W's size — only the input, the small x·Aᵀ and the layer's own stored tensors — and saves at least
+# 2 MiB less:
+
+# %%
+W_shape, W_bytes = (1024, 512), 4 * 1024 * 512
+naive_rows, ours_rows = saved["dequantize, then x @ W.T"], saved["minilora QLoRALinear"]
+assert any(math.prod(sh) == math.prod(W_shape) and dt == "float32" and not old for sh, dt, _, old in naive_rows), \
+    "claim broke: the naive version keeps a dense fp32 W (or its transpose)"
+assert not any(math.prod(sh) >= 1024 * 512 and not old for sh, _, _, old in ours_rows), \
+    "claim broke: minilora keeps no new tensor of W's size"
+new_naive = sum(b for *_, b, old in naive_rows if not old)
+new_ours = sum(b for *_, b, old in ours_rows if not old)
+assert new_naive - new_ours >= W_bytes, f"claim broke: minilora saves at least a dense W less ({new_naive - new_ours:,})"
 
 # %% [markdown]
 # The same on a whole GPT: quantize every linear layer of the blocks, add adapters, and compare with LoRA on the
@@ -149,6 +184,78 @@ for name, model in (("LoRA, fp32 base", lora_gpt), ("QLoRA, NF4 base", qlora_gpt
 print(f"weights {w_l / w_q:.2f}× smaller (embeddings and norms stay fp32); saved activations: "
       f"{'identical' if a_l == a_q else f'{a_q / a_l:.3f}×'}")
 print(count_parameters(qlora_gpt))
+assert w_q < w_l / 2, "claim broke: the stored weights shrink (more than 2× here)"
+assert abs(a_q / a_l - 1) < 0.01, f"claim broke: QLoRA saves the same activations as LoRA ({a_q / a_l:.3f}×)"
+
+# %% [markdown]
+# ## bf16, not fp16: why QLoRA computes in bfloat16
+#
+# Both are 16-bit floats. fp16 spends 5 bits on the exponent and 10 on the mantissa; bf16 spends 8 on the
+# exponent — as many as fp32 — and 7 on the mantissa. So bf16 has fp32's range (up to about 3.4·10³⁸) with
+# less precision (unit roundoff 2⁻⁸ against fp16's 2⁻¹¹), and fp16 has more precision in a narrow range: its
+# largest number is 65,504, and below 6·10⁻⁸ everything becomes 0.
+
+# %%
+print(f"{'dtype':<9} {'bits':>4} {'largest':>12} {'smallest normal':>16} {'eps (1 to next)':>16}")
+for dt in (torch.float32, torch.float16, torch.bfloat16):
+    fi = torch.finfo(dt)
+    print(f"{str(dt).removeprefix('torch.'):<9} {fi.bits:>4} {fi.max:>12.4g} {fi.tiny:>16.4g} {fi.eps:>16.4g}")
+f16, b16, f32 = torch.finfo(torch.float16), torch.finfo(torch.bfloat16), torch.finfo(torch.float32)
+assert f16.bits == b16.bits == 16, "claim broke: both are 16-bit"
+assert f16.max == 65504 and b16.max > 3e38 and abs(b16.max / f32.max - 1) < 0.01, "claim broke: the ranges"
+assert b16.eps == 2 ** -7 and f16.eps == 2 ** -10, "claim broke: 7 and 10 mantissa bits (unit roundoff 2^-8, 2^-11)"
+
+big = torch.tensor([65504.0, 65519.0, 65520.0, 70000.0, 1e6])
+tiny = torch.tensor([1e-4, 1e-6, 1e-8, 1e-20])
+print("large values as fp16:", big.half().tolist())
+print("large values as bf16:", big.bfloat16().float().tolist())
+print("small values as fp16:", tiny.half().float().tolist())
+print("small values as bf16:", tiny.bfloat16().float().tolist())
+print("1 + 2^-8 as fp16 / bf16:", torch.tensor(1 + 2 ** -8).half().item(), "/", torch.tensor(1 + 2 ** -8).bfloat16().item())
+assert big.half()[:2].tolist() == [65504.0, 65504.0] and torch.isinf(big.half()[2:]).all(), \
+    "claim broke: fp16 overflows to inf from 65,520 up (65,504 is its largest number)"
+assert torch.isfinite(big.bfloat16()).all(), "claim broke: bf16 holds them"
+assert tiny.half()[2:].eq(0).all() and tiny.bfloat16().ne(0).all(), "claim broke: fp16 flushes 1e-8 to 0, bf16 does not"
+assert torch.tensor(1 + 2 ** -8).bfloat16().item() == 1.0 != torch.tensor(1 + 2 ** -8).half().item(), \
+    "claim broke: bf16 cannot tell 1 + 2^-8 from 1, fp16 can"
+
+# %% [markdown]
+# In training, the range matters more than the last bits: a large activation (a matmul over 4,096 inputs of
+# size 20 reaches 81,920) overflows in fp16 and the inf spreads through every later layer, and small
+# gradients underflow to 0 — fp16 training needs loss scaling to dodge both. bf16 has neither problem, so
+# QLoRA (Dettmers et al. 2023) computes in bf16: the lecture's "BF16 in QLoRA, FP16 in LoRA". The precision it
+# gives up is small next to the 4-bit weights' own error (notebook 2).
+
+# %%
+xs = torch.full((1, 4096), 20.0)
+ws = torch.ones(8, 4096)
+y_f16, y_b16 = xs.half() @ ws.half().T, xs.bfloat16() @ ws.bfloat16().T
+print("fp16:", y_f16[0, :3].tolist(), "  bf16:", y_b16[0, :3].tolist())
+assert torch.isinf(y_f16).all() and torch.isfinite(y_b16).all() and y_b16[0, 0].item() == 81920, \
+    "claim broke: 81,920 overflows in fp16 and not in bf16"
+
+# %% [markdown]
+# ### The QLoRA layer in bf16
+#
+# The cells above computed in fp32, so that every comparison was exact to rounding. The layer as QLoRA runs it
+# computes in bf16: dequantize W to bf16, adapters in bf16, bf16 matmuls. On this CPU the same layer with
+# `compute_dtype=torch.bfloat16` gives outputs and adapter gradients in bf16, within bf16 rounding (under 2 %)
+# of the fp32 layer's — the quantization error of the weight itself (above) is larger:
+
+# %%
+layer_bf16 = QLoRALinear.from_linear(dense, r=8, alpha=16, compute_dtype=torch.bfloat16)
+with torch.no_grad():
+    layer_bf16.lora_A.copy_(layer.lora_A)
+    layer_bf16.lora_B.copy_(layer.lora_B)
+xb = torch.randn(6, 512)
+y32 = layer(xb)
+yb = layer_bf16(xb.bfloat16())
+yb.float().sum().backward()
+rel_bf16 = ((yb.float() - y32).norm() / y32.norm()).item()
+print(f"output dtype {yb.dtype}, adapter gradient dtype {layer_bf16.lora_A.grad.dtype}; "
+      f"relative difference to the fp32 layer {rel_bf16:.3%}")
+assert yb.dtype == layer_bf16.lora_A.grad.dtype == torch.bfloat16, "claim broke: the bf16 path computes in bf16"
+assert rel_bf16 < 0.02 and rel_bf16 < q_err, "claim broke: bf16 rounding is under 2 % and below the 4-bit error"
 
 # %% [markdown]
 # ## The fused kernel
@@ -167,6 +274,8 @@ print(f"NF4 + double quant: {nf4_bytes:.3f} bytes per weight read")
 print(f"bf16              : 2.000 bytes per weight read")
 print(f"dequantize, write bf16, read it back: {nf4_bytes + 2 + 2:.3f} bytes per weight")
 print(f"best possible speed-up of a memory-bound GEMV over bf16: {2 / nf4_bytes:.2f}×")
+assert abs(nf4_bytes - 0.516) < 0.001, f"claim broke: about 0.52 bytes per weight ({nf4_bytes:.4f})"
+assert 3.8 < 2 / nf4_bytes < 3.9, "claim broke: at most ~3.9× over bf16"
 
 # %% [markdown]
 # The heart of the kernel is the tile loader, which does the double dequantization in registers
@@ -178,25 +287,98 @@ from minilora.kernels import nf4_tile as tile_module
 print(inspect.getsource(tile_module.nf4_tile.fn))  # the Python source behind the @triton.jit function
 
 # %% [markdown]
-# Running the kernels on a small shape under the interpreter (slow, but the same program a GPU would run). The
-# kernel is chosen by the number of rows M: a GEMV for M ≤ 4, tiles above. Every result is compared with the
-# PyTorch reference, including the fused LoRA epilogue and the backward kernel for dX.
+# ### Which kernel runs for which shape
+#
+# The kernel is chosen by the number of rows M, deterministically (`kernels/configs.py`, no autotuning). There
+# is no separate GEMV kernel: for M ≤ 64 (decoding, small batches) the forward uses narrow tiles (BLOCK_M = 16,
+# 32 or 64) and splits the K reduction across programs to fill the GPU; above 64 rows it uses 128 × 128 tiles
+# without a split. (A GEMV without tensor cores measured slower than the split-K tile kernel even at M = 1.)
+# The plans a GPU with 132 SMs would get, for a bf16 4096 × 4096 weight:
+
+# %%
+print(f"{'M':>5} {'kernel':>7} {'BLOCK_M × BLOCK_N':>18} {'split-K':>8} {'warps':>6}")
+plans = {}
+for M in (1, 4, 16, 64, 65, 512):
+    p = configs.plan_matmul(M, 4096, 4096, blocksize=64, dtype=torch.bfloat16, double_quant=True, has_bias=False,
+                            has_lora=False, num_sms=132, interpreted=False)
+    plans[M] = p
+    print(f"{M:>5} {p.kernel:>7} {p.constexprs['BLOCK_M']:>8} × {p.constexprs['BLOCK_N']:<7} {p.split:>8} {p.num_warps:>6}")
+assert all(p.kernel == "matmul" for p in plans.values()), "claim broke: one tile kernel for every M, no GEMV"
+assert all(plans[M].constexprs["BLOCK_M"] <= 64 and plans[M].split > 1 for M in (1, 4, 16, 64)), \
+    "claim broke: M <= 64 uses narrow tiles and split-K"
+assert all((plans[M].constexprs["BLOCK_M"], plans[M].constexprs["BLOCK_N"], plans[M].split) == (128, 128, 1)
+           for M in (65, 512)), "claim broke: M > 64 uses 128 × 128 tiles without a split"
+
+# %% [markdown]
+# Running the kernels on a small shape under the interpreter (slow, but the same program a GPU would run), for
+# M = 2 and M = 8, both on the split-K path. Every result is compared with the PyTorch reference (the
+# dequantize kernel bit for bit, the matmuls to fp32 rounding, 1e-4), including the fused LoRA epilogue and the
+# backward kernel for dX.
 
 # %%
 torch.manual_seed(0)
 W_s = torch.randn(96, 200) * 0.02   # N = 96 outputs, K = 200 inputs: not a multiple of the block size
 st_s = quantize_nf4(W_s)
 W_deq = dequantize_nf4(st_s)
-print("dequantize kernel bit-identical to the reference:", torch.equal(K.nf4_dequantize_state(st_s), W_deq))
+deq_equal = torch.equal(K.nf4_dequantize_state(st_s), W_deq)
+print("dequantize kernel bit-identical to the reference:", deq_equal)
+assert deq_equal, "claim broke: the dequantize kernel is bit-identical to the reference"
 for M in (2, 8):
     x_s = torch.randn(M, 200)
     y_k = K.nf4_matmul_state(x_s, st_s)
-    print(f"M = {M}: max |kernel − X·deq(W)ᵀ| = {(y_k - x_s @ W_deq.T).abs().max().item():.2e}")
+    gap = (y_k - x_s @ W_deq.T).abs().max().item()
+    print(f"M = {M}: max |kernel − X·deq(W)ᵀ| = {gap:.2e}")
+    assert gap < 1e-4, f"claim broke: the matmul kernel matches the reference at M = {M}"
 A_s, B_s = torch.randn(4, 200) * 0.1, torch.randn(96, 4) * 0.1
 x_s = torch.randn(8, 200)
 y_k = K.nf4_matmul_state(x_s, st_s, lora_xa=x_s @ A_s.T, lora_B=B_s, lora_scaling=2.0)
 y_r = x_s @ W_deq.T + 2.0 * (x_s @ A_s.T) @ B_s.T
-print(f"with the LoRA term fused: max |kernel − reference| = {(y_k - y_r).abs().max().item():.2e}")
+gap_lora = (y_k - y_r).abs().max().item()
+print(f"with the LoRA term fused: max |kernel − reference| = {gap_lora:.2e}")
 dy_s = torch.randn(8, 96)
-print(f"backward dX = dY·W: max |kernel − reference| = {(K.nf4_matmul_dx_state(dy_s, st_s) - dy_s @ W_deq).abs().max().item():.2e}")
+gap_dx = (K.nf4_matmul_dx_state(dy_s, st_s) - dy_s @ W_deq).abs().max().item()
+print(f"backward dX = dY·W: max |kernel − reference| = {gap_dx:.2e}")
+assert gap_lora < 1e-4 and gap_dx < 1e-4, "claim broke: the fused LoRA epilogue and the dX kernel match the reference"
 print("compiled kernels usable on this machine:", K.kernels_available())
+
+# %% [markdown]
+# ## Exercises
+#
+# Fill in each `answer_…` (they start as `None`) and run the check cell: it says "fill in …" while an answer is
+# `None` and stops with an assertion when a filled-in answer is wrong.
+#
+# 1. How many bytes does the 4096 × 4096 weight above take in NF4 with double quantization (packed codes, one
+#    byte per block of 64, one fp32 per 256 blocks, and a 4-byte offset)?
+# 2. The largest finite fp16 number?
+# 3. True or False: 1e-8 stored as bf16 is still non-zero.
+# 4. How many parameters train in `QLoRALinear.from_linear(nn.Linear(512, 1024), r=8)`?
+# 5. For M = 20 rows in bf16, which BLOCK_M does the planner pick?
+
+# %%
+answer_1 = None  # bytes of a 4096 × 4096 NF4 weight with double quantization
+answer_2 = None  # largest finite fp16 number
+answer_3 = None  # True or False
+answer_4 = None  # trainable parameters
+answer_5 = None  # BLOCK_M for M = 20
+
+
+# %%
+def check(name, answer, expected, tol=0.0):
+    """'fill in' while the answer is None; an AssertionError (without the solution) when it is wrong."""
+    if answer is None:
+        print(f"fill in {name}")
+        return
+    if isinstance(expected, bool):
+        assert answer is expected, f"{name} = {answer} is not right yet; try again"
+    else:
+        assert abs(float(answer) - float(expected)) <= tol, f"{name} = {answer} is not right yet; try again"
+    print(f"{name}: right")
+
+
+check("answer_1", answer_1, st_big.nbytes)
+check("answer_2", answer_2, torch.finfo(torch.float16).max)
+check("answer_3", answer_3, bool(torch.tensor(1e-8).bfloat16().item() != 0))
+check("answer_4", answer_4, count_parameters(QLoRALinear.from_linear(nn.Linear(512, 1024), r=8)).trainable)
+check("answer_5", answer_5, configs.plan_matmul(20, 4096, 4096, blocksize=64, dtype=torch.bfloat16, double_quant=True,
+                                                has_bias=False, has_lora=False, num_sms=132,
+                                                interpreted=False).constexprs["BLOCK_M"])
