@@ -20,20 +20,11 @@ import math
 
 import torch
 
-from .paged import adamw_update_
+from .paged import adamw_update_, check_adamw_args
 from .quant.blockwise8bit import Blockwise8bitState, dequantize_blockwise_8bit, quantize_blockwise_8bit
 
 KEYS_8BIT = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
 KEYS_32BIT = ("exp_avg", "exp_avg_sq")
-
-
-def check_adamw_args(lr, betas, eps, weight_decay) -> None:
-    """The hyper-parameters every AdamW here accepts, each checked by name."""
-    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
 
 
 def new_state(p: torch.Tensor, blocksize: int, min_8bit_size: int) -> dict:

@@ -21,6 +21,8 @@ with the operations of torch.optim.AdamW in its order, so the results agree with
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator
 
 import torch
@@ -30,6 +32,15 @@ from .pager import Pager, PagerStats, check_budget
 __all__ = ["PagedAdamW", "PagerStats", "adamw_update_"]
 
 STATE_BYTES_PER_ELEMENT = 8  # exp_avg + exp_avg_sq, fp32 each
+
+
+def check_adamw_args(lr, betas, eps, weight_decay) -> None:
+    """The hyper-parameters every AdamW here accepts, each checked by name."""
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
 
 
 def _check_page_size(page_size) -> int:
@@ -84,14 +95,7 @@ class PagedAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, page_size: int = 2**21, device_budget: int | None = None,
                  prefetch: bool = True):
-        if not 0.0 <= lr:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        check_adamw_args(lr, betas, eps, weight_decay)
         page_size = _check_page_size(page_size)
         check_budget(device_budget, page_size)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .adamw8bit import KEYS_8BIT, AdamW8bit, check_adamw_args, new_state
-from .paged import PagedAdamW, adamw_update_
+from .adamw8bit import KEYS_8BIT, AdamW8bit, new_state
+from .paged import PagedAdamW, adamw_update_, check_adamw_args
 from .pager import Pager, check_budget
 from .quant.blockwise8bit import Blockwise8bitState, dequantize_blockwise_8bit, quantize_blockwise_8bit
 
