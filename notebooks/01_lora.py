@@ -19,15 +19,23 @@
 #
 # 1. what an instruction dataset looks like,
 # 2. why a product of two thin matrices, W = B·A, can stand in for a big one,
-# 3. the LoRA layer, h = W0·x + (α/r)·B·A·x, and why it starts out as the base model,
-# 4. how many parameters LoRA trains (the lecture's table, recomputed),
-# 5. merging the adapter back into W0 after training.
+# 3. what a trained weight matrix looks like (close to a Gaussian: the fact NF4 is built on, notebook 2),
+# 4. the LoRA layer, h = W0·x + (α/r)·B·A·x, why it starts out as the base model, and how A is initialised,
+# 5. why the update is scaled by α/r (and what α/√r, rsLoRA, changes),
+# 6. how many parameters LoRA trains (the lecture's table, recomputed),
+# 7. merging the adapter back into W0 after training.
+#
+# Every sentence below that states a number, an ordering or a comparison is followed by a cell that computes
+# it and asserts it: if the library stops supporting a claim, the notebook stops with a message naming it.
+# Where a claim holds only in a paper, the text says so and names the paper.
 
 # %%
 import copy
+import math
 import tempfile
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
 import minilora
@@ -50,14 +58,44 @@ torch.manual_seed(0)
 train_examples, _ = yoda_dataset(n_train=4, n_val=1, seed=0)
 for ex in train_examples[:3]:
     print(f"instruction: {ex.instruction}\ncontext:     {ex.context}\noutput:      {ex.output}\n")
+assert all(ex.instruction and ex.output for ex in train_examples), "claim broke: every record has an instruction and an output"
 
 # %% [markdown]
 # ## W = B·A: a big matrix from two thin ones
 #
 # A matrix W of shape m × n has m·n numbers. If it has rank r, it is exactly a product B·A with B of shape m × r
-# and A of shape r × n: only r·(m + n) numbers. Most weight matrices are not exactly low rank, but the truncated
-# SVD gives the *best* rank-r approximation, W_r = U_r·Σ_r·V_rᵀ, so B = U_r·Σ_r and A = V_rᵀ.
-#
+# and A of shape r × n: only r·(m + n) numbers. A matrix of higher rank cannot be written exactly as such a
+# product, whatever B and A are; but the truncated SVD gives the *best* rank-r approximation (Eckart–Young),
+# W_r = U_r·Σ_r·V_rᵀ, so B = U_r·Σ_r and A = V_rᵀ. Checked on a 200 × 300 matrix built with rank 5:
+
+# %%
+g = torch.Generator().manual_seed(0)
+m, n, r = 200, 300, 5
+M5 = torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g, dtype=torch.float64)
+U, S, Vh = torch.linalg.svd(M5, full_matrices=False)
+B5, A5 = U[:, :r] * S[:r], Vh[:r]
+print(f"rank {int(torch.linalg.matrix_rank(M5))}; {m}·{n} = {m * n:,} numbers, B and A hold {B5.numel() + A5.numel():,}"
+      f" = r·(m + n) = {r * (m + n):,}")
+print(f"max |W − B·A| = {(M5 - B5 @ A5).abs().max().item():.2e}")
+assert torch.linalg.matrix_rank(M5) == r and B5.numel() + A5.numel() == r * (m + n), "claim broke: r·(m + n) numbers"
+assert torch.allclose(B5 @ A5, M5, atol=1e-9), "claim broke: a rank-r matrix is exactly B·A"
+
+# a full-rank matrix: no rank-4 product reproduces it; the SVD's rank-4 product is the closest, closer than
+# rank-4 products found any other way (here: 20 random ones, and the best least-squares fit on a random A)
+F = torch.randn(60, 80, generator=g, dtype=torch.float64)
+U, S, Vh = torch.linalg.svd(F, full_matrices=False)
+k = 4
+svd_err = (F - (U[:, :k] * S[:k]) @ Vh[:k]).norm().item()
+others = []
+for _ in range(20):
+    A_rand = torch.randn(k, 80, generator=g, dtype=torch.float64)
+    B_fit = F @ torch.linalg.pinv(A_rand)          # the best B for this A
+    others.append((F - B_fit @ A_rand).norm().item())
+print(f"‖F − F_4‖ = {svd_err:.2f} (SVD) vs at best {min(others):.2f} (20 other rank-4 products); ‖F‖ = {F.norm():.2f}")
+assert svd_err > 0.5 * F.norm().item(), "claim broke: a full-rank matrix is not close to any rank-4 product"
+assert svd_err <= min(others), "claim broke: the truncated SVD is the best rank-r approximation"
+
+# %% [markdown]
 # To have a real weight to look at, we train a small minilora GPT for a few hundred steps on English text
 # (the Python documentation that ships with every Python), and keep a copy of its initial weights.
 
@@ -75,6 +113,7 @@ W_init = model.get_submodule(layer_name).weight.detach().clone()
 pretrain = train(model, TrainConfig(mode="full", lr=3e-3, steps=300, batch_size=16, progress=False), stream)
 losses = pretrain.losses
 print(f"loss: {losses[0]:.2f} at step 1 -> {sum(losses[-20:]) / 20:.2f} (mean of the last 20 steps)")
+assert sum(losses[-20:]) / 20 < losses[0] - 1.0, "claim broke: the pretraining run lowers the loss"
 
 W = model.get_submodule(layer_name).weight.detach().clone()
 print(layer_name, tuple(W.shape))
@@ -114,9 +153,66 @@ for name, e in errors.items():
 plots.plot_rank_reconstruction(ranks, errors, shape=tuple(W.shape), spectra=spectra);
 
 # %% [markdown]
-# The update is far more compressible than the weight itself, and both are far more compressible than noise.
+# At every rank from 1 to 64, the update is more compressible than the weight itself, and both are more
+# compressible than noise (lower relative error at the same rank):
+
+# %%
+e_rand, e_W, e_dW = errors.values()
+for k, a, b, c in zip(ranks, e_dW.tolist(), e_W.tolist(), e_rand.tolist()):
+    if k <= 64:
+        assert a < b < c, f"claim broke at rank {k}: error(ΔW) {a:.3f} < error(W) {b:.3f} < error(noise) {c:.3f}"
+print(f"at rank 8: ΔW keeps all but {e_dW[3]:.0%}, W all but {e_W[3]:.0%}, noise all but {e_rand[3]:.0%}")
+
+# %% [markdown]
 # That is the bet LoRA makes: the change fine-tuning needs lives in a few directions.
 #
+# ## What a trained weight looks like
+#
+# NF4 (notebook 2) is built on one assumption about *weights* (not about the data): trained weight matrices are
+# roughly normally distributed around zero. minilora's GPT starts from N(0, 0.02²), so the initial weights
+# are Gaussian by construction; the question is whether they still are after training. The histogram of the
+# trained W against the Gaussian with its mean and standard deviation, and the share of weights within 1, 2
+# and 3 standard deviations (a Gaussian has 68.3 %, 95.4 % and 99.7 %):
+
+# %%
+def gaussian_report(w: torch.Tensor) -> dict:
+    """Shares within 1, 2, 3 σ, excess kurtosis, and the Kolmogorov–Smirnov distance to N(mean, std²)."""
+    w = w.flatten().double()
+    z = ((w - w.mean()) / w.std()).sort().values
+    ecdf = torch.arange(1, z.numel() + 1, dtype=torch.float64) / z.numel()
+    ks = (ecdf - torch.special.ndtr(z)).abs().max().item()
+    return {"within": [(z.abs() <= s).double().mean().item() for s in (1, 2, 3)],
+            "kurtosis": (z ** 4).mean().item() - 3, "ks": ks}
+
+
+gauss = [math.erf(s / math.sqrt(2)) for s in (1, 2, 3)]
+reports = {"W at init": gaussian_report(W_init), "trained W": gaussian_report(W)}
+for name, rep in reports.items():
+    print(f"{name:>10}: within 1/2/3 σ " + " / ".join(f"{p:.3f}" for p in rep["within"]) +
+          f"  (Gaussian {' / '.join(f'{p:.3f}' for p in gauss)}), excess kurtosis {rep['kurtosis']:+.2f}, "
+          f"KS distance {rep['ks']:.3f}")
+
+fig, ax = plt.subplots(figsize=(7, 3.2))
+for name, w in (("W at init", W_init), ("trained W", W)):
+    ax.hist(w.flatten().numpy(), bins=120, density=True, histtype="step", label=name)
+grid = torch.linspace(W.min().item(), W.max().item(), 400)
+mu, sd = W.mean().item(), W.std().item()
+ax.plot(grid, torch.exp(-0.5 * ((grid - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi)), "k--", lw=1,
+        label="Gaussian, same mean and std")
+ax.set_xlabel("weight value"); ax.set_ylabel("density"); ax.set_title(f"{layer_name}.weight"); ax.legend();
+
+# %% [markdown]
+# The trained weights stay close to a Gaussian: within 0.05 of each Gaussian share and a small KS distance.
+# They are not exactly Gaussian — training gives them heavier tails (positive excess kurtosis) than the
+# initial N(0, 0.02²) — which is one reason NF4 scales every block by its own absmax instead of trusting σ.
+
+# %%
+rep = reports["trained W"]
+assert all(abs(p - q) < 0.05 for p, q in zip(rep["within"], gauss)), f"claim broke: trained W within 1/2/3 σ {rep['within']}"
+assert rep["ks"] < 0.05, f"claim broke: trained W is close to a Gaussian (KS distance {rep['ks']:.3f})"
+assert rep["kurtosis"] > reports["W at init"]["kurtosis"], "claim broke: training makes the tails heavier than at init"
+
+# %% [markdown]
 # ## The LoRA layer
 #
 # LoRA freezes W0 and learns ΔW = (α/r)·B·A next to it, in parallel:
@@ -134,14 +230,55 @@ print(lora)
 print("A:", tuple(lora.lora_A.shape), "  B:", tuple(lora.lora_B.shape), "  scaling α/r =", lora.scaling)
 
 x = torch.randn(4, 128)
-print("B is all zeros:", bool((lora.lora_B == 0).all()),
-      "| max |LoRA(x) − W0 x| at init =", (lora(x) - base(x)).abs().max().item())
+init_gap = (lora(x) - base(x)).abs().max().item()
+print("B is all zeros:", bool((lora.lora_B == 0).all()), "| max |LoRA(x) − W0 x| at init =", init_gap)
+print(f"A: {lora.lora_A.unique().numel():,} distinct values of {lora.lora_A.numel():,}, std {lora.lora_A.std():.4f}")
+assert tuple(lora.lora_A.shape) == (8, 128) and tuple(lora.lora_B.shape) == (512, 8), "claim broke: A is r × in, B out × r"
+assert lora.lora_A.std() > 0 and lora.lora_A.unique().numel() > 0.99 * lora.lora_A.numel(), "claim broke: A starts random"
+assert bool((lora.lora_B == 0).all()), "claim broke: B starts at zero"
+assert init_gap == 0.0, "claim broke: at step 0 the adapted layer computes exactly what the base layer computes"
+assert lora.scaling == 16 / 8, "claim broke: scaling = α/r"
 
 # the forward pass, written out by hand, against the layer
 with torch.no_grad():
     lora.lora_B.normal_()
 by_hand = x @ base.weight.T + base.bias + lora.scaling * (x @ lora.lora_A.T) @ lora.lora_B.T
 print("max |layer − by hand| =", (lora(x) - by_hand).abs().max().item())
+assert torch.allclose(lora(x), by_hand, atol=1e-5), "claim broke: the layer computes W0·x + (α/r)·B·(A·x)"
+
+# %% [markdown]
+# ### How A starts: Kaiming-uniform (the default) or the slides' normal
+#
+# The lecture (and the LoRA paper, Hu et al. 2021) initialise A from a normal distribution. minilora's default,
+# like PEFT's, is the one `nn.Linear` uses for its own weights: Kaiming-uniform with a = √5, i.e.
+# A ~ U(−1/√in, 1/√in): each entry of A·x has the same scale whatever r is. `init="gaussian"` gives the
+# slides' version, A ~ N(0, 1/r²) (PEFT's "gaussian" option), unbounded, with a spread that shrinks as r grows.
+# Either way B = 0, so the layer starts as the base layer; what differs is the size of A·x: it grows like √r
+# under Kaiming-uniform (r entries of fixed scale) and shrinks like 1/√r under N(0, 1/r²):
+
+# %%
+inits, Ax_size = {}, {}
+for init in ("kaiming", "gaussian"):
+    for rank in (4, 16, 64):
+        torch.manual_seed(0)
+        layer = LoRALinear(torch.nn.Linear(256, 256), r=rank, alpha=16, init=init)
+        inits[init, rank] = layer
+        Ax = torch.randn(512, 256) @ layer.lora_A.detach().T
+        Ax_size[init, rank] = Ax.norm(dim=1).mean().item()
+        print(f"{init:>8}, r = {rank:>2}: A in [{layer.lora_A.min():+.3f}, {layer.lora_A.max():+.3f}], "
+              f"std {layer.lora_A.std():.4f}, ‖A·x‖ per sample {Ax.norm(dim=1).mean():.2f}, B = 0: {bool((layer.lora_B == 0).all())}")
+
+bound = 1 / math.sqrt(256)
+for rank in (4, 16, 64):
+    Ak, Ag = inits["kaiming", rank].lora_A, inits["gaussian", rank].lora_A
+    assert Ak.abs().max() <= bound, "claim broke: Kaiming-uniform A lies in ±1/√in"
+    assert abs(Ak.std().item() - bound / math.sqrt(3)) < 0.1 * bound, "claim broke: uniform on ±1/√in has std 1/√(3·in)"
+    assert abs(Ag.std().item() - 1 / rank) < 0.1 / rank, "claim broke: the gaussian init has std 1/r"
+    assert Ag.abs().max() > 3 / rank, "claim broke: the normal init is unbounded (values beyond 3σ occur)"
+    assert all(bool((inits[i, rank].lora_B == 0).all()) for i in ("kaiming", "gaussian")), "claim broke: B = 0 in both"
+for init, power in (("kaiming", 0.5), ("gaussian", -0.5)):   # ‖A·x‖ ∝ r^power, within 15 %
+    ratio = Ax_size[init, 64] / Ax_size[init, 4]
+    assert abs(ratio / 16 ** power - 1) < 0.15, f"claim broke: ‖A·x‖ scales like r^{power} under {init} ({ratio:.2f})"
 
 # %% [markdown]
 # The same holds for a whole model: wrap the attention and MLP projections of our trained GPT and its logits do
@@ -158,6 +295,7 @@ print(count_parameters(wrapped))
 with torch.no_grad():
     steps, drift = [0], [(wrapped(probe) - base_logits).abs().max().item()]
 print("max |logits − base logits| right after add_lora:", drift[0])
+assert drift[0] == 0.0, "claim broke: the logits do not move right after add_lora"
 
 base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -175,17 +313,98 @@ train(model, TrainConfig(mode="lora", targets=("c_attn", "c_fc"), r=8, alpha=16,
                          batch_size=16, progress=False), stream, callback=record)
 print(f"max |logits − base logits| after {steps[-1]} steps of LoRA: {drift[-1]:.3f}")
 frozen = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if not p.requires_grad}
-print(f"{len(frozen)} frozen tensors, all unchanged after training the adapters:",
-      all(torch.equal(p, base_weights[n]) for n, p in frozen.items()))
+unchanged = all(torch.equal(p, base_weights[n]) for n, p in frozen.items())
+print(f"{len(frozen)} frozen tensors, all unchanged after training the adapters:", unchanged)
+assert drift[-1] > 0.1 and drift[-1] > drift[1], "claim broke: training the adapters moves the output away from the base"
+assert unchanged and len(frozen) == len(base_weights), "claim broke: every base tensor stays frozen and unchanged"
 plots.plot_output_drift(steps, drift, ylabel="max |logits − base logits|");
+
+# %% [markdown]
+# ### The same layer in bf16
+#
+# The cells above compute in fp32 on the CPU. On a GPU, LoRA usually runs in 16 bits; with a bf16 base layer
+# the adapters are created in bf16 too and the whole forward is bf16. The output then differs from the fp32
+# one by bf16's rounding, a relative error of the order of its unit roundoff 2⁻⁸ ≈ 0.4 % (8 significant bits),
+# not more than 1 %:
+
+# %%
+torch.manual_seed(0)
+base32 = torch.nn.Linear(128, 512)
+lora32 = LoRALinear(base32, r=8, alpha=16)
+with torch.no_grad():
+    lora32.lora_B.normal_(std=0.1)
+lora16 = copy.deepcopy(lora32).to(torch.bfloat16)
+x = torch.randn(16, 128)
+y32, y16 = lora32(x), lora16(x.bfloat16())
+rel = ((y16.float() - y32).norm() / y32.norm()).item()
+print(f"adapters in {lora16.lora_A.dtype}, output in {y16.dtype}; relative difference to fp32: {rel:.3%}")
+assert lora16.lora_A.dtype == y16.dtype == torch.bfloat16, "claim broke: a bf16 base gives bf16 adapters and output"
+assert 1e-4 < rel < 0.01, f"claim broke: bf16 differs from fp32 by rounding of order 2^-8 ({rel:.3%})"
+
+# %% [markdown]
+# ## Why the update is scaled by α/r
+#
+# Adam moves every entry of A and B by about the learning rate per step, whatever r is. Take the first step
+# (A random, B = 0, so only B moves) on one training input x: every column of B moves so as to push the output
+# for x the same way, so B·A·x is a sum of r contributions that add up — it grows like r. Dividing by r
+# cancels that: with α fixed, the change of the output, ΔW·x = (α/r)·B·A·x, has the same size at every rank,
+# so a learning rate tuned at one r still works at another (the LoRA paper, Hu et al. 2021, §4.1, sets α to the
+# first r it tries and does not tune it again). Without the 1/r it grows with r.
+#
+# α/r does not fix everything: in directions other than x the r contributions add up like random vectors
+# (like √r), so the whole matrix, ‖ΔW‖_F, shrinks like 1/√r under α/r. rsLoRA (Kalajdzievski 2023) scales by
+# α/√r instead, which keeps ‖ΔW‖_F fixed; minilora has it as `use_rslora=True`. Measured after one Adam step
+# (lr 10⁻³) on a 256 × 256 layer, ranks 2 to 64:
+
+# %%
+def first_step(rank: int, rule: str) -> tuple[float, float]:
+    """(‖ΔW·x‖ / ‖W0·x‖, ‖ΔW‖_F / ‖W0‖_F) after one Adam step on a single input x."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(256, 256), r=rank, alpha=16, use_rslora=(rule == "α/√r"))
+    if rule == "α":
+        layer.scaling = layer.alpha          # the same layer without the 1/r
+    g = torch.Generator().manual_seed(1)
+    x, target = torch.randn(1, 256, generator=g), torch.randn(1, 256, generator=g)
+    opt = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=1e-3)
+    (layer(x) - target).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        dW, W0 = layer.delta_weight(), layer.base_layer.weight
+        return ((x @ dW.T).norm() / (x @ W0.T).norm()).item(), (dW.norm() / W0.norm()).item()
+
+
+scale_ranks = [2, 4, 8, 16, 32, 64]
+on_x, frob = {}, {}
+for rule in ("α/r", "α/√r", "α"):
+    on_x[rule], frob[rule] = zip(*[first_step(rk, rule) for rk in scale_ranks])
+    print(f"scaling {rule:>4}: ‖ΔW·x‖/‖W0·x‖ " + " ".join(f"{v:.4f}" for v in on_x[rule]) +
+          "  | ‖ΔW‖/‖W0‖ " + " ".join(f"{v:.4f}" for v in frob[rule]))
+spread = lambda v: max(v) / min(v)  # noqa: E731
+print(f"largest / smallest over r = 2..64 — output change: α/r {spread(on_x['α/r']):.1f}×, α {spread(on_x['α']):.0f}×; "
+      f"whole matrix: α/√r {spread(frob['α/√r']):.2f}×, α/r r=64 vs r=2: {frob['α/r'][-1] / frob['α/r'][0]:.2f}"
+      f" (1/√32 = {1 / math.sqrt(32):.2f})")
+assert spread(on_x["α/r"]) < 2, "claim broke: with α/r the output change has about the same size at every rank"
+assert on_x["α"][-1] / on_x["α"][0] > 10, "claim broke: without the 1/r the output change grows with r"
+assert spread(frob["α/√r"]) < 1.5, "claim broke: α/√r keeps ‖ΔW‖_F about fixed"
+assert 0.1 < frob["α/r"][-1] / frob["α/r"][0] < 0.3, "claim broke: under α/r ‖ΔW‖_F shrinks like 1/√r"
+
+fig, ax = plt.subplots(1, 2, figsize=(9, 3))
+for rule in on_x:
+    ax[0].loglog(scale_ranks, on_x[rule], "o-", label=f"scaling {rule}")
+    ax[1].loglog(scale_ranks, frob[rule], "o-", label=f"scaling {rule}")
+ax[0].set_title("output change on x, ‖ΔW·x‖/‖W0·x‖"); ax[1].set_title("whole update, ‖ΔW‖/‖W0‖")
+for a_ in ax:
+    a_.set_xlabel("rank r")
+ax[0].legend();
 
 # %% [markdown]
 # ## How many parameters does LoRA train?
 #
 # The lecture's table treats a model of N parameters as if it were one square matrix of side √N. LoRA of rank r
 # on it trains A (r × √N) and B (√N × r): 2·r·√N numbers. `minilora.params.slide_table` computes every cell;
-# below, each cell is printed the slide's way next to the figure the slide shows (typed in from the slide, only
-# for comparison). Where they differ, the slide cut off a digit instead of rounding.
+# below, each cell is printed the slide's way (rounded) next to the figure the slide shows (typed in from the
+# slide, only for comparison). Where they differ, the slide cut off the digits instead of rounding; notebook 7
+# lists which cells the slide rounds and which it truncates.
 
 # %%
 SLIDE = {  # the slide's printed figures
@@ -194,8 +413,20 @@ SLIDE = {  # the slide's printed figures
     "512": ["86M", "117M", "270M", "434M"], "1024": ["171M", "233M", "542M", "869M"],
     "8192": ["1.4B", "1.8B", "4.3B", "7B"], "Full": ["7B", "13B", "70B", "180B"],
 }
+
+
+def truncated(x: float) -> str:
+    """format_count's unit and digits, cut off instead of rounded."""
+    for unit, size, digits in (("B", 1e9, 1), ("M", 1e6, 0), ("K", 1e3, 0)):
+        if x >= size:
+            v = math.floor(x / size * 10 ** digits) / 10 ** digits
+            return (f"{v:.{digits}f}".removesuffix(".0") if digits else f"{int(v)}") + unit
+    return str(int(x))
+
+
 table = slide_table()
 models = list(table["1"])
+assert abs(table["1"]["7B"] - 2 * math.sqrt(7e9)) < 1e-6, "claim broke: 2·r·√N"
 print(f"{'rank':>6} | " + " | ".join(f"{m:>22}" for m in models))
 differs = []
 for rank, row in table.items():
@@ -204,33 +435,43 @@ for rank, row in table.items():
         ours = format_count(row[m])
         mark = "" if ours == slide_cell else " ≠ slide " + slide_cell
         if mark:
-            differs.append((rank, m, f"{row[m]:,.0f}", slide_cell))
+            differs.append((rank, m, row[m], slide_cell))
         cells.append(f"{ours:>6}{mark:>16}")
     print(f"{rank:>6} | " + " | ".join(cells))
 print("\ncells where the slide truncates:")
 for rank, m, exact, slide_cell in differs:
-    print(f"  rank {rank:>5}, {m:>4}: 2·r·√N = {exact:>13}, slide prints {slide_cell}")
+    print(f"  rank {rank:>5}, {m:>4}: 2·r·√N = {exact:>13,.0f}, slide prints {slide_cell}, cut off: {truncated(exact)}")
+    assert truncated(exact) == slide_cell, f"claim broke: the slide's {slide_cell} (rank {rank}, {m}) is the truncated count"
+assert differs, "claim broke: some cells differ from the rounded count"
 plots.plot_lora_table(table);
 
 # %% [markdown]
 # A real model is not one square matrix: it has many layers, each with its own in × out shape, and LoRA adds
-# r·(in + out) per adapted layer. For LLaMA-2 7B's shapes:
+# r·(in + out) per adapted layer. For LLaMA-2 7B's shapes (its 6.74B parameters: the linear layers, two
+# 32,000 × 4,096 embedding matrices and 65 RMSNorm vectors), the real count is several times the
+# square-matrix estimate — already with only the attention's q and v adapted, the LoRA paper's choice:
 
 # %%
 llama = linear_shapes_llama()
+llama_total = sum(i * o for i, o in llama.values()) + 2 * 32000 * 4096 + 65 * 4096
+print(f"LLaMA-2 7B: {llama_total:,} parameters")
+assert llama_total == 6_738_415_616, "claim broke: LLaMA-2 7B has 6,738,415,616 parameters"
 for targets in (["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]):
     for rank in (8, 16):
         n = lora_params_real(llama, targets, rank)
         print(f"r={rank:>2}, {'+'.join(t.split('_')[0] for t in targets):>26}: {n:>12,} ({format_count(n)}), "
-              f"{100 * n / 6.74e9:.3f}% of 6.74B")
-print(f"the square-matrix estimate at r=8: {format_count(table['8']['7B'])}")
+              f"{100 * n / llama_total:.3f}% of 6.74B")
+qv8 = lora_params_real(llama, ["q_proj", "v_proj"], 8)
+print(f"the square-matrix estimate at r=8: {format_count(table['8']['7B'])}; q and v at r=8: {format_count(qv8)}")
+assert qv8 > 3 * table["8"]["7B"], "claim broke: the real count is several times the square-matrix estimate"
 
 # %% [markdown]
 # ## Merging
 #
 # After training, W = W0 + (α/r)·B·A is one ordinary matrix. `merge_lora` folds every adapter into its base
-# weight and puts plain `nn.Linear` layers back: the merged model computes the same function, with no extra
-# matmul at inference. The adapter alone (A and B) is what one saves and shares.
+# weight and puts plain `nn.Linear` layers back: the merged model computes the same function (to fp32
+# rounding), with no extra matmul at inference. The adapter alone (A and B) is what one saves and shares: here
+# under 10 % of the model's bytes.
 
 # %%
 model.eval()
@@ -245,8 +486,53 @@ merge_lora(model)
 after = count_parameters(model)
 with torch.no_grad():
     merged_logits = model(probe)
+gap = (merged_logits - lora_logits).abs().max().item()
 print("before merge:", before)
 print("after merge: ", after)
 print("LoRA layers left:", len(minilora.lora_layers(model)))
-print("max |merged − LoRA logits| =", (merged_logits - lora_logits).abs().max().item())
+print("max |merged − LoRA logits| =", gap)
 print(f"full model in fp32: {4 * after.total:,} bytes; the adapter is {adapter_bytes / (4 * after.total):.1%} of it")
+assert len(minilora.lora_layers(model)) == 0 and after.total == before.total - before.trainable, \
+    "claim broke: merging leaves plain layers and only the base's parameters"
+assert gap < 1e-3, f"claim broke: the merged model computes the same function ({gap:.2e})"
+assert adapter_bytes < 0.1 * 4 * after.total, "claim broke: the adapter is under 10 % of the model's bytes"
+
+# %% [markdown]
+# ## Exercises
+#
+# Fill in each `answer_…` (they start as `None`) and run the check cell below: it says "fill in …" while an
+# answer is `None`, and stops with an assertion when a filled-in answer is wrong.
+#
+# 1. How many parameters does LoRA of rank 4 add to an `nn.Linear(300, 500)`?
+# 2. A and B are random, r = 3, the layer is 20 × 30. What is the rank of ΔW = B·A?
+# 3. r = 32 and α = 16: what is the scaling LoRA multiplies B·A by?
+# 4. The lecture's square-matrix estimate for a 1B-parameter model at rank 4 (to the nearest integer)?
+# 5. You double r and keep α fixed. By what factor does the scaling change?
+
+# %%
+answer_1 = None  # parameters added by rank-4 LoRA on Linear(300, 500)
+answer_2 = None  # rank of B·A for r = 3 on a 20 × 30 layer
+answer_3 = None  # scaling for r = 32, α = 16
+answer_4 = None  # 2·r·√N for N = 1e9, r = 4, nearest integer
+answer_5 = None  # factor by which the scaling changes when r doubles
+
+
+# %%
+def check(name, answer, expected, tol=0.0):
+    """'fill in' while the answer is None; an AssertionError (without the solution) when it is wrong."""
+    if answer is None:
+        print(f"fill in {name}")
+        return
+    assert abs(float(answer) - float(expected)) <= tol, f"{name} = {answer} is not right yet; try again"
+    print(f"{name}: right")
+
+
+check("answer_1", answer_1, count_parameters(LoRALinear(torch.nn.Linear(300, 500), r=4)).trainable)
+_l = LoRALinear(torch.nn.Linear(30, 20), r=3)
+with torch.no_grad():
+    _l.lora_B.normal_()
+check("answer_2", answer_2, int(torch.linalg.matrix_rank(_l.delta_weight())))
+check("answer_3", answer_3, LoRALinear(torch.nn.Linear(64, 64), r=32, alpha=16).scaling, tol=1e-9)
+check("answer_4", answer_4, minilora.params.lora_params_square(1e9, 4), tol=1.0)
+check("answer_5", answer_5, LoRALinear(torch.nn.Linear(64, 64), r=16, alpha=16).scaling
+      / LoRALinear(torch.nn.Linear(64, 64), r=8, alpha=16).scaling, tol=1e-9)
