@@ -87,6 +87,7 @@ def slide_10b(args) -> list:
         estimate(c10, "lora", **LECTURE, r=64, **act, label="LoRA (fp16 base)"),
         estimate(c10, "qlora", **QLORA, r=64, **act, label="QLoRA (NF4 base)"),
         estimate(c10, "qlora", **QLORA, r=64, **{**act, "checkpointing": True}, label="QLoRA + checkpointing"),
+        estimate(c10, "full", **LECTURE, optimizer="adamw8bit", **act, label="full: fp16 + 8-bit Adam"),
     ]
     print(format_table(rows, unit="GB"))
     print(f"{'without activations':<26}" + "".join(f"{format_bytes(b.state_bytes, 'GB'):>24}" for b in rows))
@@ -98,6 +99,11 @@ def slide_10b(args) -> list:
           f"step counters add {full.optimizer_state - 8 * full.n_params} bytes). Mixed precision's fp32 master "
           f"copy makes it {format_bytes(rows[1].state_bytes, 'GB')} (16 B/param). Activations come on top: "
           f"{format_bytes(full.activations, 'GB')} at 1 x {args.big_seq} tokens.")
+    eight = rows[-1]
+    print(f"With 8-bit Adam state (AdamW8bit: 1 byte each for m and v, an fp32 absmax per 256 values) the same "
+          f"full fine-tune holds {format_bytes(eight.state_bytes, 'GB')} ({eight.state_bytes / eight.n_params:.3f} "
+          f"B/param): Adam state {format_bytes(eight.optimizer_state, 'GB')} instead of "
+          f"{format_bytes(full.optimizer_state, 'GB')}.")
 
     print("\nslide '10B -> ~40 GB' (LoRA/QLoRA). Weights, adapters and optimizer state alone give:")
     for b in rows[2:4]:

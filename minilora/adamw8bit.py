@@ -23,6 +23,7 @@ import torch
 from .paged import adamw_update_, check_adamw_args
 from .quant.blockwise8bit import Blockwise8bitState, dequantize_blockwise_8bit, quantize_blockwise_8bit
 
+MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 state (as bitsandbytes does)
 KEYS_8BIT = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
 KEYS_32BIT = ("exp_avg", "exp_avg_sq")
 
@@ -44,7 +45,7 @@ class AdamW8bit(torch.optim.Optimizer):
     """torch.optim.AdamW's update with m and v kept in blockwise 8-bit (signed map for m, unsigned for v)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, blocksize: int = 256, min_8bit_size: int = 4096):
+                 weight_decay: float = 1e-2, blocksize: int = 256, min_8bit_size: int = MIN_8BIT_SIZE):
         check_adamw_args(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.blocksize, self.min_8bit_size = blocksize, min_8bit_size

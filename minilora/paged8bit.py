@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .adamw8bit import KEYS_8BIT, AdamW8bit, new_state
+from .adamw8bit import KEYS_8BIT, MIN_8BIT_SIZE, AdamW8bit, new_state
 from .paged import PagedAdamW, adamw_update_, check_adamw_args
 from .pager import Pager, check_budget
 from .quant.blockwise8bit import Blockwise8bitState, dequantize_blockwise_8bit, quantize_blockwise_8bit
@@ -40,7 +40,7 @@ class PagedAdamW8bit(PagedAdamW):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, page_size: int = 2**21, device_budget: int | None = None,
-                 prefetch: bool = True, min_8bit_size: int = 4096):
+                 prefetch: bool = True, min_8bit_size: int = MIN_8BIT_SIZE):
         check_adamw_args(lr, betas, eps, weight_decay)
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < BLOCK_BYTES:
             raise ValueError(f"page_size must be an int of at least {BLOCK_BYTES} bytes (one block of {BLOCK} "

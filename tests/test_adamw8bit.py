@@ -191,3 +191,46 @@ def test_paged_8bit_state_is_a_quarter_of_paged_fp32():
     assert p32.state_nbytes() == 8 * 1024 * 256
     with pytest.raises(ValueError, match="page_size"):
         PagedAdamW8bit([torch.nn.Parameter(torch.zeros(5000))], page_size=100)
+
+
+# ----- the memory model: estimate agrees with a measured step; the 10B full fine-tune -----
+
+def _measure_8bit(optimizer: str, mode: str):
+    from minilora import GPT, GPTConfig, add_lora
+    from minilora.memory import estimate, measure
+    cfg = GPTConfig(block_size=32, vocab_size=131, n_layer=4, n_head=4, n_embd=64)
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    if mode == "lora":
+        add_lora(model, ["c_attn", "c_proj", "c_fc"], r=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (AdamW8bit(params) if optimizer == "adamw8bit"
+           else PagedAdamW8bit(params, page_size=520 * 16, device_budget=520 * 32))
+    idx, targets = torch.randint(0, 131, (2, 24)), torch.randint(0, 131, (2, 24))
+    got = measure(model, opt, (idx, targets), steps=2)
+    kw = dict(page_size=520 * 16, device_budget=520 * 32) if optimizer == "paged8bit" else {}
+    est = estimate(cfg, mode, batch_size=2, seq_len=24, r=4, targets=["c_attn", "c_proj", "c_fc"],
+                   optimizer=optimizer, device="cpu", **kw)
+    return est, got
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged8bit"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_estimate_matches_a_measured_step_with_8bit_state(optimizer, mode):
+    from minilora.memory import format_table
+    est, got = _measure_8bit(optimizer, mode)
+    table = format_table([est, got])
+    for part in ("optimizer_state", "adapter_optimizer_state", "offloaded", "gradients", "weights"):
+        assert est.relative_error(got, part) <= 0.05, f"{part}:\n{table}"
+    assert est.relative_error(got) <= 0.05, table
+
+
+def test_10b_full_fine_tune_is_60_gb_with_8bit_adam():
+    from minilora.memory import estimate, scaled_config
+    c10 = scaled_config(10_000_000_000, n_layer=31, n_embd=5120, n_head=40, block_size=2048)
+    kw = dict(dtype="fp16", state_dtype="fp32", batch_size=1, seq_len=2048, checkpointing=False)
+    full, eight = estimate(c10, "full", **kw), estimate(c10, "full", optimizer="adamw8bit", **kw)
+    n = full.n_params
+    assert round(full.state_bytes / 1e9) == 120  # the lecture's figure: 12 bytes per parameter
+    assert 60e9 <= eight.state_bytes <= 60e9 + 8 * n / 256 + 1e6  # 2 + 2 + 1 + 1 bytes, plus the absmax
+    assert eight.optimizer_state < full.optimizer_state / 3.9

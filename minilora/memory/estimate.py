@@ -32,10 +32,12 @@ from ..gpt import GPT, GPTConfig
 from ..inject import find_targets
 from ..quant.format import nf4_nbytes  # the NF4 byte count, stated once (re-exported by minilora.memory)
 from .activations import LINEARS, ActivationSetup, SavedActivations, itemsize, saved_activations
+from ..adamw8bit import MIN_8BIT_SIZE
+from ..paged8bit import BLOCK, BLOCK_BYTES
 from .breakdown import MemoryBreakdown
 
 MODES = ("full", "lora", "qlora")
-OPTIMIZERS = ("adamw", "paged")
+OPTIMIZERS = ("adamw", "paged", "adamw8bit", "paged8bit")
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer of every block
 PAGED_STATE_BYTES = 8  # PagedAdamW: exp_avg + exp_avg_sq in fp32 per element
 STEP_BYTES = 4  # AdamW's step counter: one fp32 scalar tensor per parameter tensor
@@ -130,9 +132,10 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     compute_dtype for QLoRA, as minilora creates them). grad_dtype, state_dtype: gradients and AdamW state
     (default: each parameter's own dtype, as torch does; the lecture's recipe is dtype=fp16, state_dtype=fp32).
     master_weights: add an fp32 copy of every 16-bit trainable parameter (mixed precision).
-    optimizer: "adamw" or "paged" (PagedAdamW: fp32 state of all trainable tensors laid end to end in
-    page_size pages, at most device_budget bytes
-    of them on the device, the rest in host memory -> `offloaded`).
+    optimizer: "adamw", "paged" (PagedAdamW: fp32 state of all trainable tensors laid end to end in
+    page_size pages, at most device_budget bytes of them on the device, the rest in host memory ->
+    `offloaded`), "adamw8bit" (AdamW8bit: 2 bytes per element + 8 per block of 256; tensors under 4,096
+    elements keep fp32 state) or "paged8bit" (PagedAdamW8bit: that state in pages).
     checkpointing / checkpoint_segments: default to the config's gradient_checkpointing / checkpoint_segments.
     device: "cuda" or "cpu", the kernels whose saved tensors are modelled (they differ only under dropout,
     and in the dtype of LayerNorm statistics of 16-bit models).
@@ -181,8 +184,11 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
         st = itemsize(state_dtype or p_dtype)
         grads = numel * g
         state = 2 * numel * st + STEP_BYTES
-        if optimizer == "paged":
-            paged_elems.append(numel)
+        eight_bit = optimizer.endswith("8bit") and numel >= MIN_8BIT_SIZE
+        if optimizer.endswith("8bit"):  # 1 byte each for m and v + two fp32 absmax per block; small: fp32
+            state = (2 * numel + 8 * math.ceil(numel / BLOCK) if eight_bit else 8 * numel) + STEP_BYTES
+        if optimizer == "paged" or (optimizer == "paged8bit" and eight_bit):
+            paged_elems.append(math.ceil(numel / BLOCK) * BLOCK if eight_bit else numel)
             state = STEP_BYTES
         if adapter:
             out.adapter_gradients += grads
@@ -216,9 +222,13 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
             train(numel, adapter_dtype, adapter=True)
     out.weights_by_dtype = by_dtype
 
-    if optimizer == "paged":  # all trainable tensors laid end to end, cut into pages
-        pages = math.ceil(sum(paged_elems) * PAGED_STATE_BYTES / page_size) * page_size
-        resident = pages if device_budget is None else min(pages, device_budget // page_size * page_size)
+    if optimizer in ("paged", "paged8bit"):  # the paged tensors laid end to end, cut into pages
+        if optimizer == "paged":
+            page_bytes, page_elems = page_size, page_size // PAGED_STATE_BYTES
+        else:  # whole blocks of 256 elements per page, 520 bytes each
+            page_bytes, page_elems = BLOCK_BYTES * (page_size // BLOCK_BYTES), BLOCK * (page_size // BLOCK_BYTES)
+        pages = math.ceil(sum(paged_elems) / page_elems) * page_bytes
+        resident = pages if device_budget is None else min(pages, device_budget // page_bytes * page_bytes)
         state_field = "optimizer_state" if mode == "full" else "adapter_optimizer_state"
         setattr(out, state_field, getattr(out, state_field) + resident)
         out.offloaded = pages if resident < pages else 0  # steady state: every page has a host copy
