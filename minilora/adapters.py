@@ -130,7 +130,7 @@ def _check_settings(layers: dict, config: dict, where: Path) -> None:
     """Each LoRA layer already in the model must have the r, lora_alpha and use_rslora the adapter was made with."""
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     for name, layer in layers.items():
-        if layer.merged:
+        if getattr(layer, "merged", False):
             raise ValueError(f"load_adapter: {name} has its adapter merged into the weight; unmerge() it first")
         want = {"r": pattern_value(ranks, name, config["r"]),
                 "lora_alpha": pattern_value(alphas, name, config["lora_alpha"]),
