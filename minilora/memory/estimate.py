@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..gpt import GPT, GPTConfig
 from ..inject import find_targets
+from ..qlora import untied_linears
 from ..quant.format import nf4_nbytes  # the NF4 byte count, stated once (re-exported by minilora.memory)
 from .activations import LINEARS, ActivationSetup, SavedActivations, itemsize, saved_activations
 from ..adamw8bit import MIN_8BIT_SIZE
@@ -101,14 +102,6 @@ def _meta_gpt(config: GPTConfig) -> GPT:
     return _meta_gpt_cached(tuple(sorted(asdict(config).items())))
 
 
-def _untied_linears(model: nn.Module) -> list[str]:
-    """quantize_model's default: every nn.Linear whose weight is not shared (the tied lm_head is)."""
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and counts[id(m.weight)] == 1]
-
-
 def _check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -170,7 +163,7 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     lora_names = set(find_targets(model, targets)) if mode != "full" else set()
     quant_names: set[str] = set()
     if mode == "qlora":
-        quant_names = set(_untied_linears(model) if quant_targets is None else find_targets(model, quant_targets))
+        quant_names = set(untied_linears(model) if quant_targets is None else find_targets(model, quant_targets))
     for name in lora_names | quant_names:
         if not isinstance(model.get_submodule(name), nn.Linear):
             raise ValueError(f"target {name!r} is a {type(model.get_submodule(name)).__name__}, not a linear layer")
