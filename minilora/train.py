@@ -2,7 +2,7 @@
 
     full    every weight trains:              W  <- W - lr · AdamW(∇W)
     lora    W0 frozen, adapters train:        W0 + (alpha/r) · B A,        add_lora(model, targets)
-    qlora   W0 frozen in NF4, adapters train: deq(W0_nf4) + (alpha/r) · B A, quantize_model then add_lora
+    qlora   W0 frozen in NF4, adapters train: deq(W0_nf4) + (alpha/r) · B A, add_qlora(model, targets)
             (a target whose weight is tied to the embedding, the lm_head, keeps its weight in full precision)
 
 The loop: draw batch_size · grad_accum examples, split them into grad_accum micro-batches, weight each
@@ -32,7 +32,7 @@ from .distributed import SingleProcess, init_from_env, is_main, replicas
 from .evaluate import evaluate, greedy_matches  # noqa: F401  (minilora.train.greedy_matches, as before)
 from .files import atomic_write_json
 from .generate import respond  # noqa: F401  (minilora.train.respond, as before)
-from .inject import add_lora, find_targets
+from .inject import add_lora
 from .memory.estimate import MODES
 from .params import ParamCount, count_parameters
 from .runs import RunDir, identity
@@ -137,7 +137,7 @@ class TrainResult:
 
 def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Make model trainable the cfg.mode way (in place): full -> all weights; lora -> add_lora(targets);
-    qlora -> quantize_model(targets) to NF4, then add_lora. Seeds torch first, so adapters start identical."""
+    qlora -> add_qlora(targets): NF4 base, then adapters. Seeds torch first, so adapters start identical."""
     torch.manual_seed(cfg.seed)
     model.to(cfg.device)
     if hasattr(model, "config") and hasattr(model.config, "gradient_checkpointing"):
@@ -149,9 +149,9 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
             p.requires_grad_(True)
         return model
     if cfg.mode == "qlora":
-        from .qlora import quantize_model, untied_linears
-        quantize_model(model, untied_linears(model, find_targets(model, cfg.targets)), blocksize=cfg.blocksize,
-                       compute_dtype=getattr(torch, cfg.compute_dtype))
+        from .qlora import add_qlora
+        return add_qlora(model, list(cfg.targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                         blocksize=cfg.blocksize, compute_dtype=getattr(torch, cfg.compute_dtype))
     return add_lora(model, list(cfg.targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
 
 
