@@ -165,7 +165,7 @@ def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weig
     if not (torch.isfinite(nested_absmax).all() and (nested_absmax >= 0).all()):
         raise ValueError(f"{prefix + '.nested_absmax'!r} must hold finite values >= 0")
     state.absmax, state.nested_absmax, state.nested_code = absmax.reshape(-1), nested_absmax, nested_code
-    state.offset = torch.tensor(float(fields["nested_offset"]), dtype=torch.float32)
+    state.offset = torch.tensor(float(fields["nested_offset"]), dtype=torch.float32, device=packed.device)
     state.nested_blocksize = nested_blocksize
     check_state(state)
     _check_offset(state, key)
