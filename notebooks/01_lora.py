@@ -463,6 +463,7 @@ for targets in (["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "
               f"{100 * n / llama_total:.3f}% of 6.74B")
 qv8 = lora_params_real(llama, ["q_proj", "v_proj"], 8)
 print(f"the square-matrix estimate at r=8: {format_count(table['8']['7B'])}; q and v at r=8: {format_count(qv8)}")
+assert qv8 == 32 * 2 * 8 * (4096 + 4096), "claim broke: r·(in + out) per adapted layer (32 layers, q and v)"
 assert qv8 > 3 * table["8"]["7B"], "claim broke: the real count is several times the square-matrix estimate"
 
 # %% [markdown]
