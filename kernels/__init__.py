@@ -45,9 +45,10 @@ but far from the 3.9x that 0.52 bytes per weight would allow. For M >= 512 it ru
 for every 128-row block of X). So for training-size M, nf4_dequantize + torch.matmul is the
 faster choice today.
 
-In QLoRALinear the autograd function would call nf4_matmul in forward (with lora_xa =
-X·lora_Aᵀ and lora_B to fuse the adapter) and nf4_matmul_dx in backward; the adapter
-gradients stay in PyTorch.
+QLoRALinear uses them on CUDA (minilora/nf4_linear.py): for M <= FUSED_MAX_M (64) rows its
+autograd function calls nf4_matmul in forward (with lora_xa = X·lora_Aᵀ and lora_B, so the adapter
+is fused into the same launch) and nf4_matmul_dx in backward; above that it dequantizes with
+nf4_dequantize and multiplies with torch.matmul. The adapter gradients stay in PyTorch.
 """
 if __name__ != "minilora.kernels":      # the repository root is on sys.path and something ran `import kernels`
     raise ImportError("the folder kernels/ is the package minilora.kernels, but it was imported as a top-level "
