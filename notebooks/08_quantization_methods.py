@@ -192,21 +192,23 @@ for name, apply in methods.items():
         nbytes = apply(model, calib)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        ppl = math.exp(evaluate(model, val, batch_size=32, max_batches=4)["loss"])
+        ppl = math.exp(evaluate(model, val, batch_size=32)["loss"])   # every held-out window
     rows[name] = dict(ppl=ppl, bits=8 * nbytes / n_params, seconds=seconds)
     print(f"{name:<36} ppl {ppl:8.3f}  {rows[name]['bits']:6.3f} bits/param  {seconds:6.2f} s")
 
 # %% [markdown]
 # What the measurements say (asserted, so that the notebook fails if a run says otherwise). On this small
 # model every 4-bit method stays within a fraction of a percent of fp32 perplexity, and there are few or no outlier
-# features for LLM.int8() to rescue (section 3): it is plain vector-wise int8 here. The ranking among the
-# data-free 4-bit formats is the QLoRA paper's (Table 2: Int4 worst, then FP4, then NF4; double quantization
-# costs nothing); GPTQ, with 32 windows of calibration text, beats every data-free 4-bit format.
+# features for LLM.int8() to rescue (section 3): it is plain vector-wise int8 here. Among the data-free 4-bit
+# formats NF4 is best and double quantization costs nothing, as in the QLoRA paper (Table 2); FP4 against int4
+# differs by less than 0.1 % here and its sign changes with the evaluation windows, so it is printed, not
+# asserted. GPTQ, with 32 windows of calibration text, beats every data-free 4-bit format.
 
 # %%
 r = rows
 assert r["LLM.int8()"]["ppl"] < r["NF4"]["ppl"]                     # 8 bits beat 4 bits
-assert r["NF4"]["ppl"] < r["FP4"]["ppl"] < r["int4 absmax"]["ppl"]  # NF4's buckets fit normal weights best
+assert r["NF4"]["ppl"] < min(r["FP4"]["ppl"], r["int4 absmax"]["ppl"])  # NF4's buckets fit normal weights best
+print(f"FP4 {r['FP4']['ppl']:.3f} vs int4 absmax {r['int4 absmax']['ppl']:.3f}")
 assert abs(r["NF4 + DQ"]["ppl"] - r["NF4"]["ppl"]) < 0.02 * r["NF4"]["ppl"]   # DQ: 0.37 bits saved, ~no cost
 assert r["NF4 + DQ"]["bits"] < r["NF4"]["bits"]
 # what calibration buys: on the same grid, GPTQ with English calibration beats plain rounding
