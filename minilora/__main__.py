@@ -24,7 +24,7 @@ from .demos.finetune import DemoConfig, pretrain_base, print_report, run_demo
 from .distributed import is_main
 from .generate import generate_text
 from .gpt import GPT, GPTConfig
-from .memory import MODES, estimate, format_table
+from .memory import MODES, OPTIMIZERS, estimate, format_table
 from .qlora import load_qlora_adapter
 from .runs import check_run_dir
 from .train import TrainConfig, measure_step_memory, prepare_model, train
@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _lora_args(p, dc)
     p.add_argument("--dropout", type=_fraction, default=tc.dropout, help="LoRA dropout")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--paged", action="store_true", help="paged AdamW")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="adamw (default), paged, adamw8bit, paged8bit")
+    p.add_argument("--paged", action="store_true", help="the same as --optimizer paged")
     p.add_argument("--eval-every", type=_count, default=0)
     p.add_argument("--save-every", type=_count, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive, default=None, help="default: block size")
     _lora_args(p, dc)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--paged", action="store_true")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="adamw (default), paged, adamw8bit, paged8bit")
+    p.add_argument("--paged", action="store_true", help="the same as --optimizer paged")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="weights, gradients and activations (AdamW state stays float32: the lecture's 12 B/param)")
     p.add_argument("--measure", action="store_true", help="also measure one real training step (small float32 models)")
@@ -200,6 +202,7 @@ def cmd_finetune(a) -> None:
     cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=tuple(a.targets), lr=lr,
                       warmup_steps=a.warmup_steps, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                       gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,
+                      optimizer=a.optimizer or "adamw",
                       device=a.device, eval_every=a.eval_every, save_every=a.save_every, out_dir=a.out,
                       overwrite=a.overwrite, progress=not a.no_progress)
     data = load_jsonl(a.data) if a.data else None  # a bad file fails here, before the model is read
@@ -237,18 +240,18 @@ def cmd_memory(a) -> None:
     else:
         cfg = GPTConfig(block_size=a.block_size, vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head,
                         n_embd=a.n_embd)
-    seq = a.seq_len or cfg.block_size
-    rows = []
+    seq, rows = a.seq_len or cfg.block_size, []
+    opt = TrainConfig(optimizer=a.optimizer or "adamw", paged=a.paged).optimizer  # --paged alone: "paged"
     for mode in a.mode:
         rows.append(estimate(cfg, mode, batch_size=a.batch_size, seq_len=seq, r=a.r, targets=tuple(a.targets),
                              dtype=a.dtype, state_dtype="float32",
                              compute_dtype="float32" if a.dtype == "float32" else a.dtype,
-                             optimizer="paged" if a.paged else "adamw", checkpointing=a.gradient_checkpointing,
+                             optimizer=opt, checkpointing=a.gradient_checkpointing,
                              device="cpu", label=f"{mode} (estimate)"))
         if a.measure:
             rows.append(_measure(cfg, mode, a, seq))
     print(f"GPT: {cfg.n_layer} layers x {cfg.n_embd} wide, vocab {cfg.vocab_size}, {rows[0].n_params:,} parameters; "
-          f"batch {a.batch_size} x {seq} tokens; {a.dtype} weights, AdamW{' (paged)' if a.paged else ''}"
+          f"batch {a.batch_size} x {seq} tokens; {a.dtype} weights, optimizer {opt}"
           f"{', gradient checkpointing' if a.gradient_checkpointing else ''}")
     print(format_table(rows))
 
@@ -260,7 +263,7 @@ def _measure(cfg, mode: str, a, seq: int):
     if n_params > 50_000_000:
         raise ValueError(f"--measure runs a real step; {n_params:,} parameters is too large for it here")
     tc = TrainConfig(mode=mode, r=a.r, targets=tuple(a.targets), gradient_checkpointing=a.gradient_checkpointing,
-                     paged=a.paged, batch_size=a.batch_size)
+                     paged=a.paged, optimizer=a.optimizer or "adamw", batch_size=a.batch_size)
     torch.manual_seed(0)
     model = prepare_model(GPT(cfg), tc)
     x = torch.randint(cfg.vocab_size, (a.batch_size, seq))

@@ -7,7 +7,7 @@ Quantization", 2021) store them in 8 bits instead, each block of 256 values with
 
     m, v ← dequantize(m8), dequantize(v8)                      fp32, only this parameter's
     p ← p(1 − lr·λ);  m ← β1 m + (1 − β1) g;  v ← β2 v + (1 − β2) g²
-    p ← p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε)         the AdamW update (minilora.paged.adamw_update_)
+    p ← p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε)         AdamW (minilora.paged.adamw_update_)
     m8, v8 ← quantize(m, signed map), quantize(v, unsigned map)
 
 2 bytes of state per parameter plus 8 bytes per block of 256 instead of 8. Tensors under `min_8bit_size`

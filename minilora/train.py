@@ -7,15 +7,15 @@
 
 The loop: draw batch_size · grad_accum examples, split them into grad_accum micro-batches, weight each
 micro-batch's mean loss by its share of the target tokens (so accumulation equals one big batch), clip the
-gradient norm, step AdamW (or paged AdamW) under a warmup + cosine learning rate. Evaluation reports the
-validation loss over response tokens and the exact-match rate of greedy answers. With out_dir, the run
+gradient norm, step the optimizer (AdamW, paged or 8-bit: TrainConfig.optimizer) under a warmup + cosine
+learning rate. Evaluation reports the validation loss over response tokens and the exact-match rate of greedy
+answers. With out_dir, the run
 writes atomic checkpoints (minilora.train_state) and `train(..., resume=True)` continues from the last one,
 bit for bit on the CPU.
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable
@@ -33,88 +33,13 @@ from .evaluate import evaluate, greedy_matches  # noqa: F401  (minilora.train.gr
 from .files import atomic_write_json
 from .generate import respond  # noqa: F401  (minilora.train.respond, as before)
 from .inject import add_lora
-from .memory.estimate import MODES
+from .adamw8bit import AdamW8bit
+from .paged import PagedAdamW
+from .paged8bit import PagedAdamW8bit
 from .params import ParamCount, count_parameters
 from .runs import RunDir, identity
+from .train_config import TrainConfig
 from .train_state import RunCheckpoints, TrainingDiverged
-
-# Settings that do not change the trajectory of a run; every other TrainConfig field must match on resume.
-NOT_TRAJECTORY = ("eval_every", "eval_batch_size", "eval_max_batches", "save_every", "out_dir", "overwrite",
-                  "progress", "label")
-
-
-@dataclass
-class TrainConfig:
-    mode: str = "lora"                    # "full" | "lora" | "qlora"
-    r: int = 8                            # LoRA rank
-    alpha: float = 16.0                   # LoRA scaling = alpha / r
-    dropout: float = 0.0                  # dropout on the adapter input
-    targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")  # every linear layer inside the blocks
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1             # cosine decays lr to lr · min_lr_ratio at the last step
-    warmup_steps: int = 0                 # linear warmup from lr / warmup_steps
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0                # max global gradient norm (0: no clipping)
-    steps: int = 100                      # optimizer steps
-    batch_size: int = 16                  # examples per micro-batch
-    grad_accum: int = 1                   # micro-batches per optimizer step
-    gradient_checkpointing: bool = False  # recompute block activations in backward (minilora.checkpointing)
-    paged: bool = False                   # PagedAdamW instead of torch.optim.AdamW
-    page_size: int = 2**16                # paged AdamW: bytes per page
-    device_budget: int | None = None      # paged AdamW: bytes of pages kept on the device (None: all)
-    compute_dtype: str = "float32"        # qlora: dtype of the dequantized matmul and adapters
-    blocksize: int = 64                   # qlora: NF4 block size
-    seed: int = 0
-    device: str = "cpu"
-    eval_every: int = 0                   # evaluate every n steps (0: only at the end)
-    eval_batch_size: int = 64
-    eval_max_batches: int | None = None
-    save_every: int = 0                   # checkpoint every n steps (0: only at the end); needs out_dir
-    out_dir: str | None = None
-    overwrite: bool = False               # out_dir may be a non-empty directory that is not a finetune run
-    progress: bool = True                 # tqdm bar with loss and tokens/s
-    label: str | None = None              # the progress bar's name (default: mode)
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if isinstance(self.targets, str):
-            self.targets = (self.targets,)
-        self.targets, self.betas = tuple(self.targets), tuple(self.betas)
-        ints = {"r": 1, "steps": 1, "batch_size": 1, "grad_accum": 1, "page_size": 1, "blocksize": 1,
-                "eval_batch_size": 1, "eval_max_batches": 1, "warmup_steps": 0, "eval_every": 0, "save_every": 0,
-                "seed": 0, "device_budget": 0}  # name: least value (the last two may also be None)
-        for name, least in ints.items():
-            v = getattr(self, name)
-            if (isinstance(v, bool) or not isinstance(v, int) or v < least) and not (v is None and name in (
-                    "eval_max_batches", "device_budget")):
-                raise ValueError(f"TrainConfig.{name} must be an int >= {least}, got {v!r}")
-        if len(self.betas) != 2:
-            raise ValueError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
-        positive, unit = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
-        for name, v, (ok, expected) in [("lr", self.lr, positive), ("alpha", self.alpha, positive),
-                                        ("eps", self.eps, positive), ("dropout", self.dropout, unit),
-                                        ("min_lr_ratio", self.min_lr_ratio, (lambda v: 0 <= v <= 1, "in [0, 1]")),
-                                        ("grad_clip", self.grad_clip, (lambda v: v >= 0, ">= 0 (0: no clipping)")),
-                                        ("weight_decay", self.weight_decay, (lambda v: v >= 0, ">= 0")),
-                                        *[("betas", b, unit) for b in self.betas]]:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-                raise ValueError(f"TrainConfig.{name} must be a finite number {expected}, got {v!r}")
-        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"TrainConfig.compute_dtype must be float32, bfloat16 or float16, "
-                             f"got {self.compute_dtype!r}")
-        if self.save_every and not self.out_dir:
-            raise ValueError("TrainConfig.save_every needs out_dir")
-
-    def trajectory(self) -> dict:
-        """The settings a resumed run must share with the run that wrote the checkpoint."""
-        d = asdict(self)
-        for k in NOT_TRAJECTORY:
-            d.pop(k)
-        return json.loads(json.dumps(d))  # tuples -> lists, as they come back from JSON
-
 
 @dataclass
 class TrainResult:
@@ -156,15 +81,15 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (PagedAdamW with cfg.paged)."""
+    """cfg.optimizer over the trainable parameters: torch.optim.AdamW, PagedAdamW, AdamW8bit or PagedAdamW8bit."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if cfg.paged:
-        from .paged import PagedAdamW
-        return PagedAdamW(params, page_size=cfg.page_size, device_budget=cfg.device_budget, **kw)
-    return torch.optim.AdamW(params, **kw)
+    if cfg.optimizer.startswith("paged"):
+        kw.update(page_size=cfg.page_size, device_budget=cfg.device_budget)
+    return {"adamw": torch.optim.AdamW, "paged": PagedAdamW, "adamw8bit": AdamW8bit,
+            "paged8bit": PagedAdamW8bit}[cfg.optimizer](params, **kw)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -234,3 +234,45 @@ def test_10b_full_fine_tune_is_60_gb_with_8bit_adam():
     assert round(full.state_bytes / 1e9) == 120  # the lecture's figure: 12 bytes per parameter
     assert 60e9 <= eight.state_bytes <= 60e9 + 8 * n / 256 + 1e6  # 2 + 2 + 1 + 1 bytes, plus the absmax
     assert eight.optimizer_state < full.optimizer_state / 3.9
+
+
+# ----- wired in: the trainer and the command line -----
+
+def test_full_fine_tuning_with_8bit_state_matches_adamw_on_the_yoda_task(demo_base):
+    """The demo's base, full fine-tuning at a small budget: validation loss within 5 %, exact match within 3 points."""
+    from minilora import GPT
+    from minilora.data import InstructionSet, load_tokenizer, yoda_dataset
+    from minilora.train import TrainConfig, train
+    train_ex, val_ex = yoda_dataset(1000, 100, seed=0)
+    final = {}
+    for optimizer in ("adamw", "adamw8bit"):
+        base = GPT.from_pretrained(demo_base)
+        tok = load_tokenizer(demo_base, vocab_size=base.config.vocab_size)
+        cfg = TrainConfig(mode="full", optimizer=optimizer, steps=150, lr=1e-3, warmup_steps=10, batch_size=16,
+                          progress=False)
+        final[optimizer] = train(base, cfg, InstructionSet(train_ex, tok, base.config.block_size),
+                                 InstructionSet(val_ex, tok, base.config.block_size)).final
+    ref, ours = final["adamw"], final["adamw8bit"]
+    assert abs(ours["loss"] - ref["loss"]) <= 0.05 * ref["loss"], final
+    assert abs(ours["exact_match"] - ref["exact_match"]) <= 0.03, final
+
+
+def test_train_config_and_cli_take_the_optimizer(tmp_path, capsys):
+    from minilora.__main__ import main
+    from minilora.train import TrainConfig, make_optimizer
+    model = torch.nn.Linear(100, 100)
+    for name, cls in (("adamw", torch.optim.AdamW), ("paged", None), ("adamw8bit", AdamW8bit),
+                      ("paged8bit", PagedAdamW8bit)):
+        opt = make_optimizer(model, TrainConfig(mode="full", optimizer=name))
+        assert type(opt).__name__ == (cls.__name__ if cls else "PagedAdamW")
+    assert TrainConfig(paged=True).optimizer == "paged"  # the older flag still works
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="adamw8bit", paged=True)
+    assert main(["memory", "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--vocab-size", "100",
+                 "--mode", "full", "--optimizer", "adamw8bit"]) in (0, None)
+    assert "optimizer adamw8bit" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["memory", "--optimizer", "lion"])
+    assert e.value.code == 2
