@@ -46,14 +46,11 @@ def check_adamw_args(lr, betas, eps, weight_decay) -> None:
 def _check_page_size(page_size) -> int:
     if isinstance(page_size, bool) or not isinstance(page_size, int):
         raise TypeError(f"page_size must be an int number of bytes, got {page_size!r}")
-    if page_size <= 0:
-        raise ValueError(f"page_size must be > 0 bytes, got {page_size}")
     if page_size < STATE_BYTES_PER_ELEMENT:
         raise ValueError(f"page_size={page_size} bytes is smaller than one element's state "
                          f"({STATE_BYTES_PER_ELEMENT} bytes: exp_avg + exp_avg_sq in fp32)")
     if page_size % STATE_BYTES_PER_ELEMENT:
-        raise ValueError(f"page_size must be a multiple of {STATE_BYTES_PER_ELEMENT} bytes (one element's "
-                         f"exp_avg + exp_avg_sq), got {page_size}")
+        raise ValueError(f"page_size must be a multiple of {STATE_BYTES_PER_ELEMENT} bytes, got {page_size}")
     return page_size
 
 
