@@ -10,6 +10,7 @@ from .params import ParamCount, count_parameters, format_count, lora_params_real
 from . import quant
 from .quant import QuantState, dequantize_nf4, quantize_nf4
 from .qlora import NF4Linear, QLoRALinear, add_qlora, load_qlora_adapter, merge_qlora, quantize_model
+from .llm_int8 import Int8Linear
 from .checkpointing import checkpoint_sequential, segment_bounds
 from .paged import PagedAdamW, PagerStats
 from .adamw8bit import AdamW8bit

@@ -6,6 +6,8 @@
     8-bit blockwise      quantize_blockwise_8bit / dequantize_blockwise_8bit  (signed / unsigned dynamic maps)
     double quantization  quantize_absmax / dequantize_absmax_8bit; int8 teaching mode double_quantize_int8
     QuantState           quantize_nf4 / dequantize_nf4 (nf4.py), nbytes, bits_per_param, dequantize_absmax
+    affine RTN           quantize_affine / dequantize_affine              q = round(x / S + Z), groups of the last dim
+    GPTQ                 gptq_quantize / quantize_model_gptq              column by column with error feedback (OBS)
     interchange          to_bnb_state_dict / from_bnb_state_dict          bitsandbytes / HF checkpoint layout
     error bounds         error_bound_4bit / error_bound_int8               what the property tests check
     error table          roundtrip_errors / error_table                   NF4 vs FP4 vs int4 vs int8, measured
@@ -26,6 +28,8 @@ from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from .bounds import error_bound_4bit, error_bound_int8
 from .error_tables import FORMATS, error_table, roundtrip_errors
 from .blockwise8bit import Blockwise8bitState, dequantize_blockwise_8bit, quantize_blockwise_8bit
+from .affine import AffineState, dequantize_affine, quantize_affine
+from .gptq import GPTQState, dequantize_gptq, gptq_quantize, quantize_model_gptq
 
 __all__ = [
     "nf4_code", "fp4_code", "int4_code", "dynamic_code", "get_code", "max_gap",
@@ -36,4 +40,6 @@ __all__ = [
     "to_bnb_state_dict", "from_bnb_state_dict", "error_bound_4bit", "error_bound_int8",
     "roundtrip_errors", "error_table",
     "Blockwise8bitState", "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
+    "AffineState", "quantize_affine", "dequantize_affine", "GPTQState", "gptq_quantize", "dequantize_gptq",
+    "quantize_model_gptq",
 ]

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .format import FLOAT_DTYPES as _STORED_DTYPES
+
+FLOAT_DTYPES = _STORED_DTYPES + (torch.float64,)  # affine also takes float64 input (calibration math)
 
 
 def check_bits(bits: int) -> int:
