@@ -111,6 +111,19 @@ def _tiles(small: bool, M: int, fast: bool, fp32: bool, large_tuned: tuple) -> t
     return (bm, 32, 4 if (fp32 and bm <= 32) else 8, 2 if fast else 1)
 
 
+def _tiled_plan(kind: str, const: dict, small: bool, tiles: int, length: int, step: int, num_sms: int,
+                tiling: tuple) -> KernelPlan:
+    """A matmul plan: `tiles` output tiles; the reduction of `length` in steps of `step` is split over
+    programs for small M (split-K), done by one program per tile otherwise."""
+    bm, bn, warps, stages = tiling
+    if small:
+        split, chunk = _split(tiles, length, step, num_sms)
+    else:
+        split, chunk = 1, cdiv(length, step) * step
+    const.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=1 if small else 8)
+    return KernelPlan(kind, (tiles, split), const, num_warps=warps, num_stages=stages, split=split, chunk=chunk)
+
+
 def plan_matmul(M: int, N: int, K: int, *, blocksize: int, dtype: torch.dtype, double_quant: bool,
                 has_bias: bool, has_lora: bool, num_sms: int, interpreted: bool,
                 capability: int = 90) -> KernelPlan:
@@ -125,14 +138,8 @@ def plan_matmul(M: int, N: int, K: int, *, blocksize: int, dtype: torch.dtype, d
     # always: 8 warps then (1.6-1.9x slower on an H100 without LoRA, no spills).
     warps = 4 if capability >= 90 and not has_lora else 8
     bm, bn, warps, stages = _tiles(small, M, fast, dtype == torch.float32, (128, 128, warps, 3))
-    tiles = cdiv(M, bm) * cdiv(N, bn)
-    if small:
-        split, chunk = _split(tiles, K, BLOCK_K, num_sms)
-    else:
-        split, chunk = 1, cdiv(K, BLOCK_K) * BLOCK_K
-    const.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=1 if small else 8)
-    return KernelPlan("matmul", (tiles, split), const, num_warps=warps, num_stages=stages,
-                      split=split, chunk=chunk)
+    return _tiled_plan("matmul", const, small, cdiv(M, bm) * cdiv(N, bn), K, BLOCK_K, num_sms,
+                       (bm, bn, warps, stages))
 
 
 def plan_matmul_dx(M: int, N: int, K: int, *, blocksize: int, dtype: torch.dtype,
@@ -144,14 +151,8 @@ def plan_matmul_dx(M: int, N: int, K: int, *, blocksize: int, dtype: torch.dtype
     fast = const["PAIRED"] and const["SCALE_PER_ROW"]
     small = M <= 64
     bm, bn, warps, stages = _tiles(small, M, fast, dtype == torch.float32, (128, 64, 4, 3))
-    tiles = cdiv(M, bm) * cdiv(K, BLOCK_K)
-    if small:
-        split, chunk = _split(tiles, N, bn, num_sms)
-    else:
-        split, chunk = 1, cdiv(N, bn) * bn
-    const.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=1 if small else 8)
-    return KernelPlan("matmul_dx", (tiles, split), const, num_warps=warps, num_stages=stages,
-                      split=split, chunk=chunk)
+    return _tiled_plan("matmul_dx", const, small, cdiv(M, bm) * cdiv(K, BLOCK_K), N, bn, num_sms,
+                       (bm, bn, warps, stages))
 
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -96,6 +96,14 @@ def _check_float(name: str, t, dtype=None) -> None:
         raise TypeError(f"{name} is {t.dtype}, expected {dtype} like the input")
 
 
+def _rows(name: str, t: torch.Tensor, features: int, letter: str) -> tuple:
+    """(leading shape, t as contiguous (rows, features)) after checking t's dtype and last dimension."""
+    _check_float(name, t)
+    if t.shape[-1] != features:
+        raise ValueError(f"{name} has {t.shape[-1]} features in its last dimension, expected {letter} = {features}")
+    return t.shape[:-1], t.reshape(-1, features).contiguous()
+
+
 def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, *,
                    shape, dtype: torch.dtype = torch.float32, blocksize: int = 64,
                    nested_absmax: Optional[torch.Tensor] = None,
@@ -137,13 +145,9 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     never written to memory. lora_xa = X · lora_Aᵀ with shape (..., R), lora_B (N, R): pass
     both to add the LoRA term in the same launch.
     """
-    _check_float("x", x)
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, expected K = {K}")
+    lead, x2 = _rows("x", x, K, "K")
     q = _check_nf4(packed, absmax, code, N * K, blocksize, nested_absmax, nested_code, offset,
                    device=x.device)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     if bias is not None:
         _check_float("bias", bias, x.dtype)
@@ -198,13 +202,9 @@ def nf4_matmul_dx(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     dy: (..., N) fp32/bf16/fp16; returns (..., K) in dy's dtype. W tiles are dequantized in
     registers, as in nf4_matmul.
     """
-    _check_float("dy", dy)
-    if dy.shape[-1] != N:
-        raise ValueError(f"dy has {dy.shape[-1]} features in its last dimension, expected N = {N}")
+    lead, dy2 = _rows("dy", dy, N, "N")
     q = _check_nf4(packed, absmax, code, N * K, blocksize, nested_absmax, nested_code, offset,
                    device=dy.device)
-    lead = dy.shape[:-1]
-    dy2 = dy.reshape(-1, N).contiguous()
     M = dy2.shape[0]
     if M == 0:
         return dy.new_empty((*lead, K))

@@ -132,7 +132,7 @@ def test_bad_arguments_get_clear_errors():
         gptq_quantize(w, x, 4, 5)
     with pytest.raises(ValueError, match="2-D"):
         gptq_quantize(torch.randn(16), x, 4, 8)
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(TypeError, match="must be float32, float16, bfloat16 or float64"):
         gptq_quantize(w, x.long(), 4, 8)
     with pytest.raises(ValueError, match="damp"):
         gptq_quantize(w, x, 4, 8, damp=-0.1)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .format import FLOAT_DTYPES as _STORED_DTYPES
+from .format import check_float_tensor
 
 FLOAT_DTYPES = _STORED_DTYPES + (torch.float64,)  # affine also takes float64 input (calibration math)
 
@@ -44,10 +45,7 @@ def check_groupsize(groupsize: int | None, columns: int) -> int:
 
 
 def check_float(x: torch.Tensor, name: str = "x") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    check_float_tensor(x, name, FLOAT_DTYPES)
     if x.dim() == 0:
         raise ValueError(f"{name} must have at least one dimension, got a 0-dim tensor")
     if not torch.isfinite(x).all():

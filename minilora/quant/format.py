@@ -36,12 +36,13 @@ def check_blocksize(blocksize: int, name: str = "blocksize") -> int:
     return blocksize
 
 
-def check_float_tensor(x: torch.Tensor, name: str = "x") -> None:
-    """x must be a float32, float16 or bfloat16 tensor."""
+def check_float_tensor(x: torch.Tensor, name: str = "x", dtypes: tuple = FLOAT_DTYPES) -> None:
+    """x must be a tensor of one of `dtypes` (default: float32, float16 or bfloat16)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        raise TypeError(f"{name} must be {', '.join(names[:-1])} or {names[-1]}, got {x.dtype}")
 
 
 def nf4_nbytes(n: int, blocksize: int = 64, double_quant: bool = True, blocksize2: int = NESTED_BLOCKSIZE) -> int:
