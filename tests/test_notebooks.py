@@ -15,6 +15,7 @@ NN_name.ipynb, outputs and figures included, and rendered to NN_name.html when n
 from __future__ import annotations
 
 import ast
+import html
 import os
 import subprocess
 import time
@@ -41,16 +42,38 @@ def execute(nb, cwd: Path, timeout: int = HANG_GUARD_S):
     return client.execute()
 
 
+def plain_html(nb, title: str) -> str:
+    """A self-contained HTML page of an executed notebook: markdown as text, code, and its outputs (printed text,
+    figures as embedded PNGs). nbconvert renders it better when it is installed."""
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{max-width:60em;margin:auto;font-family:sans-serif} pre{background:#f6f6f6;padding:.5em;"
+             "white-space:pre-wrap} pre.out{background:#fff;border-left:3px solid #ccc}</style>"]
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            parts.append(f"<pre style='background:none'>{html.escape(cell.source)}</pre>")
+            continue
+        parts.append(f"<pre><code>{html.escape(cell.source)}</code></pre>")
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if "image/png" in data:
+                parts.append(f"<img src='data:image/png;base64,{data['image/png'].strip()}'>")
+            text = out.get("text") or data.get("text/plain") or "\n".join(out.get("traceback", []))
+            if text and "image/png" not in data:
+                parts.append(f"<pre class='out'>{html.escape(text)}</pre>")
+    return "\n".join(parts) + "\n"
+
+
 def write_executed(nb, name: str, out: Path) -> list[Path]:
-    """NN_name.ipynb (with outputs) into out, and NN_name.html if nbconvert is installed; atomic writes."""
+    """NN_name.ipynb (with outputs) and NN_name.html into out (nbconvert's HTML if it is installed, else
+    plain_html); atomic writes."""
     out.mkdir(parents=True, exist_ok=True)
     written = [atomic_write_text(out / f"{name}.ipynb", nbformat.writes(nb))]
     try:
         import nbconvert
+        page, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
     except ImportError:
-        return written
-    html, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
-    written.append(atomic_write_text(out / f"{name}.html", html))
+        page = plain_html(nb, name)
+    written.append(atomic_write_text(out / f"{name}.html", page))
     return written
 
 
@@ -99,6 +122,8 @@ def test_executed_copies_are_written(tmp_path):
     written = write_executed(nb, "00_check", tmp_path / "executed")
     back = nbformat.read(written[0], as_version=4)
     assert back.cells[0].outputs[0]["text"].strip() == "42"
+    page = written[1].read_text(encoding="utf-8")
+    assert written[1].suffix == ".html" and "print(6 * 7)" in page and "42" in page
     assert not list((tmp_path / "executed").glob(".*.tmp")), "a temporary file was left behind"
 
 
