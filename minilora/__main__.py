@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="adamw (default), paged, adamw8bit, paged8bit")
     p.add_argument("--paged", action="store_true", help="the same as --optimizer paged")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model across the ranks (default: DDP)")
     p.add_argument("--eval-every", type=_count, default=0)
     p.add_argument("--save-every", type=_count, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -202,9 +203,8 @@ def cmd_finetune(a) -> None:
     cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=tuple(a.targets), lr=lr,
                       warmup_steps=a.warmup_steps, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                       gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,
-                      optimizer=a.optimizer or "adamw",
-                      device=a.device, eval_every=a.eval_every, save_every=a.save_every, out_dir=a.out,
-                      overwrite=a.overwrite, progress=not a.no_progress)
+                      optimizer=a.optimizer or "adamw", fsdp=a.fsdp, device=a.device, eval_every=a.eval_every,
+                      save_every=a.save_every, out_dir=a.out, overwrite=a.overwrite, progress=not a.no_progress)
     data = load_jsonl(a.data) if a.data else None  # a bad file fails here, before the model is read
     examples = split_examples(data, 0.1, seed=a.seed) if data else yoda_dataset(a.n_train, a.n_val, seed=a.seed)
     base = GPT.from_pretrained(a.base)

@@ -12,7 +12,7 @@ from .memory.estimate import MODES, OPTIMIZERS
 
 # Settings that do not change the trajectory of a run; every other TrainConfig field must match on resume.
 NOT_TRAJECTORY = ("eval_every", "eval_batch_size", "eval_max_batches", "save_every", "out_dir", "overwrite",
-                  "progress", "label")
+                  "progress", "label", "fsdp")
 
 
 @dataclass
@@ -41,6 +41,7 @@ class TrainConfig:
     blocksize: int = 64                   # qlora: NF4 block size
     seed: int = 0
     device: str = "cpu"
+    fsdp: bool = False                    # under torchrun: shard the model across the ranks (minilora.fsdp), not DDP
     eval_every: int = 0                   # evaluate every n steps (0: only at the end)
     eval_batch_size: int = 64
     eval_max_batches: int | None = None
@@ -83,6 +84,9 @@ class TrainConfig:
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"TrainConfig.compute_dtype must be float32, bfloat16 or float16, "
                              f"got {self.compute_dtype!r}")
+        if self.fsdp and self.optimizer != "adamw":
+            raise ValueError(f"TrainConfig.fsdp shards the optimizer state of optimizer 'adamw' only, "
+                             f"got optimizer={self.optimizer!r}")
         if self.save_every and not self.out_dir:
             raise ValueError("TrainConfig.save_every needs out_dir")
 
