@@ -185,7 +185,9 @@ class SingleProcess:
         shard(idx)      this replica's part of a micro-batch's example indices
         total(*values)  each value summed over the replicas
         sync(now)       context for a micro-batch's backward: combine the gradients at its end if now
-        barrier()       wait for every replica;   is_main: the one replica that writes files"""
+        barrier()       wait for every replica;   is_main: the one replica that writes files
+        gathered(), optimizer_state(opt), load_optimizer_state(opt, sd), local(whole, like): whole tensors
+                        for checkpoints, and this replica's part of them (minilora.fsdp shards; here: identity)"""
 
     def __init__(self, model: nn.Module):
         self.module, self.model = model, model
@@ -207,6 +209,21 @@ class SingleProcess:
 
     def barrier(self) -> None:
         pass
+
+    def gathered(self):
+        """Context in which module attributes hold whole tensors (FSDP gathers its shards; here they are)."""
+        return contextlib.nullcontext()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """optimizer.state_dict() with whole tensors; load_optimizer_state takes it back."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+    def local(self, whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """This replica's part of a whole tensor shaped like the parameter `like` (here: all of it)."""
+        return whole
 
     def report(self) -> dict:
         """{"world_size", "rank", "comm": CommStats as a dict} for TrainResult.extra."""

@@ -127,7 +127,8 @@ def save_gpt2(model: nn.Module, path: str | os.PathLike) -> None:
     model.config.tie_word_embeddings = tied
     c = model.config
     sd = {}
-    for key, value in model.state_dict().items():
+    # by attribute, not state_dict(): a sharded model (minilora.fsdp) holds its gathered tensors there
+    for key, value in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         if tied and key == "lm_head.weight":
             continue
         value = value.detach().cpu()

@@ -29,6 +29,7 @@ import torch.nn as nn
 from .adapters import save_adapter
 from .data import IGNORE, InstructionSet, TokenStream
 from .distributed import SingleProcess, init_from_env, is_main, replicas
+from .fsdp import FullyShardedDataParallel
 from .evaluate import evaluate, greedy_matches  # noqa: F401  (minilora.train.greedy_matches, as before)
 from .files import atomic_write_json
 from .generate import respond  # noqa: F401  (minilora.train.respond, as before)
@@ -159,11 +160,14 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
 
 def _train(model, cfg, train_data, val_data, resume, measure_memory, callback, run_dir: RunDir | None):
     model = prepare_model(model, cfg)
+    ident = identity(model, train_data, val_data) if run_dir else {}  # of the whole model, before any sharding
+    params = count_parameters(model)
+    # one process: the model itself; several: DDP over the trainable parameters, or FSDP's shards of every tensor
+    rep = FullyShardedDataParallel(model) if cfg.fsdp else replicas(model)
     optimizer = make_optimizer(model, cfg)
-    rep = replicas(model)  # one process: the model itself; several: DDP over the trainable parameters
     generator = torch.Generator().manual_seed(cfg.seed)
     ckpt = RunCheckpoints(run_dir, model=model, optimizer=optimizer, generator=generator, run=cfg.trajectory(),
-                          identity=identity(model, train_data, val_data) if run_dir else {})
+                          identity=ident, replica=rep)
     h = dict(losses=[], evals=[], tokens=0, seconds=0.0)  # the run's history, saved with every checkpoint
     start, h = ckpt.resume() if resume else (0, h)
     losses, evals = h["losses"], h["evals"]
@@ -210,7 +214,7 @@ def _train(model, cfg, train_data, val_data, resume, measure_memory, callback, r
     run_eval(cfg.steps)
     ckpt.finish(cfg.steps, h, lambda staged: _write_results(staged, model, cfg, train_data, h))
     rep.barrier()  # every rank returns once rank 0 has written its files
-    return TrainResult(model=model, config=cfg, losses=losses, evals=evals, params=count_parameters(model),
+    return TrainResult(model=model, config=cfg, losses=losses, evals=evals, params=params,
                        tokens=h["tokens"], seconds=h["seconds"], memory=memory, extra=rep.report())
 
 

@@ -18,6 +18,7 @@ never saved (TrainingDiverged).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -128,9 +129,10 @@ def _drop(checkpoint: Path) -> None:
     shutil.rmtree(checkpoint)
 
 
-def save_train_state(out_dir: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_train_state(out_dir: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | dict,
                      generator: torch.Generator, step: int, run: dict, identity: dict, history: dict) -> Path:
-    """Write <out_dir>/checkpoint so that a complete checkpoint is reachable at every instant (module docstring)."""
+    """Write <out_dir>/checkpoint so that a complete checkpoint is reachable at every instant (module docstring).
+    optimizer: the optimizer, or its state_dict with whole tensors (a sharded run's, gathered)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -141,7 +143,7 @@ def save_train_state(out_dir: str | os.PathLike, *, model: nn.Module, optimizer:
     try:
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         opt_tensors: dict[str, torch.Tensor] = {}
-        opt_meta = flatten(optimizer.state_dict(), opt_tensors)
+        opt_meta = flatten(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), opt_tensors)
         hashes = {}
         for fname, tensors in zip(FILES, (trainable, opt_tensors, _rng_tensors(generator))):
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
@@ -221,9 +223,10 @@ def find_checkpoint(out_dir: str | os.PathLike) -> Path:
 
 
 def load_train_state(out_dir: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator, run: dict, identity: dict) -> dict:
+                     generator: torch.Generator, run: dict, identity: dict, replica=None) -> dict:
     """Restore trainable weights, optimizer, RNG states; return state.json (step, history). Nothing is
-    modified unless every check passes: state.json, hashes, run settings, identity, names and shapes."""
+    modified unless every check passes: state.json, hashes, run settings, identity, names and shapes.
+    replica (minilora.distributed.SingleProcess or a sharded one) keeps this process's part of each tensor."""
     from safetensors.torch import load_file
 
     path = find_checkpoint(out_dir)
@@ -252,12 +255,15 @@ def load_train_state(out_dir: str | os.PathLike, *, model: nn.Module, optimizer:
     if "torch_cpu" not in rng or "sampler" not in rng:
         raise CheckpointError(f"checkpoint {path}: rng.safetensors lacks the random states")
     try:  # before the weights: a state that does not fit leaves the model as it was
-        optimizer.load_state_dict(unflatten(state["optimizer"], opt_tensors))
+        if replica is None:
+            optimizer.load_state_dict(unflatten(state["optimizer"], opt_tensors))
+        else:
+            replica.load_optimizer_state(optimizer, unflatten(state["optimizer"], opt_tensors))
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({e})") from None
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(trainable[n])
+            p.copy_(trainable[n] if replica is None else replica.local(trainable[n], p))
     torch.set_rng_state(rng["torch_cpu"])
     generator.set_state(rng["sampler"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
@@ -271,30 +277,47 @@ class RunCheckpoints:
     directory's lock writes (under torchrun, rank 0); every rank reads on resume."""
 
     def __init__(self, run_dir, *, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                 run: dict, identity: dict):
-        self.run_dir, self.run, self.identity = run_dir, run, identity
+                 run: dict, identity: dict, replica=None):
+        self.run_dir, self.run, self.identity, self.replica = run_dir, run, identity, replica
         self.objects = dict(model=model, optimizer=optimizer, generator=generator)
         self.writes = run_dir is not None and run_dir.locked
 
     def resume(self) -> tuple[int, dict]:
         """Restore the newest checkpoint (load_train_state); return its step and history."""
-        state = load_train_state(self.run_dir.path, **self.objects, run=self.run, identity=self.identity)
+        state = load_train_state(self.run_dir.path, **self.objects, run=self.run, identity=self.identity,
+                                 replica=self.replica)
         return state["step"], state["history"]
 
     def save(self, step: int, history: dict) -> None:
-        """save_train_state, unless a trainable weight is inf or NaN (TrainingDiverged: the last one stays)."""
+        """save_train_state, unless a trainable weight is inf or NaN (TrainingDiverged: the last one stays).
+        A sharded run gathers the whole tensors on every rank first (collectives); the lock holder writes."""
+        if self.run_dir is None:
+            return
+        if self.replica is None or self.replica.world_size == 1:
+            if self.writes:
+                self._save(step, history, self.objects["model"], self.objects["optimizer"])
+            return
+        optimizer = self.replica.optimizer_state(self.objects["optimizer"])
+        with self.replica.gathered():
+            self._save(step, history, self.objects["model"], optimizer)
+
+    def _save(self, step: int, history: dict, model: nn.Module, optimizer) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise TrainingDiverged(f"training diverged before step {step}: a trainable weight is inf or NaN; "
+                                   f"not saved, the last checkpoint is kept. Lower the learning rate")
         if self.writes:
-            params = [p for p in self.objects["model"].parameters() if p.requires_grad]
-            if not all(bool(torch.isfinite(p).all()) for p in params):
-                raise TrainingDiverged(f"training diverged before step {step}: a trainable weight is inf or NaN; "
-                                       f"not saved, the last checkpoint is kept. Lower the learning rate")
-            save_train_state(self.run_dir.path, **self.objects, step=step, run=self.run, identity=self.identity,
-                             history=history)
+            save_train_state(self.run_dir.path, model=model, optimizer=optimizer, generator=self.objects["generator"],
+                             step=step, run=self.run, identity=self.identity, history=history)
 
     def finish(self, step: int, history: dict, write_results) -> None:
         """The last checkpoint, then write_results(staged): each result is renamed into the run directory when
         complete, metrics.json last (minilora.runs.RunDir.results)."""
+        self.save(step, history)
         if self.writes:
-            self.save(step, history)
-            with self.run_dir.results(last=("metrics.json",)) as staged:
+            with (self.replica.gathered() if self.replica else contextlib.nullcontext()), \
+                    self.run_dir.results(last=("metrics.json",)) as staged:
                 write_results(staged)
+        elif self.replica is not None and self.run_dir is not None:
+            with self.replica.gathered():  # the collectives of rank 0's gathering
+                pass
