@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="weights, gradients and activations (AdamW state stays float32: the lecture's 12 B/param)")
     p.add_argument("--measure", action="store_true", help="also measure one real training step (small float32 models)")
+    p.add_argument("--fsdp", type=_positive, default=1, help="bytes per process of N sharding the model (default 1)")
+    p.add_argument("--cpu-offload", action="store_true", help="with --fsdp N: shards, grads, Adam state on the host")
     return parser
 
 
@@ -235,32 +237,30 @@ def cmd_generate(a) -> None:
 
 
 def cmd_memory(a) -> None:
-    if a.model:
-        cfg = GPT.from_pretrained(a.model).config
-    else:
-        cfg = GPTConfig(block_size=a.block_size, vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head,
-                        n_embd=a.n_embd)
+    if a.measure and a.fsdp > 1:
+        raise ValueError("--measure runs one process; measure FSDP under torchrun (see tests/test_fsdp.py)")
+    cfg = GPT.from_pretrained(a.model).config if a.model else GPTConfig(
+        block_size=a.block_size, vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
     seq, rows = a.seq_len or cfg.block_size, []
     opt = TrainConfig(optimizer=a.optimizer or "adamw", paged=a.paged).optimizer  # --paged alone: "paged"
     for mode in a.mode:
         rows.append(estimate(cfg, mode, batch_size=a.batch_size, seq_len=seq, r=a.r, targets=tuple(a.targets),
-                             dtype=a.dtype, state_dtype="float32",
-                             compute_dtype="float32" if a.dtype == "float32" else a.dtype,
-                             optimizer=opt, checkpointing=a.gradient_checkpointing,
+                             dtype=a.dtype, compute_dtype=a.dtype, state_dtype="float32", optimizer=opt,
+                             checkpointing=a.gradient_checkpointing, fsdp=a.fsdp, cpu_offload=a.cpu_offload,
                              device="cpu", label=f"{mode} (estimate)"))
         if a.measure:
             rows.append(_measure(cfg, mode, a, seq))
+    fsdp = f"; per process of {a.fsdp} (FSDP{', CPU offload' if a.cpu_offload else ''})" if a.fsdp > 1 else ""
     print(f"GPT: {cfg.n_layer} layers x {cfg.n_embd} wide, vocab {cfg.vocab_size}, {rows[0].n_params:,} parameters; "
           f"batch {a.batch_size} x {seq} tokens; {a.dtype} weights, optimizer {opt}"
-          f"{', gradient checkpointing' if a.gradient_checkpointing else ''}")
+          f"{', gradient checkpointing' if a.gradient_checkpointing else ''}{fsdp}")
     print(format_table(rows))
 
 
 def _measure(cfg, mode: str, a, seq: int):
     if a.dtype != "float32":
         raise ValueError("--measure trains a float32 model; leave --dtype at float32 to measure")
-    n_params = 12 * cfg.n_layer * cfg.n_embd ** 2
-    if n_params > 50_000_000:
+    if (n_params := 12 * cfg.n_layer * cfg.n_embd ** 2) > 50_000_000:
         raise ValueError(f"--measure runs a real step; {n_params:,} parameters is too large for it here")
     tc = TrainConfig(mode=mode, r=a.r, targets=tuple(a.targets), gradient_checkpointing=a.gradient_checkpointing,
                      paged=a.paged, optimizer=a.optimizer or "adamw", batch_size=a.batch_size)

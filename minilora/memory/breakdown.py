@@ -20,13 +20,15 @@ PARTS = (
     ("adapters", "LoRA adapters"),
     ("adapter_gradients", "adapter gradients"),
     ("adapter_optimizer_state", "adapter optimizer state"),
+    ("gathered", "gathered block (FSDP)"),
     ("activations", "activations"),
 )
 
 
 @dataclass
 class MemoryBreakdown:
-    """Training memory on the compute device, split by what holds it (all sizes in bytes).
+    """Training memory on the compute device, split by what holds it (all sizes in bytes; under FSDP, of one
+    process).
 
     weights                  base-model tensors kept as they are (frozen or trained), any dtype
     quantized_weights        NF4 codes + double-quantized block constants of the quantized layers
@@ -34,8 +36,10 @@ class MemoryBreakdown:
     gradients                gradients of the trainable base weights (full fine-tuning)
     optimizer_state          AdamW's exp_avg and exp_avg_sq (+ its step counters) for the base weights
     adapters, adapter_gradients, adapter_optimizer_state: the same three for LoRA's A and B
+    gathered                 FSDP: the all-gathered root unit + the largest block (0 without FSDP)
     activations              peak bytes autograd keeps for backward (tensors saved by the forward)
-    offloaded                optimizer state held in host memory (paged AdamW's evicted pages): not in total
+    offloaded                bytes held in host memory, not in total: paged AdamW's evicted pages, or under
+                             FSDP with CPU offload the sharded parameters, gradients and optimizer state
 
     total = every field above except offloaded. weights_by_dtype splits weights + quantized_weights +
     adapters by storage type ("float32", "bfloat16", "nf4", ...). peak_allocated is
@@ -51,6 +55,7 @@ class MemoryBreakdown:
     adapters: int = 0
     adapter_gradients: int = 0
     adapter_optimizer_state: int = 0
+    gathered: int = 0
     activations: int = 0
     offloaded: int = 0
     weights_by_dtype: dict[str, int] = field(default_factory=dict)

@@ -15,7 +15,8 @@ gradient and AdamW state. QLoRA stores the base linears as NF4 with double quant
 
 while the embeddings, norms, biases and the tied lm_head stay in the model's dtype. Activations come from
 minilora.memory.activations. The parameter inventory is taken from a GPT built on the "meta" device:
-shapes only, no memory, so a 65B model costs nothing to describe.
+shapes only, no memory, so a 65B model costs nothing to describe. With fsdp=N every byte is that of one
+process of N sharding the model (minilora.memory.sharded states the sharded and gathered terms).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from .activations import LINEARS, ActivationSetup, SavedActivations, itemsize, s
 from ..adamw8bit import MIN_8BIT_SIZE
 from ..paged8bit import BLOCK, BLOCK_BYTES
 from .breakdown import MemoryBreakdown
+from .sharded import Sharding, check_fsdp, offload, shard_numel
 
 MODES = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "paged", "adamw8bit", "paged8bit")
@@ -116,7 +118,7 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
              optimizer: str = "adamw", page_size: int = 2**20, device_budget: int | None = None,
              checkpointing: bool | None = None, checkpoint_segments: int | None = None,
              quant_targets: str | Iterable[str] | None = None, blocksize: int = 64, double_quant: bool = True,
-             device: str = "cuda", label: str = "") -> MemoryBreakdown:
+             fsdp: int = 1, cpu_offload: bool = False, device: str = "cuda", label: str = "") -> MemoryBreakdown:
     """Analytic training memory of minilora's GPT for one step (see the module docstring for the formulas).
 
     mode: "full" (every parameter trained), "lora" (frozen base + adapters on `targets`, rank r) or "qlora"
@@ -130,6 +132,10 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     `offloaded`), "adamw8bit" (AdamW8bit: 2 bytes per element + 8 per block of 256; tensors under 4,096
     elements keep fp32 state) or "paged8bit" (PagedAdamW8bit: that state in pages).
     checkpointing / checkpoint_segments: default to the config's gradient_checkpointing / checkpoint_segments.
+    fsdp: the bytes of one process (rank 0) of fsdp sharding the model (minilora.memory.sharded): every
+    parameter, gradient and AdamW state on ⌈dim 0 / fsdp⌉ rows, + `gathered` (root unit + largest block),
+    activations of ⌈batch_size / fsdp⌉ sequences (batch_size: the global micro-batch, at least fsdp).
+    cpu_offload (fsdp > 1): the shards, gradients and optimizer state in host memory (`offloaded`).
     device: "cuda" or "cpu", the kernels whose saved tensors are modelled (they differ only under dropout,
     and in the dtype of LayerNorm statistics of 16-bit models).
     """
@@ -142,6 +148,8 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     batch_size, r = _check_positive_int(batch_size, "batch_size"), _check_positive_int(r, "r")
+    check_fsdp(fsdp, cpu_offload, optimizer, batch_size)
+    batch_size = math.ceil(batch_size / fsdp)  # from here on: rank 0's share of the micro-batch
     seq_len = config.block_size if seq_len is None else _check_positive_int(seq_len, "seq_len")
     if seq_len > config.block_size:
         raise ValueError(f"seq_len={seq_len} exceeds config.block_size={config.block_size}")
@@ -172,7 +180,10 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     by_dtype: dict[str, int] = {}
     paged_elems: list[int] = []  # numel of every trainable tensor, for page rounding
 
-    def train(numel: int, p_dtype: torch.dtype, adapter: bool) -> None:
+    shards = Sharding(fsdp)  # fsdp=1: every tensor whole, on the one process
+
+    def train(shape: tuple[int, ...], p_dtype: torch.dtype, adapter: bool) -> None:
+        numel = shard_numel(shape, fsdp)  # gradients and AdamW state are sharded like the parameter
         g = itemsize(grad_dtype or p_dtype)
         st = itemsize(state_dtype or p_dtype)
         grads = numel * g
@@ -191,29 +202,29 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
             out.optimizer_state += state
         if master_weights and itemsize(p_dtype) < 4:
             out.master_weights += 4 * numel
-        out.n_trainable += numel
+        out.n_trainable += math.prod(shape)
 
     for name, p in model.named_parameters():  # each tied tensor once
         module, _, leaf = name.rpartition(".")
-        n = p.numel()
-        out.n_params += n
+        out.n_params += p.numel()
         if module in quant_names and leaf == "weight":
-            b = nf4_nbytes(n, blocksize, double_quant)
+            b = shards.nf4(name, p.numel(), blocksize, double_quant)
             out.quantized_weights += b
             by_dtype["nf4"] = by_dtype.get("nf4", 0) + b
         else:
-            out.weights += n * itemsize(dtype)
-            by_dtype[dtype_name(dtype)] = by_dtype.get(dtype_name(dtype), 0) + n * itemsize(dtype)
+            b = shards.param(name, tuple(p.shape), itemsize(dtype))
+            out.weights += b
+            by_dtype[dtype_name(dtype)] = by_dtype.get(dtype_name(dtype), 0) + b
         if mode == "full":
-            train(n, dtype, adapter=False)
+            train(tuple(p.shape), dtype, adapter=False)
     for name in sorted(lora_names):
         lin = model.get_submodule(name)
-        for numel in (r * lin.in_features, lin.out_features * r):  # A (r × in), B (out × r)
-            out.adapters += numel * itemsize(adapter_dtype)
-            key = dtype_name(adapter_dtype)
-            by_dtype[key] = by_dtype.get(key, 0) + numel * itemsize(adapter_dtype)
-            train(numel, adapter_dtype, adapter=True)
-    out.weights_by_dtype = by_dtype
+        for shape in ((r, lin.in_features), (lin.out_features, r)):  # A (r × in), B (out × r)
+            b = shards.param(name, shape, itemsize(adapter_dtype))
+            out.adapters += b
+            by_dtype[dtype_name(adapter_dtype)] = by_dtype.get(dtype_name(adapter_dtype), 0) + b
+            train(shape, adapter_dtype, adapter=True)
+    out.weights_by_dtype, out.gathered = by_dtype, shards.gathered()
 
     if optimizer in ("paged", "paged8bit"):  # the paged tensors laid end to end, cut into pages
         if optimizer == "paged":
@@ -231,6 +242,8 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
                             adapter_dtype=adapter_dtype, compute_dtype=compute_dtype,
                             checkpoint_segments=checkpoint_segments if checkpointing else False, device=device)
     out.activations, out.saved = acts.peak, acts
+    if cpu_offload:
+        offload(out, shards.replicated)
     return out
 
 

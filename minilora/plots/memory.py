@@ -12,7 +12,8 @@ from ..memory.breakdown import PARTS, MemoryBreakdown
 _UNITS = {"GB": 1e9, "MB": 1e6, "kB": 1e3, "B": 1.0}
 _COLOURS = {"weights": "#4c72b0", "quantized_weights": "#64b5cd", "master_weights": "#8172b2",
             "gradients": "#dd8452", "optimizer_state": "#c44e52", "adapters": "#55a868",
-            "adapter_gradients": "#8de5a1", "adapter_optimizer_state": "#2f7d43", "activations": "#937860"}
+            "adapter_gradients": "#8de5a1", "adapter_optimizer_state": "#2f7d43", "gathered": "#da8bc3",
+            "activations": "#937860"}
 
 
 def plot_memory_breakdown(breakdowns: Sequence[MemoryBreakdown], unit: str = "GB", title: str | None = None,
