@@ -20,9 +20,11 @@ each rank is already divided by the global batch's token count (see minilora.dis
 each shard with its shard of the state, element by element, so the numbers are those of one process.
 
 Built on PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard, one unit per block plus the root; gloo on
-CPUs, NCCL on GPUs). Gradient checkpointing keeps minilora's segments (⌈√n⌉ of them), but each segment is
-replayed by torch.utils.checkpoint: FSDP finds a block's gradients in .grad after backward, and minilora's
-own segment Function hands them back as return values instead.
+CPUs, NCCL on GPUs). With gradient checkpointing every block is its own segment (not ⌈√n⌉ segments of
+several blocks: replaying a segment gathers its first block while backward holds its last, two blocks at
+once), replayed by torch.utils.checkpoint: FSDP finds a block's gradients in .grad after backward, and
+minilora's own segment Function hands them back as return values instead. Backward does not prefetch the
+next block either: one block gathered at a time, memory before overlap.
 
 Checkpoints are those of one process: every rank gathers the trainable weights (gathered()) and the AdamW
 state (optimizer_state()) into whole tensors and rank 0 writes them; a resumed rank reads the whole tensors
@@ -70,17 +72,11 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
 
 
 def _run_blocks_replayed(model: nn.Module):
-    """GPT.run_blocks with each checkpoint segment replayed by torch.utils.checkpoint (FSDP's hooks see it)."""
-    from .checkpointing import segment_bounds
-
+    """GPT.run_blocks with every block its own checkpoint segment, replayed by torch.utils.checkpoint."""
     def run_blocks(x: torch.Tensor) -> torch.Tensor:
-        blocks = model.transformer.h
-        if not (model.config.gradient_checkpointing and model.training and torch.is_grad_enabled()):
-            for block in blocks:
-                x = block(x)
-            return x
-        for start, end in segment_bounds(len(blocks), model.config.checkpoint_segments):
-            x = checkpoint(nn.Sequential(*blocks[start:end]), x, use_reentrant=False)
+        replay = model.config.gradient_checkpointing and model.training and torch.is_grad_enabled()
+        for block in model.transformer.h:
+            x = checkpoint(block, x, use_reentrant=False) if replay else block(x)
         return x
     return run_blocks
 
@@ -112,6 +108,7 @@ class FullyShardedDataParallel(DataParallel):
         model.run_blocks = _run_blocks_replayed(model)  # an instance attribute: GPT.run_blocks stays as it is
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         for unit in self.units:
+            unit.set_modules_to_backward_prefetch([])  # one block gathered at a time (module docstring)
             unit.set_gradient_divide_factor(1.0)  # Σ_r ∇L_r, see the module docstring, as a plain SUM
             unit.set_force_sum_reduction_for_comms(True)  # (gloo has no pre-multiplied sum)
 

@@ -43,9 +43,9 @@ RUNS = [  # global batch = batch_size * grad_accum examples; each rank takes eve
 ADAPTER_RUNS = [r["name"] for r in RUNS if r["cfg"]["mode"] != "full"]
 
 
-def torchrun(*args: str, env: dict | None = None) -> subprocess.Popen:
-    """python -m torch.distributed.run with 2 local ranks on gloo, one thread each (2 cores)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+def torchrun(*args: str, env: dict | None = None, nproc: int = 2) -> subprocess.Popen:
+    """python -m torch.distributed.run with nproc local ranks on gloo, one thread each (2 cores)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "--max-restarts", "0", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
