@@ -2,41 +2,36 @@
 
     torchrun --nproc_per_node N -m minilora finetune ...        (gloo on CPUs, NCCL on GPUs)
 
-Every rank holds the whole model (frozen base + adapters) and reads its shard of each global batch. The
-global batch of step s is drawn exactly as one process draws it (same seed, same generator, same indices);
-micro-batch i, the examples idx[i·B : (i+1)·B], is split across the ranks as idx[...][rank::N]. The loss
-a single process minimises is the token-weighted mean over the whole global batch,
+Every rank holds the whole model and reads its shard of each global batch: step s draws the global batch
+exactly as one process draws it, and micro-batch i, idx[i·B : (i+1)·B], is split as idx[...][rank::N]. The
+loss one process minimises is the token-weighted mean over the global batch,
 
     L = (1 / T) · Σ_examples Σ_target-tokens ℓ,       T = target tokens of the global batch,
 
-so each rank backpropagates its own part, (1/T) · Σ_(its tokens) ℓ, and the ranks' gradients are *summed*
-(not averaged): Σ_r ∇L_r = ∇L. T is all-reduced before the forward passes, the step's loss and token count
-after them (three float64 in all). With gradient accumulation the gradients are summed only once per step,
-after the last micro-batch (DDP's no_sync before that). Equal shards are not needed (5 examples on 2 ranks
-split 3 + 2), but every rank needs at least one: batch_size >= N.
+so each rank backpropagates (1/T) · Σ_(its tokens) ℓ and the ranks' gradients are *summed*: Σ_r ∇L_r = ∇L.
+T is all-reduced before the forward passes, the step's loss and token count after them (three float64).
+With gradient accumulation gradients are summed once per step, after the last micro-batch (DDP's no_sync
+before). Shards may be unequal (5 examples on 2 ranks: 3 + 2), but each needs one: batch_size >= N.
 
-Only what trains is communicated. DistributedDataParallel registers just the parameters with
-requires_grad, so for LoRA and QLoRA the all-reduce carries the adapters' gradients (lora_A, lora_B) and
-nothing else. The frozen base (fp32 weights for LoRA, NF4 codes and quantization constants, kept as
-buffers, for QLoRA) is also kept out of DDP's start-up broadcast and per-step buffer broadcast; instead
-every rank checks, with one 32-byte all-gather, that its frozen base has the same sha256 as rank 0's.
-A communication hook (sum_hook) does the all-reduce and counts the bytes it sends.
+Only what trains is communicated: DistributedDataParallel registers the parameters with requires_grad, so
+for LoRA and QLoRA the all-reduce (sum_hook, which counts its bytes) carries lora_A and lora_B only. The
+frozen base (fp32 weights, or NF4 codes and constants kept as buffers) is kept out of DDP's broadcasts;
+instead the ranks check, with one 32-byte all-gather, that their frozen bases have rank 0's sha256.
+(minilora.fsdp, the other replicas, shards the base itself across the ranks.)
 
 Rank 0 alone writes checkpoints, the adapter and metrics, and shows the progress bar; every rank resumes
 from the same checkpoint. A rank that dies makes the others fail instead of waiting forever: torchrun
 (--max-restarts 0, its default) stops the remaining ranks, and a collective that gets no answer raises
-after the process group's timeout (MINILORA_DIST_TIMEOUT seconds, default 300).
-
-Simplifications: every rank evaluates the whole validation set (the same numbers everywhere, no
-communication); the progress bar's tokens/s counts every rank's tokens. With dropout > 0 the ranks draw
-their masks from the same seed, so the run is no longer the single-process one, and a resumed run gives
-every rank rank 0's random state.
+after the process group's timeout (MINILORA_DIST_TIMEOUT seconds, default 300). Simplifications: every rank
+evaluates the whole validation set; tokens/s counts every rank's tokens; with dropout > 0 the ranks draw
+their masks from the same seed (no longer the single-process run), and a resumed run gives every rank rank
+0's random state.
 """
 import atexit
 import contextlib
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 import torch
@@ -52,8 +47,7 @@ class DistributedError(RuntimeError):
     """A collective failed: another rank died or did not answer within the timeout."""
 
 
-def lost_message(what: str, cause: BaseException) -> str:
-    """The error a rank reports when a collective fails, saying what to do next."""
+def lost_message(what: str, cause: BaseException) -> str:  # what a rank reports when a collective fails
     waited = f"{_timeout:g} s (${TIMEOUT_ENV})" if _timeout else "the process group's timeout"
     return (f"minilora.distributed: rank {rank()} of {world_size()}: {what} failed: another rank has stopped, or "
             f"has not answered within {waited}. Checkpoints already written are intact; rerun with --resume "
@@ -87,24 +81,20 @@ def is_main() -> bool:
 
 def timeout_seconds(timeout: float | None = None) -> float:
     """timeout, else $MINILORA_DIST_TIMEOUT, else DEFAULT_TIMEOUT; must be > 0."""
-    if timeout is None:
-        raw = os.environ.get(TIMEOUT_ENV, "")
-        try:
-            timeout = float(raw) if raw else DEFAULT_TIMEOUT
-        except ValueError:
-            raise ValueError(f"${TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        timeout = timeout if timeout is not None else float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        raise ValueError(f"${TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     return float(timeout)
 
 
 def init_from_env(backend: str | None = None, timeout: float | None = None) -> bool:
-    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
-
-    Does nothing (returns False) in a single process or when a group already exists. backend defaults to
-    NCCL when CUDA is available, gloo otherwise; with NCCL each rank takes GPU LOCAL_RANK as its current
-    device, so device="cuda" means that rank's own GPU. A collective that waits longer than `timeout`
-    seconds (default: timeout_seconds()) raises instead of hanging."""
+    """Join the process group of torchrun's environment (RANK, WORLD_SIZE, ...); False in a single process or
+    when a group exists. backend: NCCL with CUDA (each rank then takes GPU LOCAL_RANK as "cuda"), else gloo.
+    A collective that waits longer than `timeout` seconds (default: timeout_seconds()) raises."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return False
     if not dist.is_available():
@@ -147,7 +137,7 @@ class CommStats:
     scalar_bytes: int = 0                 # bytes of the per-step scalars (token count, loss, tokens)
 
     def as_dict(self) -> dict:
-        return {"grad_bytes": self.grad_bytes, "grad_buckets": self.grad_buckets, "scalar_bytes": self.scalar_bytes}
+        return asdict(self)
 
 
 def sum_hook(stats: CommStats, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -186,8 +176,9 @@ class SingleProcess:
         total(*values)  each value summed over the replicas
         sync(now)       context for a micro-batch's backward: combine the gradients at its end if now
         barrier()       wait for every replica;   is_main: the one replica that writes files
-        gathered(), optimizer_state(opt), load_optimizer_state(opt, sd), local(whole, like): whole tensors
-                        for checkpoints, and this replica's part of them (minilora.fsdp shards; here: identity)"""
+        gathered(), optimizer_state(opt), load_optimizer_state, local: whole tensors for checkpoints and this
+                        replica's part of them, where a `sharded` replica holds a part (minilora.fsdp)"""
+    sharded = False
 
     def __init__(self, model: nn.Module):
         self.module, self.model = model, model
@@ -210,19 +201,16 @@ class SingleProcess:
     def barrier(self) -> None:
         pass
 
-    def gathered(self):
-        """Context in which module attributes hold whole tensors (FSDP gathers its shards; here they are)."""
+    def gathered(self):  # the module attributes hold whole tensors inside (here: always)
         return contextlib.nullcontext()
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        """optimizer.state_dict() with whole tensors; load_optimizer_state takes it back."""
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:  # with whole tensors
         return optimizer.state_dict()
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
 
-    def local(self, whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """This replica's part of a whole tensor shaped like the parameter `like` (here: all of it)."""
+    def local(self, whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # this replica's part (here: all)
         return whole
 
     def report(self) -> dict:
@@ -238,10 +226,9 @@ def replicas(model: nn.Module) -> SingleProcess:
 class DataParallel(SingleProcess):
     """SingleProcess's interface over torch.distributed (without a process group it is SingleProcess).
 
-    model is DistributedDataParallel over the trainable parameters, with sum_hook counting into stats.
-    find_unused_parameters stays False (every adapter gets a gradient every step); minilora's gradient
-    checkpointing needs nothing else, because its segments hand the parameters' gradients back through
-    ordinary autograd, so DDP's per-parameter hooks fire once each, in the outer backward."""
+    model is DistributedDataParallel over the trainable parameters, with sum_hook counting into stats;
+    find_unused_parameters stays False (every adapter gets a gradient every step). minilora's checkpoint
+    segments hand the parameters' gradients back through ordinary autograd: DDP's hooks fire once each."""
 
     def __init__(self, model: nn.Module, find_unused_parameters: bool = False, bucket_cap_mb: float = 25.0,
                  check_frozen: bool = True):

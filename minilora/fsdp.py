@@ -95,7 +95,7 @@ class FullyShardedDataParallel(DataParallel):
             return
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters to train in parallel")
-        blocks = blocks_of(model)
+        blocks, self.sharded = blocks_of(model), True
         self.device = next(p for p in model.parameters() if p.requires_grad).device
         if check_frozen:
             self.check_same_frozen()
@@ -154,6 +154,27 @@ class FullyShardedDataParallel(DataParallel):
         if not (isinstance(like, DTensor) and isinstance(whole, torch.Tensor) and whole.shape == like.shape):
             return whole
         return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+    def measure(self, optimizer: torch.optim.Optimizer, batch, label: str = "measured"):
+        """minilora.memory.measure of one training step of this rank on its batch, with `gathered` measured as
+        well: the bytes of the root unit and of the largest block while each is gathered, sampled as it starts
+        its forward (the root's blocks are still sharded then). Without FSDP's padding: the bytes the layers use."""
+        from .memory import measure
+        if self.world_size == 1:
+            return measure(self.module, optimizer, batch, label=label)
+        units, sizes = [self.module, *blocks_of(self.module)], {}
+
+        def sample(unit: nn.Module, args) -> None:
+            held = sum(p.numel() * p.element_size() for p in unit.parameters() if not isinstance(p, DTensor))
+            sizes[id(unit)] = max(sizes.get(id(unit), 0), held)
+        hooks = [u.register_forward_pre_hook(sample) for u in units]  # after FSDP's own: it gathers first
+        try:
+            out = measure(self.module, optimizer, batch, label=label)
+        finally:
+            for h in hooks:
+                h.remove()
+        out.gathered = sizes.get(id(units[0]), 0) + max(sizes.get(id(b), 0) for b in units[1:])
+        return out
 
     def report(self) -> dict:
         return {**super().report(), "fsdp": self.world_size > 1}

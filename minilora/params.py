@@ -31,9 +31,12 @@ class ParamCount:
 def count_parameters(model: nn.Module) -> ParamCount:
     """Trainable and total parameters, each shared (tied) tensor counted once.
 
-    A layer that stores a frozen weight in packed form (not as a Parameter) declares its logical size in an
-    integer attribute `n_quantized_params`; it counts toward the total, as the weights it stands for."""
-    seen, trainable, total = set(), 0, 0
+    A layer that stores a frozen weight in packed form declares its logical size in an integer attribute
+    `n_quantized_params`; it counts toward the total, as the weights it stands for. The packed tensors are not
+    parameters themselves, even where they are held as frozen ones (minilora.fsdp shards them so)."""
+    seen = {id(t) for m in model.modules() if hasattr(m, "n_quantized_params")
+            for n, t in m.named_parameters(recurse=False) if n != "bias"}
+    trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
             continue

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .tensor_tree import flatten, unflatten
 from .runs import fingerprint, first_difference, remove_dead_temps, temp_name  # noqa: F401 (fingerprint)
 
 FORMAT = "minilora-train-state"
@@ -47,45 +48,6 @@ class CheckpointError(ValueError):
 class TrainingDiverged(RuntimeError, ValueError):
     """The loss, the gradient norm or a weight became inf or NaN: the run stops and the last checkpoint stays
     as it was. (A RuntimeError: the run failed; a ValueError: its settings made it fail.)"""
-
-
-# ----- generic (nested dict / list / tuple / tensor / scalar) <-> (JSON, tensors) -----
-
-def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
-    """obj as JSON-able data; every tensor is moved into `tensors` under its path and replaced by a reference."""
-    if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().cpu().contiguous()
-        return {"__tensor__": path}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: flatten(v, tensors, f"{path}.{k}" if path else k) for k, v in obj.items()}
-        return {"__items__": [[flatten(k, tensors, f"{path}.key{i}"), flatten(v, tensors, f"{path}.{i}")]
-                              for i, (k, v) in enumerate(obj.items())]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot store {type(obj).__name__} at {path!r} in a checkpoint (tensors and JSON only)")
-
-
-def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of flatten."""
-    if isinstance(obj, list):
-        return [unflatten(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            key = obj["__tensor__"]
-            if key not in tensors:
-                raise CheckpointError(f"checkpoint refers to tensor {key!r}, which its files lack")
-            return tensors[key]
-        if "__tuple__" in obj:
-            return tuple(unflatten(v, tensors) for v in obj["__tuple__"])
-        if "__items__" in obj:
-            return {unflatten(k, tensors): unflatten(v, tensors) for k, v in obj["__items__"]}
-        return {k: unflatten(v, tensors) for k, v in obj.items()}
-    return obj
 
 
 # ----- what a checkpoint belongs to -----
@@ -255,10 +217,11 @@ def load_train_state(out_dir: str | os.PathLike, *, model: nn.Module, optimizer:
     if "torch_cpu" not in rng or "sampler" not in rng:
         raise CheckpointError(f"checkpoint {path}: rng.safetensors lacks the random states")
     try:  # before the weights: a state that does not fit leaves the model as it was
+        opt_state = unflatten(state["optimizer"], opt_tensors)
         if replica is None:
-            optimizer.load_state_dict(unflatten(state["optimizer"], opt_tensors))
+            optimizer.load_state_dict(opt_state)
         else:
-            replica.load_optimizer_state(optimizer, unflatten(state["optimizer"], opt_tensors))
+            replica.load_optimizer_state(optimizer, opt_state)
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({e})") from None
     with torch.no_grad():
@@ -290,34 +253,38 @@ class RunCheckpoints:
 
     def save(self, step: int, history: dict) -> None:
         """save_train_state, unless a trainable weight is inf or NaN (TrainingDiverged: the last one stays).
-        A sharded run gathers the whole tensors on every rank first (collectives); the lock holder writes."""
-        if self.run_dir is None:
-            return
-        if self.replica is None or self.replica.world_size == 1:
-            if self.writes:
-                self._save(step, history, self.objects["model"], self.objects["optimizer"])
-            return
-        optimizer = self.replica.optimizer_state(self.objects["optimizer"])
-        with self.replica.gathered():
-            self._save(step, history, self.objects["model"], optimizer)
+        A sharded run first gathers whole tensors on every rank (collectives); the lock holder writes."""
+        with self._whole() as optimizer:
+            self._save(step, history, optimizer)
 
-    def _save(self, step: int, history: dict, model: nn.Module, optimizer) -> None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not all(bool(torch.isfinite(p).all()) for p in params):
+    def _save(self, step: int, history: dict, optimizer) -> None:
+        if optimizer is None:
+            return
+        if not all(bool(torch.isfinite(p).all()) for p in self.objects["model"].parameters() if p.requires_grad):
             raise TrainingDiverged(f"training diverged before step {step}: a trainable weight is inf or NaN; "
                                    f"not saved, the last checkpoint is kept. Lower the learning rate")
         if self.writes:
-            save_train_state(self.run_dir.path, model=model, optimizer=optimizer, generator=self.objects["generator"],
-                             step=step, run=self.run, identity=self.identity, history=history)
+            save_train_state(self.run_dir.path, **{**self.objects, "optimizer": optimizer}, step=step,
+                             run=self.run, identity=self.identity, history=history)
+
+    @contextlib.contextmanager
+    def _whole(self):
+        """The model's whole tensors in its modules and the optimizer's state (None where this process has
+        nothing to do: no run directory, or a rank of an unsharded run that does not write)."""
+        rep = self.replica
+        sharded = rep is not None and rep.sharded
+        if self.run_dir is None or not (self.writes or sharded):
+            yield None
+            return
+        optimizer = rep.optimizer_state(self.objects["optimizer"]) if sharded else self.objects["optimizer"]
+        with rep.gathered() if sharded else contextlib.nullcontext():
+            yield optimizer
 
     def finish(self, step: int, history: dict, write_results) -> None:
         """The last checkpoint, then write_results(staged): each result is renamed into the run directory when
         complete, metrics.json last (minilora.runs.RunDir.results)."""
-        self.save(step, history)
-        if self.writes:
-            with (self.replica.gathered() if self.replica else contextlib.nullcontext()), \
-                    self.run_dir.results(last=("metrics.json",)) as staged:
-                write_results(staged)
-        elif self.replica is not None and self.run_dir is not None:
-            with self.replica.gathered():  # the collectives of rank 0's gathering
-                pass
+        with self._whole() as optimizer:
+            self._save(step, history, optimizer)
+            if optimizer is not None and self.writes:
+                with self.run_dir.results(last=("metrics.json",)) as staged:
+                    write_results(staged)

@@ -8,6 +8,7 @@ OUT/<name>.json (losses, tokens, communication counts, adapter bytes, the model'
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ CONFIG = GPTConfig(block_size=192, vocab_size=257, n_layer=2, n_head=2, n_embd=1
 def tiny_base() -> GPT:
     """A small random GPT, identical in every process (fixed seed)."""
     torch.manual_seed(1234)
-    return GPT(CONFIG)
+    return GPT(dataclasses.replace(CONFIG))  # its own config: training switches checkpointing on in it
 
 
 def tiny_data(n: int = 48) -> InstructionSet:

@@ -17,6 +17,7 @@ its checkpoint) and kills itself with SIGKILL, as a crashed machine would. "resu
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -40,7 +41,7 @@ CONFIG = GPTConfig(block_size=192, vocab_size=257, n_layer=4, n_head=2, n_embd=1
 def tiny_base() -> GPT:
     """A small random 4-block GPT, identical in every process (fixed seed)."""
     torch.manual_seed(1234)
-    return GPT(CONFIG)
+    return GPT(dataclasses.replace(CONFIG))  # its own config: training switches checkpointing on in it
 
 
 def nf4_tensors(model: torch.nn.Module) -> list[tuple[int, str, torch.Tensor]]:
@@ -113,6 +114,27 @@ def run(name: str, spec: dict, out: Path) -> None:
     METER.model = None
 
 
+PARTS = ("weights", "quantized_weights", "gradients", "optimizer_state", "adapters", "adapter_gradients",
+         "adapter_optimizer_state", "gathered", "activations")
+
+
+def measure(name: str, spec: dict, out: Path) -> None:
+    """One step measured on each rank (minilora.fsdp's measure); rank 0 writes OUT/<name>.json with its parts.
+    The global batch: spec["cfg"]["batch_size"] random sequences of spec["seq"] tokens, rank r takes rows r::N."""
+    from minilora.distributed import init_from_env, world_size
+    init_from_env()  # train() joins the process group itself; here it is joined by hand
+    from minilora.fsdp import FullyShardedDataParallel
+    from minilora.train import make_optimizer
+    cfg = TrainConfig(**{"progress": False, **spec["cfg"]})
+    model = prepare_model(tiny_base(), cfg)
+    rep = FullyShardedDataParallel(model)
+    x = torch.randint(CONFIG.vocab_size, (cfg.batch_size, spec["seq"]), generator=torch.Generator().manual_seed(0))
+    x = x[rank()::world_size()]
+    m = rep.measure(make_optimizer(model, cfg), (x, x))
+    if rank() == 0:
+        (out / f"{name}.json").write_text(json.dumps({k: getattr(m, k) for k in (*PARTS, "total")}))
+
+
 def single(name: str, cfg: dict, out: Path):
     """The same run in this one process, without FSDP: the reference."""
     return train(tiny_base(), TrainConfig(**{"progress": False, "out_dir": str(out / name), **cfg}), tiny_data())
@@ -129,7 +151,7 @@ def main() -> None:
     out, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     for spec in runs:
-        run(spec["name"], spec, out)
+        (measure if "seq" in spec else run)(spec["name"], spec, out)
 
 
 if __name__ == "__main__":

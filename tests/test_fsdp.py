@@ -3,7 +3,8 @@
 - N ranks train the same adapters, losses and checkpoint tensors (<= 1e-5 relative, fp32) as one process: LoRA
   with gradient accumulation, QLoRA with gradient checkpointing and uneven shards, full fine-tuning; rank 0
   writes the files one process writes.
-- Each rank holds its 1/N shard of the NF4 base, plus one block gathered at a time (measured in the matmuls).
+- Each rank holds its 1/N shard of the NF4 base, plus one block gathered at a time (measured in the matmuls);
+  one measured step of rank 0 agrees with minilora.memory.estimate(..., fsdp=N) part by part (<= 5 %).
 - A rank killed after a checkpoint stops the run through torchrun, not the collective timeout; the checkpoint
   stays whole, and 4 ranks resume what 2 started, to the uninterrupted single-process run.
 - The command line: torchrun ... -m minilora finetune --fsdp writes what the single-process command writes.
@@ -37,10 +38,15 @@ RUNS = {  # name: TrainConfig settings; global batch = batch_size * grad_accum, 
     "crash": dict(mode="qlora", r=2, steps=6, batch_size=4, lr=1e-2, save_every=2),
 }
 ON = {"fsdp": True}
+MEASURED = {"measure_lora": dict(mode="lora", r=2, batch_size=4), "measure_qlora": dict(mode="qlora", r=2, batch_size=5)}
+SEQ = 64  # tokens per sequence of the measured step
 
 
 def spec(name: str, **extra) -> dict:
     return {"name": name, "cfg": {**RUNS[name], **ON}, **extra}
+
+
+MEASURE = [{"name": name, "cfg": {**cfg, **ON}, "seq": SEQ} for name, cfg in MEASURED.items()]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,8 @@ def runs(tmp_path_factory):
     one process: every run, uninterrupted."""
     out = tmp_path_factory.mktemp("fsdp")
     two = torchrun(str(Path(fsdp_worker.__file__)), str(out / "n2"),
-                   json.dumps([spec("lora"), spec("qlora"), spec("full"), spec("crash", kill={"rank": 1, "after": 4})]),
+                   json.dumps([*MEASURE, spec("lora"), spec("qlora"), spec("full"),
+                               spec("crash", kill={"rank": 1, "after": 4})]),
                    env={D.TIMEOUT_ENV: str(GUARD)})
     for name, cfg in RUNS.items():  # meanwhile, one process
         fsdp_worker.single(name, cfg, out / "n1")
@@ -60,7 +67,7 @@ def runs(tmp_path_factory):
     os.rename(out / "n2" / "crash", out / "n4" / "crash")  # 4 ranks continue what 2 ranks started
     crashed = read_state(find_checkpoint(out / "n4" / "crash"))
     four = torchrun(str(Path(fsdp_worker.__file__)), str(out / "n4"),
-                    json.dumps([spec("lora"), spec("qlora"), spec("crash", resume=True)]), nproc=4)
+                    json.dumps([*MEASURE, spec("lora"), spec("qlora"), spec("crash", resume=True)]), nproc=4)
     log4 = finish(four)
     assert four.returncode == 0, log4
     return dict(out=out, log2=log2, code2=two.returncode, stopped=stopped, crashed=crashed)
@@ -104,6 +111,25 @@ def test_each_rank_holds_its_shard_of_the_nf4_base(runs, n):
     assert m["whole"] == whole and m["block"] == block
     assert m["local"] == shard0 < whole / n * 1.1
     assert m["local"] < m["peak"] <= m["local"] + block  # one block gathered at a time, checkpointing included
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("name", MEASURED)
+def test_measured_step_matches_the_estimate(runs, n, name):
+    """Each part of one measured step of rank 0 (its shards, gradients, AdamW state, the root and largest block
+    while gathered, its activations) against minilora.memory.estimate(..., fsdp=n), within 5 %."""
+    from minilora.memory import estimate
+    m = json.loads((runs["out"] / f"n{n}" / f"{name}.json").read_text())
+    cfg = MEASURED[name]
+    e = estimate(fsdp_worker.CONFIG, cfg["mode"], batch_size=cfg["batch_size"], seq_len=SEQ, r=cfg["r"],
+                 dtype="float32", compute_dtype="float32", device="cpu", fsdp=n)
+    for part in (*fsdp_worker.PARTS, "total"):
+        assert m[part] == pytest.approx(getattr(e, part), rel=0.05), part
+    assert m["gathered"] > 0 and m["adapters"] < m["gathered"]
+    if cfg["mode"] == "qlora":  # rank 0's NF4 shards: 1/n of the whole, to the padding of each tensor
+        whole = estimate(fsdp_worker.CONFIG, "qlora", batch_size=cfg["batch_size"], seq_len=SEQ, r=cfg["r"],
+                         dtype="float32", compute_dtype="float32", device="cpu").quantized_weights
+        assert whole / n <= m["quantized_weights"] <= whole / n * 1.1
 
 
 def test_killed_rank_stops_the_run_and_four_ranks_resume_it(runs):

@@ -131,7 +131,8 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     page_size pages, at most device_budget bytes of them on the device, the rest in host memory ->
     `offloaded`), "adamw8bit" (AdamW8bit: 2 bytes per element + 8 per block of 256; tensors under 4,096
     elements keep fp32 state) or "paged8bit" (PagedAdamW8bit: that state in pages).
-    checkpointing / checkpoint_segments: default to the config's gradient_checkpointing / checkpoint_segments.
+    checkpointing / checkpoint_segments: default to the config's gradient_checkpointing / checkpoint_segments
+    (with fsdp > 1: every block its own segment, as minilora.fsdp replays them).
     fsdp: the bytes of one process (rank 0) of fsdp sharding the model (minilora.memory.sharded): every
     parameter, gradient and AdamW state on ⌈dim 0 / fsdp⌉ rows, + `gathered` (root unit + largest block),
     activations of ⌈batch_size / fsdp⌉ sequences (batch_size: the global micro-batch, at least fsdp).
@@ -164,8 +165,11 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     state_dtype = None if state_dtype is None else as_dtype(state_dtype, "state_dtype")
     if checkpointing is None:
         checkpointing = config.gradient_checkpointing
-    if checkpoint_segments is None:
-        checkpoint_segments = config.checkpoint_segments
+    if fsdp > 1 and checkpoint_segments not in (None, config.n_layer):
+        raise ValueError(f"checkpoint_segments: with fsdp > 1 every block is its own segment ({config.n_layer}), "
+                         f"got {checkpoint_segments}")
+    if checkpoint_segments is None:  # minilora.fsdp checkpoints block by block
+        checkpoint_segments = config.checkpoint_segments if fsdp == 1 else config.n_layer
 
     model = _meta_gpt(config)
     lora_names = set(find_targets(model, targets)) if mode != "full" else set()

@@ -23,7 +23,13 @@ from .saved import SavedTensorMeter
 ADAPTER_NAMES = ("lora_A", "lora_B")
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The part of t this process holds: a sharded tensor's (FSDP's DTensor) local shard, else t."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _nbytes(t: torch.Tensor) -> int:
+    t = _local(t)
     return t.numel() * t.element_size()
 
 
@@ -47,8 +53,8 @@ def _optimizer_bytes(optimizer: torch.optim.Optimizer, adapter_ids: set[int]) ->
     for p, st in optimizer.state.items():
         b = 0
         for v in st.values():
-            if isinstance(v, torch.Tensor) and v.data_ptr() not in seen:
-                seen.add(v.data_ptr())
+            if isinstance(v, torch.Tensor) and _local(v).data_ptr() not in seen:
+                seen.add(_local(v).data_ptr())
                 b += _nbytes(v)
         if id(p) in adapter_ids:
             adapter += b
@@ -106,20 +112,22 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
     named = list(model.named_parameters())
     adapters = [p for name, p in named if name.endswith(ADAPTER_NAMES)]
     out.adapters, out.adapter_gradients = _param_bytes(adapters)
-    out.weights, out.gradients = _param_bytes([p for name, p in named if not name.endswith(ADAPTER_NAMES)])
     by_dtype: Counter[str] = Counter()
     seen: set[int] = set()
-    for _, p in named:
-        seen.add(p.data_ptr())
-        by_dtype[dtype_name(p.dtype)] += _nbytes(p)
-    for module in model.modules():
+    for module in model.modules():  # a quantized layer's codes and constants: buffers, or under FSDP parameters
         if not hasattr(module, "n_quantized_params"):
             continue  # plain buffers are counted below
-        bufs = [t for t in module.buffers(recurse=False) if t.data_ptr() not in seen]
-        seen.update(t.data_ptr() for t in bufs)
-        b = int(getattr(module, "quantized_nbytes", sum(_nbytes(t) for t in bufs)))
+        own = [t for n, t in module.named_parameters(recurse=False) if n != "bias"] + list(module.buffers(recurse=False))
+        b = sum(_nbytes(t) for t in own if _local(t).data_ptr() not in seen)
+        seen.update(_local(t).data_ptr() for t in own)
         out.quantized_weights += b
         by_dtype["nf4"] += b
+    quantized = set(seen)
+    named = [(name, p) for name, p in named if _local(p).data_ptr() not in quantized]
+    for _, p in named:
+        seen.add(_local(p).data_ptr())
+        by_dtype[dtype_name(p.dtype)] += _nbytes(p)
+    out.weights, out.gradients = _param_bytes([p for name, p in named if not name.endswith(ADAPTER_NAMES)])
     for t in model.buffers():
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
