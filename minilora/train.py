@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .adapters import save_adapter
 from .data import IGNORE, InstructionSet, TokenStream
-from .distributed import SingleProcess, init_from_env, is_main, replicas
+from .distributed import SingleProcess, init_from_env, is_main, replicas, world_size
 from .fsdp import FullyShardedDataParallel
 from .evaluate import evaluate, greedy_matches  # noqa: F401  (minilora.train.greedy_matches, as before)
 from .files import atomic_write_json
@@ -148,12 +148,15 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
     cfg.overwrite) and checkpoints there; resume=True restores the last checkpoint first (refusing a corrupt
     one or another run's) and runs the remaining steps. callback(step, loss) is called after every step (and
     its checkpoint). A loss, gradient or weight that becomes inf / NaN raises TrainingDiverged. At the end:
-    a checkpoint, <out>/adapter (PEFT layout) or <out>/model (full mode), and <out>/metrics.json."""
+    a checkpoint, <out>/adapter (PEFT layout) or <out>/model (full mode), and <out>/metrics.json. Under
+    torchrun with cfg.fsdp the returned model is sharded (minilora.fsdp); the files hold whole tensors."""
     if resume and not cfg.out_dir:
         raise ValueError("resume=True needs TrainConfig.out_dir (where the checkpoint is)")
     if resume and not Path(cfg.out_dir).is_dir():
         raise FileNotFoundError(f"no checkpoint to resume from: {cfg.out_dir} does not exist")
     init_from_env()  # under torchrun: join the process group (minilora.distributed); otherwise nothing
+    if measure_memory and cfg.fsdp and world_size() > 1:  # it measures a step on a copy of the whole model
+        raise ValueError("measure_memory: a sharded run is measured per rank by FullyShardedDataParallel.measure")
     with RunDir(cfg.out_dir, "finetune", cfg.overwrite, lock=is_main()) if cfg.out_dir else nullcontext() as run_dir:
         return _train(model, cfg, train_data, val_data, resume, measure_memory, callback, run_dir)
 
