@@ -28,7 +28,7 @@ next block either: one block gathered at a time, memory before overlap.
 
 Checkpoints are those of one process: every rank gathers the trainable weights (gathered()) and the AdamW
 state (optimizer_state()) into whole tensors and rank 0 writes them; a resumed rank reads the whole tensors
-and keeps its own shard (load_optimizer_state, assign). So a run resumes on another number of processes,
+and keeps its own shard (load_optimizer_state, local). So a run resumes on another number of processes,
 with or without FSDP.
 """
 from __future__ import annotations

@@ -29,7 +29,6 @@ import torch.nn as nn
 from .adapters import save_adapter
 from .data import IGNORE, InstructionSet, TokenStream
 from .distributed import SingleProcess, init_from_env, is_main, replicas, world_size
-from .fsdp import FullyShardedDataParallel
 from .evaluate import evaluate, greedy_matches  # noqa: F401  (minilora.train.greedy_matches, as before)
 from .files import atomic_write_json
 from .generate import respond  # noqa: F401  (minilora.train.respond, as before)
@@ -166,7 +165,11 @@ def _train(model, cfg, train_data, val_data, resume, measure_memory, callback, r
     ident = identity(model, train_data, val_data) if run_dir else {}  # of the whole model, before any sharding
     params = count_parameters(model)
     # one process: the model itself; several: DDP over the trainable parameters, or FSDP's shards of every tensor
-    rep = FullyShardedDataParallel(model) if cfg.fsdp else replicas(model)
+    if cfg.fsdp:
+        from .fsdp import FullyShardedDataParallel  # torch.distributed.fsdp: imported only when asked for
+        rep = FullyShardedDataParallel(model)
+    else:
+        rep = replicas(model)
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     ckpt = RunCheckpoints(run_dir, model=model, optimizer=optimizer, generator=generator, run=cfg.trajectory(),
