@@ -317,7 +317,7 @@ assert abs(paged_all.total / (41 * GB) - 1) < 0.10, "claim 'within 10 % of the p
 # (the NF4 codes and constants too), every gradient and Adam moment is cut on its first dimension, a process
 # keeps ⌈rows / N⌉ of each; one transformer block at a time, plus the root (embeddings, final norm), is
 # all-gathered while it computes (`gathered`); and each process runs ⌈B / N⌉ of the B sequences of a batch.
-# `tests/test_fsdp.py` measures a real 2-process run against it. `cpu_offload=True` models FSDP's CPU offload
+# `tests/test_fsdp.py` measures real 2- and 4-process runs against it. `cpu_offload=True` models FSDP's CPU offload
 # (the shards, their gradients and the Adam state in host memory, `offloaded`); minilora's trainer does not
 # run it, it is an estimate only.
 #
