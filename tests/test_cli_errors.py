@@ -90,6 +90,12 @@ def test_non_finite_or_out_of_range_numbers(base, tmp_path, capsys, flag, value)
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("optimizer", ["paged", "adamw8bit", "paged8bit"])
+def test_fsdp_shards_adamw_only(base, tmp_path, capsys, optimizer):
+    one_error(capsys, finetune(base, tmp_path / "o", "--fsdp", "--optimizer", optimizer), "fsdp", "'adamw'",
+              repr(optimizer))
+
+
 def test_temperature_nan(base, capsys):
     one_error(capsys, ["generate", "--model", base, "--temperature", "nan"], "--temperature", "'nan'")
 
