@@ -121,7 +121,7 @@ class FullyShardedDataParallel(DataParallel):
 
     @contextlib.contextmanager
     def gathered(self):
-        """Every unit all-gathered: the module attributes hold whole tensors until the block ends (read them;
+        """Every unit all-gathered: the module attributes hold whole tensors inside the with-block (read them;
         what persists are the shards). A collective: every rank must enter it."""
         if self.world_size == 1:
             yield
