@@ -12,6 +12,7 @@
 import json
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,10 +58,13 @@ def runs(tmp_path_factory):
                    json.dumps([*MEASURE, spec("lora"), spec("qlora"), spec("full"),
                                spec("crash", kill={"rank": 1, "after": 4})]),
                    env={D.TIMEOUT_ENV: str(GUARD)})
+    ended = {}
+    waiter = threading.Thread(target=lambda: ended.update(log=finish(two), at=time.time()))  # when torchrun ends
+    waiter.start()
     for name, cfg in RUNS.items():  # meanwhile, one process
         fsdp_worker.single(name, cfg, out / "n1")
-    log2 = finish(two)
-    stopped = time.time()
+    waiter.join()
+    log2, stopped = ended["log"], ended["at"]
     assert (out / "n2" / "crash" / "checkpoint").is_dir(), log2
     for n in (2, 4):  # 2 ranks, and 4, continue what 2 ranks started, each from its own copy
         shutil.copytree(out / "n2" / "crash", out / f"resumed{n}" / "crash")
