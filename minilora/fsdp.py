@@ -115,7 +115,7 @@ class FullyShardedDataParallel(DataParallel):
     def sync(self, now: bool):
         """Reduce-scatter the gradients at the end of this backward only when now is True (the last
         micro-batch of a step); before that each rank accumulates whole gradients of its own part."""
-        if self.world_size > 1:
+        if self.sharded:
             self.model.set_requires_gradient_sync(now)
         return contextlib.nullcontext()
 
@@ -123,7 +123,7 @@ class FullyShardedDataParallel(DataParallel):
     def gathered(self):
         """Every unit all-gathered: the module attributes hold whole tensors inside the with-block (read them;
         what persists are the shards). A collective: every rank must enter it."""
-        if self.world_size == 1:
+        if not self.sharded:
             yield
             return
         for unit in self.units:
@@ -144,7 +144,7 @@ class FullyShardedDataParallel(DataParallel):
         """optimizer.load_state_dict of a whole state (optimizer_state's, or one process's), each tensor shaped
         like its parameter cut to this rank's shard."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if self.world_size > 1:
+        if self.sharded:
             state = {**state, "state": {i: {k: self.local(v, params[i]) for k, v in s.items()}
                                         for i, s in state["state"].items()}}
         optimizer.load_state_dict(state)
@@ -160,7 +160,7 @@ class FullyShardedDataParallel(DataParallel):
         well: the bytes of the root unit and of the largest block while each is gathered, sampled as it starts
         its forward (the root's blocks are still sharded then). Without FSDP's padding: the bytes the layers use."""
         from .memory import measure
-        if self.world_size == 1:
+        if not self.sharded:
             return measure(self.module, optimizer, batch, label=label)
         units, sizes = [self.module, *blocks_of(self.module)], {}
 
@@ -177,4 +177,4 @@ class FullyShardedDataParallel(DataParallel):
         return out
 
     def report(self) -> dict:
-        return {**super().report(), "fsdp": self.world_size > 1}
+        return {**super().report(), "fsdp": self.sharded}
