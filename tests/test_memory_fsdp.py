@@ -76,7 +76,6 @@ def test_fsdp_1_is_the_unsharded_estimate_field_for_field(mode):
     one, plain = est(mode, fsdp=1), est(mode)
     assert one.as_dict() == plain.as_dict() and one.weights_by_dtype == plain.weights_by_dtype
     assert one.gathered == 0 and "gathered" in dict(PARTS)
-    assert one.total == sum(v for k, v in one.as_dict().items() if k not in ("gathered", "offloaded", "total"))
     want = expected(real_model(mode), 1)
     assert one.weights + one.quantized_weights + one.adapters == want["held"]
 
