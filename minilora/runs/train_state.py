@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .tensor_tree import flatten, unflatten
-from .rundir import fingerprint, first_difference, remove_dead_temps, temp_name  # noqa: F401 (fingerprint)
+from .rundir import first_difference, remove_dead_temps, temp_name
 
 FORMAT = "minilora-train-state"
 VERSION = 2

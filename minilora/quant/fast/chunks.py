@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from ..format import ceil_div
+
 CHUNK = 8 * 7 * 4096  # elements per step: a multiple of every allowed blocksize (32 ... 4096)
 MIN_SLICE = 1 << 21   # elements; below two of these per thread, handing work over costs more than it gains
 
@@ -67,7 +69,7 @@ def run_chunked(n: int, work: Callable[[int, int], None], device: torch.device, 
     global _pool, _pool_size, _pool_pid
     if not n:
         return
-    chunks = -(-n // chunk)
+    chunks = ceil_div(n, chunk)
     k = min(workers(), chunks, n // MIN_SLICE)  # slices, each at least one chunk and MIN_SLICE elements
     if torch.device(device).type != "cpu" or k < 2:
         work(0, n)
