@@ -28,7 +28,6 @@
 # the ratios and the orderings do not.
 
 # %%
-import inspect
 import math
 import time
 import warnings
@@ -238,11 +237,11 @@ assert opt.stats.pages_out > 0 and opt.stats.pages_in > 0, "the example was mean
 # - to avoid paying a fault per page during the update, bitsandbytes calls **`cudaMemPrefetchAsync`** on a
 #   parameter's state tensors just before its update, which moves them in bulk.
 #
-# These are facts about bitsandbytes' source and CUDA, not something a CPU can measure. What the cell below
-# checks is what can be read in the installed bitsandbytes: state buffers come from `get_paged`
+# These are facts about bitsandbytes' source and CUDA, not something a CPU can measure. What can be read in the
+# installed bitsandbytes' source is checked by `tests/test_lecture_facts.py`: state buffers come from `get_paged`
 # (unified memory, `cget_managed_ptr`) **only for parameters of at least 10⁵ elements** (smaller state stays
-# ordinary device memory), they are prefetched before each update, and **on the CPU the paged optimizer
-# falls back to ordinary tensors** (it warns and pages nothing).
+# ordinary device memory), and they are prefetched before each update. What the cell below runs: **on the CPU
+# the paged optimizer falls back to ordinary tensors** (it warns and pages nothing).
 #
 # minilora's `PagedAdamW` is the same idea made explicit: the pager owns fixed-size pages, keeps an LRU list,
 # evicts when told the budget shrank (by the demo below, which plays the role of the driver's memory
@@ -253,18 +252,10 @@ assert opt.stats.pages_out > 0 and opt.stats.pages_in > 0, "the example was mean
 # %%
 try:
     import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbF
-    from bitsandbytes.optim.optimizer import Optimizer8bit
 except ImportError as err:  # the dev extra installs it; without it this check is skipped, and says so
     bnb = None
     print(f"bitsandbytes is not installed ({err}); the checks of its paging code are skipped")
-if bnb is not None:
-    get_paged_src = inspect.getsource(bnbF.get_paged)
-    buffer_src = inspect.getsource(Optimizer8bit.get_state_buffer)
-    prefetch_src = inspect.getsource(Optimizer8bit.prefetch_state)
-    assert "cget_managed_ptr" in get_paged_src, "claim 'state comes from unified memory (cget_managed_ptr)' broke"
-    assert "get_paged" in buffer_src and "1e5" in buffer_src, "claim 'paged only from 10⁵ elements' broke"
-    assert "prefetch_tensor" in prefetch_src, "claim 'prefetched before each update' broke"
+if bnb is not None:  # (what its source says — unified memory, 10⁵ elements, prefetch — tests/test_lecture_facts.py reads)
     wb = torch.nn.Parameter(torch.randn(1000, 200))  # 2·10⁵ elements: large enough to be paged on a GPU
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -15,8 +15,11 @@
 #
 # The lecture contrasts two families:
 #
-# * **data-free** formats (bitsandbytes: int8 absmax, LLM.int8(), FP4, NF4 + double quantization): each weight
-#   is rounded on its own, in milliseconds, with nothing but the weight;
+# * **calibration-free** formats (bitsandbytes: int8 absmax, FP4, NF4 + double quantization, LLM.int8()): no
+#   calibration data set is needed. Int8 absmax, FP4 and NF4 round each weight on its own, with nothing but the
+#   weight. LLM.int8() is calibration-free but **not weight-only**: its int8 weights are made from the weights
+#   alone, yet at every forward pass it looks at that pass's activations and picks the outlier feature
+#   dimensions from them (section 3);
 # * **calibration-based** GPTQ: a few hundred sentences are run through the model, and every layer's rounding
 #   errors are pushed onto the weights not yet rounded, so that the layer's *output* changes as little as
 #   possible. It costs forward passes and a column-by-column loop.
@@ -29,14 +32,14 @@ import math
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from minilora import GPT, evaluate
+from minilora import GPT, Int8Linear, evaluate
 from minilora.data import TokenStream, english_documents, load_tokenizer, split_documents
 from minilora.demos import DemoConfig, get_base
-from minilora.llm_int8 import Int8Linear, outlier_columns
-from minilora.quant import dequantize_4bit, fp4_code, int4_code, quantize_4bit, quantize_nf4
-from minilora.quant.affine import dequantize_affine, quantize_affine
-from minilora.quant.gptq import gptq_quantize, quantize_model_gptq
+from minilora.llm_int8 import outlier_columns
+from minilora.quant import (dequantize_4bit, dequantize_affine, fp4_code, gptq_quantize, int4_code, quantize_4bit,
+                            quantize_affine, quantize_model_gptq, quantize_nf4)
 
 torch.manual_seed(0)
 base_dir, cached = get_base(DemoConfig(progress=False))
@@ -62,14 +65,17 @@ x = torch.tensor([[-0.4, -0.1, 0.0, 0.3, 0.9, 1.5, 2.2, 3.0]])
 s = quantize_affine(x, bits=4, groupsize=8)
 print("S =", round(s.scale.item(), 4), " Z =", s.zero.item())
 print("dequantized:", [round(v, 3) for v in dequantize_affine(s)[0].tolist()])
-assert (x - dequantize_affine(s)).abs().max() <= s.scale.item() / 2 + 1e-6   # at most half a step
-assert dequantize_affine(s)[0, 2] == 0                                       # zero stays exactly zero
+# (at most half a step of error, and 0 kept exactly, are the grid's definition: tests/test_lecture_facts.py)
 
 # %% [markdown]
 # ## 2 · One layer: what GPTQ does with calibration data
 #
 # Take the first MLP's `c_fc` and the inputs it really sees. Round-to-nearest (RTN) and GPTQ use the *same*
-# grid (int4, groups of 128); only GPTQ looks at the inputs. We compare the output error ‖XWᵀ − XŴᵀ‖.
+# grid (int4, groups of 128); only GPTQ looks at the inputs. We compare the output error ‖XWᵀ − XŴᵀ‖, and the
+# cost: RTN is elementwise (no matrix products at all), while GPTQ, on top of the forward passes that captured X,
+# forms the Hessian XᵀX and runs its column loop — counted in floating-point operations of matrix products
+# (PyTorch's `FlopCounterMode`) it does more work than the layer's own forward pass over all the calibration
+# tokens. The times are printed, not asserted (they depend on the machine and its load).
 
 # %%
 layer = base.transformer.h[0].mlp.c_fc
@@ -86,20 +92,51 @@ t0 = time.perf_counter()
 W_rtn = dequantize_affine(quantize_affine(W, 4, 128))
 t_rtn = time.perf_counter() - t0
 t0 = time.perf_counter()
-W_gptq = gptq_quantize(W, X, bits=4, groupsize=128).dequantize()
+with FlopCounterMode(display=False) as fc_gptq:
+    W_gptq = gptq_quantize(W, X, bits=4, groupsize=128).dequantize()
 t_gptq = time.perf_counter() - t0
+with FlopCounterMode(display=False) as fc_rtn:
+    dequantize_affine(quantize_affine(W, 4, 128))
+with FlopCounterMode(display=False) as fc_fwd:
+    X @ W.T
 err = lambda W_hat: (X @ W.T - X @ W_hat.T).norm().item()
 print(f"output error: RTN {err(W_rtn):.3f}, GPTQ {err(W_gptq):.3f}  ({err(W_gptq) / err(W_rtn):.0%} of RTN)")
 print(f"weight error: RTN {(W - W_rtn).norm():.3f}, GPTQ {(W - W_gptq).norm():.3f}  (GPTQ moves weights further)")
 print(f"time: RTN {1e3 * t_rtn:.1f} ms, GPTQ {1e3 * t_gptq:.1f} ms (plus the forward passes that captured X)")
-assert err(W_gptq) < err(W_rtn)
-assert (W - W_gptq).norm() > (W - W_rtn).norm()
+print(f"matrix-product FLOPs: RTN {fc_rtn.get_total_flops():,}, GPTQ {fc_gptq.get_total_flops():,}, "
+      f"the layer's forward over the {len(X):,} calibration tokens {fc_fwd.get_total_flops():,}")
+assert err(W_gptq) < err(W_rtn), "claim broke: GPTQ's output error is below RTN's"
+assert (W - W_gptq).norm() > (W - W_rtn).norm(), "claim broke: GPTQ moves the weights further"
+assert fc_rtn.get_total_flops() == 0 and fc_gptq.get_total_flops() > fc_fwd.get_total_flops(), \
+    "claim broke: RTN does no matrix products; GPTQ does more than a forward pass over the calibration tokens"
 
 # %% [markdown]
 # ## 3 · LLM.int8(): are there outlier features in this model?
 #
 # LLM.int8() keeps every input feature whose magnitude reaches 6.0 in some token in 16-bit and runs the rest
-# as an int8 matmul. Large models grow such features (the paper: from about 6.7B parameters on); here we count.
+# as an int8 matmul. Which features those are is decided **from the activations, at every forward pass**: the
+# same layer sends different columns to 16 bits for different inputs. Two inputs to one layer, each with one
+# large feature (a different one):
+
+# %%
+torch.manual_seed(0)
+lin8 = torch.nn.Linear(64, 32)
+int8_layer = Int8Linear.from_linear(lin8, threshold=6.0, compute_dtype=torch.float32)
+no_split = Int8Linear.from_linear(lin8, threshold=0.0, compute_dtype=torch.float32)   # threshold 0: no outliers kept
+inputs = {}
+for col in (3, 40):
+    x_in = torch.randn(8, 64)
+    x_in[:, col] = 60.0
+    inputs[col] = x_in
+    rel = lambda layer: ((layer(x_in) - lin8(x_in)).norm() / lin8(x_in).norm()).item()  # noqa: E731
+    print(f"large feature {col:>2}: outlier columns {outlier_columns(x_in, 6.0).tolist()}; relative output error "
+          f"{rel(int8_layer):.4f} with the 16-bit outlier path, {rel(no_split):.4f} all in int8")
+    assert outlier_columns(x_in, 6.0).tolist() == [col], "claim broke: the outlier column comes from this input"
+    assert rel(int8_layer) < rel(no_split), "claim broke: keeping the outlier in 16 bits lowers the error"
+
+# %% [markdown]
+# Large models grow such features in their hidden states (the paper, Dettmers et al. 2022: systematically from
+# about 6.7B parameters on). This small base, on its calibration text:
 
 # %%
 counts = {}
