@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import minilora
-from minilora import GPT, GPTConfig, LoRALinear, add_lora, count_parameters, merge_lora
+from minilora import GPT, GPTConfig, LoRALinear, add_lora, count_parameters, evaluate, merge_lora
 from minilora import format_count, lora_params_real, slide_table
 from minilora.data import ByteTokenizer, TokenStream, english_documents, split_documents, yoda_dataset
 from minilora.memory import GB, estimate, scaled_config
@@ -59,7 +59,9 @@ torch.manual_seed(0)
 # parameter: for a 10B-parameter model, 120 GB before a single activation is stored — more than the largest
 # single GPU of 80 GB holds. Freezing the base and training only LoRA's adapters (rank 64 on every linear layer)
 # drops the gradients and moments of the base: the same model then needs under a quarter of that.
-# (`minilora.memory.estimate` counts it; notebook 6 checks it against measured training steps.)
+# (`minilora.memory.estimate` counts it; notebook 6 checks it against measured training steps.) LoRA's win is
+# memory: per training step it still runs the whole forward and backward through the frozen weights, so it is
+# not "much faster" per step (*slide erratum*, notebook 7 §19: about 70 % of a full step's FLOPs).
 
 # %%
 c10 = scaled_config(10_000_000_000, n_layer=31, n_embd=5120, n_head=40, block_size=2048)
@@ -118,7 +120,8 @@ assert all(ex.instruction and ex.output for ex in train_examples), "claim broke:
 #
 # A matrix W of shape m × n has m·n numbers. If it has rank r, it is exactly a product B·A with B of shape m × r
 # and A of shape r × n: only r·(m + n) numbers. A matrix of higher rank cannot be written exactly as such a
-# product, whatever B and A are; but the truncated SVD gives the *best* rank-r approximation (Eckart–Young),
+# product, whatever B and A are (*slide erratum*, notebook 7 §6: the intuition slide says any matrix decomposes
+# as B·A); but the truncated SVD gives the *best* rank-r approximation (Eckart–Young),
 # W_r = U_r·Σ_r·V_rᵀ, so B = U_r·Σ_r and A = V_rᵀ. Checked on a 200 × 300 matrix built with rank 5:
 
 # %%
@@ -200,6 +203,55 @@ for seed in range(3):
     print(f"seed {seed}: ‖g_B − g_256‖ = {noise[4]:.3f} at B = 4, {noise[64]:.3f} at B = 64 ({noise_ratio[-1]:.1f}×)")
 model.zero_grad(set_to_none=True)
 assert all(2.5 < q < 6 for q in noise_ratio), f"claim broke: 16× the batch, about 4× less gradient noise ({noise_ratio})"
+
+# %% [markdown]
+# ### Catastrophic forgetting, and multi-task fine-tuning as the remedy
+#
+# Fine-tuning on a new task alone can overwrite what the model could do before: *catastrophic forgetting*. The
+# remedy the lecture names is **multi-task fine-tuning**: keep examples of the old tasks in the training mix. A
+# small version: the model above knows English (task A); the new task B is the same text written backwards.
+# Full fine-tuning for 40 steps on B alone, against 40 steps on batches half A, half B (same batch size), from the
+# same model, three seeds. On every seed, B alone raises the loss on held-out English (forgetting) and the mix
+# raises it by less than half as much, while both learn B (its loss falls by more than 0.3):
+
+# %%
+stream_B = TokenStream(tok.encode(train_text[::-1]), block_size=64)
+val_A, val_B = TokenStream(tok.encode(val_text), 64), TokenStream(tok.encode(val_text[::-1]), 64)
+
+
+def held_out(m) -> tuple[float, float]:
+    return tuple(evaluate(m, v, batch_size=32, max_batches=4)["loss"] for v in (val_A, val_B))
+
+
+def finetune_on(mix: bool, seed: int, steps: int = 40) -> tuple[float, float]:
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        if mix:
+            (xa, ya), (xb, yb) = stream.sample(8, gen), stream_B.sample(8, gen)
+            xb_, yb_ = torch.cat([xa, xb]), torch.cat([ya, yb])
+        else:
+            xb_, yb_ = stream_B.sample(16, gen)
+        loss = m(xb_, yb_)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return held_out(m)
+
+
+before_AB = held_out(model)
+forgetting = []
+for seed in range(3):
+    runs = {name: finetune_on(name == "A + B mixed", seed) for name in ("B alone", "A + B mixed")}
+    print(f"seed {seed}: " + "; ".join(f"{k}: English loss {a - before_AB[0]:+.3f}, backwards loss {b - before_AB[1]:+.3f}"
+                                      for k, (a, b) in runs.items()))
+    forgetting.append(runs)
+for runs in forgetting:
+    (a_only, b_only), (a_mix, b_mix) = runs["B alone"], runs["A + B mixed"]
+    assert a_only > before_AB[0] and a_mix - before_AB[0] < 0.5 * (a_only - before_AB[0]), \
+        "claim broke: B alone forgets English; the mix forgets less than half as much"
+    assert b_only < before_AB[1] - 0.3 and b_mix < before_AB[1] - 0.3, "claim broke: both learn B"
 
 # %% [markdown]
 # The truncated SVD at rank 8, drawn to scale: W, the two thin factors, and their product.
@@ -304,7 +356,8 @@ assert rep["kurtosis"] > reports["W at init"]["kurtosis"], "claim broke: trainin
 #     h = W0·x + (α/r)·B·(A·x)
 #
 # A (r × in) starts random, B (out × r) starts at **zero**. So at step 0 the update is exactly zero and the
-# adapted layer computes what the base layer computes.
+# adapted layer computes what the base layer computes. Both are then trained: A is not a fixed random projection
+# (*slide erratum*, notebook 7 §16), and the QLoRA slide swaps the letters A and B (§12).
 
 # %%
 torch.manual_seed(0)
@@ -571,7 +624,9 @@ plots.plot_lora_table(table);
 
 # %% [markdown]
 # A real model is not one square matrix: it has many layers, each with its own in × out shape, and LoRA adds
-# r·(in + out) per adapted layer. For LLaMA-2 7B's shapes (its 6.74B parameters: the linear layers, two
+# r·(in + out) per adapted layer. (Which layers to adapt: the LoRA paper adapted attention only, and its own
+# table favours all four attention matrices — *slide errata*, notebook 7 §8; how small r can be: §10.)
+# For LLaMA-2 7B's shapes (its 6.74B parameters: the linear layers, two
 # 32,000 × 4,096 embedding matrices and 65 RMSNorm vectors), the real count is several times the
 # square-matrix estimate — already with only the attention's q and v adapted, the LoRA paper's choice:
 
@@ -619,6 +674,29 @@ assert len(minilora.lora_layers(model)) == 0 and after.total == before.total - b
     "claim broke: merging leaves plain layers and only the base's parameters"
 assert gap < 1e-3, f"claim broke: the merged model computes the same function ({gap:.2e})"
 assert adapter_bytes < 0.1 * 4 * after.total, "claim broke: the adapter is under 10 % of the model's bytes"
+
+# %% [markdown]
+# ## What the LoRA paper measured against full fine-tuning (paper only)
+#
+# The lecture shows the LoRA paper's GPT-2 table (Hu et al. 2021, Table 3: GPT-2 medium and large on the E2E NLG
+# Challenge). Its figures are the paper's, typed in below, not computed here: LoRA trains about 0.1 % of the
+# parameters of full fine-tuning (FT) and scores at least as well on every metric the table reports for
+# GPT-2 medium. (Notebook 5 compares full fine-tuning, LoRA and QLoRA on a task this machine can train.)
+
+# %%
+E2E = {  # LoRA paper, Table 3, GPT-2 M: trainable parameters (M), BLEU, NIST, METEOR, ROUGE-L, CIDEr
+    "FT": (354.92, 68.2, 8.62, 46.2, 71.0, 2.47),
+    "Adapter (L)": (0.37, 66.3, 8.41, 45.0, 69.8, 2.40),
+    "PreLayer": (0.35, 69.7, 8.81, 46.1, 71.4, 2.49),
+    "LoRA": (0.35, 70.4, 8.85, 46.8, 71.8, 2.53),
+}
+print(f"{'GPT-2 M':<12} {'params (M)':>10} {'BLEU':>6} {'NIST':>6} {'MET':>6} {'ROUGE-L':>8} {'CIDEr':>6}")
+for name, row in E2E.items():
+    print(f"{name:<12} {row[0]:>10.2f} " + " ".join(f"{v:>6.2f}" for v in row[1:]))
+lora_share = E2E["LoRA"][0] / E2E["FT"][0]
+print(f"LoRA trains {lora_share:.2%} of FT's parameters")
+assert lora_share < 0.002 and all(l_ >= f_ for l_, f_ in zip(E2E["LoRA"][1:], E2E["FT"][1:])), \
+    "claim broke (as typed in from the paper): about 0.1 % of the parameters, at least as good on every metric"
 
 # %% [markdown]
 # ## Exercises

@@ -122,7 +122,8 @@ assert torch.equal(blk[other], errors["blocks of 64"].reshape(-1, 64)[other]), \
 # %% [markdown]
 # ## 3 · NF4: buckets where the weights are
 #
-# Trained weights look roughly normal (notebook 1 measures it on a trained GPT), and after dividing a block by
+# Trained weights look roughly normal (notebook 1 measures it on a trained GPT; it is the weights, not the data,
+# that NF4 assumes normal — *slide erratum*, notebook 7 §11), and after dividing a block by
 # its absmax they crowd around zero. Evenly
 # spaced buckets (int4) waste their outer levels on values that rarely occur. NF4 puts its 16 values at
 # quantiles of N(0, 1): narrow buckets where the weights crowd, wide ones in the tails, and an exact zero.
@@ -246,7 +247,9 @@ assert usage["FP4"].std() < usage["NF4"].std() < usage["int4"].std(), "claim bro
 # (the 4.5 bits above).
 # Double quantization quantizes those constants too. The lecture's teaching version uses int8 absmax twice, on
 # its 5×5 example with blocks of 5 (one per row): the weights become int8 with one constant c1 per block, and
-# the five constants c1 are themselves stored as int8 with a single FP32 constant c2.
+# the five constants c1 are themselves stored as int8 with a single FP32 constant c2. (The slide's printed tables
+# for this example do not follow from its printed weights: *slide errata*, notebook 7 §2-§4; the QLoRA slide swaps
+# the names c1 and c2, §13.)
 
 # %%
 W5 = torch.tensor([[-0.7, -0.3, 0.0, -0.4, 0.3],

@@ -215,6 +215,9 @@ assert abs(a_q / a_l - 1) < 0.01, f"claim broke: QLoRA saves the same activation
 # %% [markdown]
 # ## bf16, not fp16: why QLoRA computes in bfloat16
 #
+# (The study notes call bf16 "32-bit" and say 32-bit is what GPUs run fastest: *slide errata*, notebook 7 §9 and
+# §17. On QLoRA's quality against LoRA — the overview deck's "degrades performance" — see notebook 7 §15.)
+#
 # Both are 16-bit floats. fp16 spends 5 bits on the exponent and 10 on the mantissa; bf16 spends 8 on the
 # exponent — as many as fp32 — and 7 on the mantissa. So bf16 has fp32's range (up to about 3.4·10³⁸) with
 # less precision (unit roundoff 2⁻⁸ against fp16's 2⁻¹¹), and fp16 has more precision in a narrow range: its

@@ -32,7 +32,6 @@ import math
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from minilora import GPT, Int8Linear, evaluate
 from minilora.data import TokenStream, english_documents, load_tokenizer, split_documents
@@ -72,10 +71,10 @@ print("dequantized:", [round(v, 3) for v in dequantize_affine(s)[0].tolist()])
 #
 # Take the first MLP's `c_fc` and the inputs it really sees. Round-to-nearest (RTN) and GPTQ use the *same*
 # grid (int4, groups of 128); only GPTQ looks at the inputs. We compare the output error ‖XWᵀ − XŴᵀ‖, and the
-# cost: RTN is elementwise (no matrix products at all), while GPTQ, on top of the forward passes that captured X,
-# forms the Hessian XᵀX and runs its column loop — counted in floating-point operations of matrix products
-# (PyTorch's `FlopCounterMode`) it does more work than the layer's own forward pass over all the calibration
-# tokens. The times are printed, not asserted (they depend on the machine and its load).
+# cost: RTN is one elementwise pass over the weight, while GPTQ, on top of the forward passes that captured X,
+# forms the Hessian XᵀX, inverts it and walks the columns one after another. Timed here (the fastest of three
+# runs each, interleaved, so that the machine's load hits both alike): GPTQ takes more than 10 times as long as
+# RTN for this one layer. (The exact ratio depends on the machine; it is printed.)
 
 # %%
 layer = base.transformer.h[0].mlp.c_fc
@@ -88,27 +87,22 @@ hook.remove()
 X = torch.cat(captured)
 W = layer.weight.detach()
 
-t0 = time.perf_counter()
-W_rtn = dequantize_affine(quantize_affine(W, 4, 128))
-t_rtn = time.perf_counter() - t0
-t0 = time.perf_counter()
-with FlopCounterMode(display=False) as fc_gptq:
+t_rtn = t_gptq = math.inf
+for _ in range(3):
+    t0 = time.perf_counter()
+    W_rtn = dequantize_affine(quantize_affine(W, 4, 128))
+    t_rtn = min(t_rtn, time.perf_counter() - t0)
+    t0 = time.perf_counter()
     W_gptq = gptq_quantize(W, X, bits=4, groupsize=128).dequantize()
-t_gptq = time.perf_counter() - t0
-with FlopCounterMode(display=False) as fc_rtn:
-    dequantize_affine(quantize_affine(W, 4, 128))
-with FlopCounterMode(display=False) as fc_fwd:
-    X @ W.T
+    t_gptq = min(t_gptq, time.perf_counter() - t0)
 err = lambda W_hat: (X @ W.T - X @ W_hat.T).norm().item()
 print(f"output error: RTN {err(W_rtn):.3f}, GPTQ {err(W_gptq):.3f}  ({err(W_gptq) / err(W_rtn):.0%} of RTN)")
 print(f"weight error: RTN {(W - W_rtn).norm():.3f}, GPTQ {(W - W_gptq).norm():.3f}  (GPTQ moves weights further)")
-print(f"time: RTN {1e3 * t_rtn:.1f} ms, GPTQ {1e3 * t_gptq:.1f} ms (plus the forward passes that captured X)")
-print(f"matrix-product FLOPs: RTN {fc_rtn.get_total_flops():,}, GPTQ {fc_gptq.get_total_flops():,}, "
-      f"the layer's forward over the {len(X):,} calibration tokens {fc_fwd.get_total_flops():,}")
+print(f"time: RTN {1e3 * t_rtn:.1f} ms, GPTQ {1e3 * t_gptq:.1f} ms ({t_gptq / t_rtn:.0f}×), plus the forward "
+      f"passes that captured X")
 assert err(W_gptq) < err(W_rtn), "claim broke: GPTQ's output error is below RTN's"
 assert (W - W_gptq).norm() > (W - W_rtn).norm(), "claim broke: GPTQ moves the weights further"
-assert fc_rtn.get_total_flops() == 0 and fc_gptq.get_total_flops() > fc_fwd.get_total_flops(), \
-    "claim broke: RTN does no matrix products; GPTQ does more than a forward pass over the calibration tokens"
+assert t_gptq > 10 * t_rtn, f"claim broke: GPTQ takes more than 10× RTN's time ({t_gptq / t_rtn:.1f}×)"
 
 # %% [markdown]
 # ## 3 · LLM.int8(): are there outlier features in this model?
@@ -258,3 +252,65 @@ print(f"GPTQ gains {r['int4 affine g128 (RTN)']['ppl'] - r['GPTQ g128, English c
       f"perplexity over RTN on the same grid (random-token calibration: "
       f"{r['int4 affine g128 (RTN)']['ppl'] - r['GPTQ g128, random-token calibration']['ppl']:.3f}); "
       f"it took {gptq_s:.2f} s against {nf4_s:.2f} s for NF4 + DQ.")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. LLM.int8() with threshold 6.0: which columns of `torch.tensor([[0.5, -7.0, 2.0], [1.0, 0.2, 6.5]])` go to the
+#    16-bit path? (A list of column indices.)
+# 2. True or False: LLM.int8() needs a calibration data set.
+# 3. *Code it:* one GPTQ column update. Given the weight W (out × in), the upper Cholesky factor U of the inverse
+#    (damped) Hessian, a column index i and a rounding function `rtn` for one column, write `my_gptq_column`:
+#    round column i (q = rtn(W[:, i])), scale its error by U[i, i] (err = (W[:, i] − q) / U[i, i]) and push it onto
+#    the columns not yet rounded (W[:, i:] −= err·U[i, i:]); return the updated W and q. The check runs your update
+#    over every column of a small layer and compares the result with minilora's `gptq_quantize`.
+
+# %%
+answer_1 = None  # a list of column indices
+answer_2 = None  # True or False
+
+
+def my_gptq_column(W: torch.Tensor, U: torch.Tensor, i: int, rtn):
+    """Exercise 3: return (W with the error of column i pushed onto columns i.., q) — replace the `return None`."""
+    return None
+
+
+# %%
+_m = torch.tensor([[0.5, -7.0, 2.0], [1.0, 0.2, 6.5]])
+if answer_1 is None:
+    print("fill in answer_1")
+else:
+    assert sorted(answer_1) == outlier_columns(_m, 6.0).tolist(), f"answer_1 = {answer_1} is not right yet; try again"
+    print("answer_1: right")
+if answer_2 is None:
+    print("fill in answer_2")
+else:
+    assert answer_2 is False, f"answer_2 = {answer_2} is not right yet; try again"
+    print("answer_2: right")
+
+_g = torch.Generator().manual_seed(0)
+_W = torch.randn(16, 64, generator=_g, dtype=torch.float64)
+_X = torch.randn(500, 64, generator=_g, dtype=torch.float64) @ torch.randn(64, 64, generator=_g, dtype=torch.float64)
+_H = 2 * _X.T @ _X / len(_X)
+_H += 0.01 * torch.diag(_H).mean() * torch.eye(64, dtype=_H.dtype)          # GPTQ's damping (damp = 0.01)
+_U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(_H)), upper=True)
+_S = ((_W.amax(1).clamp(min=0) - _W.amin(1).clamp(max=0)) / 15).float().double()   # one int4 affine grid per row
+_Z = torch.round(-_W.amin(1).clamp(max=0) / _S)
+
+
+def _rtn(w):
+    return _S * (torch.round(w / _S + _Z).clamp(0, 15) - _Z)
+
+
+_work, _Q = _W.clone(), torch.zeros_like(_W)
+for _i in range(64):
+    _out = my_gptq_column(_work, _U, _i, _rtn)
+    if _out is None:
+        break
+    _work, _Q[:, _i] = _out
+if _out is None:
+    print("fill in my_gptq_column")
+else:
+    _ref = gptq_quantize(_W, _X, bits=4, groupsize=None).dequantize()
+    assert (_Q - _ref).abs().max() < 1e-4, "my_gptq_column does not give minilora's GPTQ yet; try again"
+    print("my_gptq_column: right")
