@@ -73,8 +73,8 @@ print("dequantized:", [round(v, 3) for v in dequantize_affine(s)[0].tolist()])
 # grid (int4, groups of 128); only GPTQ looks at the inputs. We compare the output error ‖XWᵀ − XŴᵀ‖, and the
 # cost: RTN is one elementwise pass over the weight, while GPTQ, on top of the forward passes that captured X,
 # forms the Hessian XᵀX, inverts it and walks the columns one after another. Timed here (the fastest of three
-# runs each, interleaved, so that the machine's load hits both alike): GPTQ takes more than 10 times as long as
-# RTN for this one layer. (The exact ratio depends on the machine; it is printed.)
+# runs each, interleaved, so that the machine's load hits both alike), printed; the whole-model comparison,
+# calibration passes included, follows in section 4.
 
 # %%
 layer = base.transformer.h[0].mlp.c_fc
@@ -102,7 +102,6 @@ print(f"time: RTN {1e3 * t_rtn:.1f} ms, GPTQ {1e3 * t_gptq:.1f} ms ({t_gptq / t_
       f"passes that captured X")
 assert err(W_gptq) < err(W_rtn), "claim broke: GPTQ's output error is below RTN's"
 assert (W - W_gptq).norm() > (W - W_rtn).norm(), "claim broke: GPTQ moves the weights further"
-assert t_gptq > 10 * t_rtn, f"claim broke: GPTQ takes more than 10× RTN's time ({t_gptq / t_rtn:.1f}×)"
 
 # %% [markdown]
 # ## 3 · LLM.int8(): are there outlier features in this model?
@@ -143,6 +142,7 @@ for h in hooks:
     h.remove()
 for n, cols in counts.items():
     print(f"{n:<32} {len(cols):3d} outlier features")
+in_features = {n: m.in_features for n, m in base.named_modules() if n in counts}
 
 # %% [markdown]
 # ## 4 · The table (smaller than `benchmarks/quant_perplexity.py`)
@@ -229,14 +229,23 @@ for name, apply in methods.items():
 
 # %% [markdown]
 # What the measurements say (asserted, so that the notebook fails if a run says otherwise). On this small
-# model every 4-bit method stays within a fraction of a percent of fp32 perplexity, and there are few or no outlier
-# features for LLM.int8() to rescue (section 3): it is plain vector-wise int8 here. Among the data-free 4-bit
-# formats NF4 is best and double quantization costs nothing, as in the QLoRA paper (Table 2); FP4 against int4
-# differs by less than 0.1 % here and its sign changes with the evaluation windows, so it is printed, not
-# asserted. GPTQ, with 32 windows of calibration text, beats every data-free 4-bit format.
+# model every 4-bit method stays within 1 % of fp32 perplexity, and there are few or no outlier features for
+# LLM.int8() to rescue (section 3: at most 2 % of any layer's input features): it is plain vector-wise int8 here.
+# Among the calibration-free 4-bit formats NF4 is best, as in the QLoRA paper (Table 2, perplexity of NF4 against
+# FP4 and int4), and double quantization costs under 2 % in perplexity while saving 0.37 bits per weight, as in
+# the paper's Figure 3 (zero-shot accuracy with and without DQ). FP4 against int4 differs by less than 0.1 %
+# here and its sign changes with the evaluation windows, so it is printed, not asserted. GPTQ, with 32 windows
+# of calibration text, beats every calibration-free 4-bit format, and costs more than 5 times NF4 + DQ's time
+# to quantize the model (its calibration forward passes included).
 
 # %%
 r = rows
+four_bit = ("int4 absmax", "int4 affine g128 (RTN)", "FP4", "NF4", "NF4 + DQ", "GPTQ g128, English calibration",
+            "GPTQ g128, random-token calibration")
+worst = max(r[k]["ppl"] / r["fp32"]["ppl"] - 1 for k in four_bit)
+print(f"largest 4-bit perplexity increase over fp32: {worst:.2%}")
+assert worst < 0.01, f"claim broke: every 4-bit method within 1 % of fp32 ({worst:.2%})"
+assert all(len(cols) <= 0.02 * in_features[n] for n, cols in counts.items()), "claim broke: few or no outlier features"
 assert r["LLM.int8()"]["ppl"] < r["NF4"]["ppl"]                     # 8 bits beat 4 bits
 assert r["NF4"]["ppl"] < min(r["FP4"]["ppl"], r["int4 absmax"]["ppl"])  # NF4's buckets fit normal weights best
 print(f"FP4 {r['FP4']['ppl']:.3f} vs int4 absmax {r['int4 absmax']['ppl']:.3f}")
@@ -251,7 +260,8 @@ gptq_s, nf4_s = r["GPTQ g128, English calibration"]["seconds"], r["NF4 + DQ"]["s
 print(f"GPTQ gains {r['int4 affine g128 (RTN)']['ppl'] - r['GPTQ g128, English calibration']['ppl']:.3f} "
       f"perplexity over RTN on the same grid (random-token calibration: "
       f"{r['int4 affine g128 (RTN)']['ppl'] - r['GPTQ g128, random-token calibration']['ppl']:.3f}); "
-      f"it took {gptq_s:.2f} s against {nf4_s:.2f} s for NF4 + DQ.")
+      f"it took {gptq_s:.2f} s against {nf4_s:.2f} s for NF4 + DQ ({gptq_s / nf4_s:.0f}×).")
+assert gptq_s > 5 * nf4_s, f"claim broke: GPTQ costs more than 5× NF4 + DQ's time ({gptq_s / nf4_s:.1f}×)"
 
 # %% [markdown]
 # ## Exercises
