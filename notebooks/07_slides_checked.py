@@ -546,7 +546,7 @@ erratum("Guanaco's base model",
 # %%
 base_dir, _ = get_base(DemoConfig(progress=False))
 tok = load_tokenizer(base_dir)
-val_stream = TokenStream(tok.encode(split_documents(english_documents())[1])[:40_000],
+val_stream = TokenStream(tok.encode(split_documents(english_documents(("topics",)))[1][:60_000])[:40_000],
                          GPT.from_pretrained(base_dir).config.block_size)
 ppl = {}
 for name in ("fp32 base", "NF4 + DQ base"):
