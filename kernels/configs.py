@@ -30,6 +30,10 @@ PROGRAMS_PER_SM = 2      # the split heuristics aim for this many programs per S
 INTERPRETER_SMS = 4      # CPU runs pretend to have 4 SMs, so small shapes still split
 BLOCK_K = 64
 BLOCK_R = 16             # the LoRA epilogue walks the rank 16 at a time
+DECODE_MAX_M = 16        # the decode kernels (nf4_gemv.py) take M <= 16 rows ...
+DECODE_DOT_MIN_M = 5     # ... on the tensor cores from 5 rows (16-bit operands), multiply-adds below
+DECODE_BLOCK_K = 256     # 32 words of eight codes: one 128-byte line per row of a W tile
+DECODE_PROGRAMS_PER_SM = 8   # streaming wants many loads in flight: 8 programs of 4 warps per SM
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,57 @@ def plan_matmul_dx(M: int, N: int, K: int, *, blocksize: int, dtype: torch.dtype
     bm, bn, warps, stages = _tiles(small, M, fast, dtype == torch.float32, (128, 64, 4, 3))
     return _tiled_plan("matmul_dx", const, small, cdiv(M, bm) * cdiv(K, BLOCK_K), N, bn, num_sms,
                        (bm, bn, warps, stages))
+
+
+def decode_supported(M: int, K: int) -> bool:
+    """Can the decode kernels take this problem? M <= 16 rows and K a multiple of 8 (rows of
+    W start on a 32-bit word)."""
+    return 1 <= M <= DECODE_MAX_M and K % 8 == 0
+
+
+def _decode_tiles(M: int, dtype: torch.dtype) -> tuple:
+    """(BLOCK_M, USE_DOT, BLOCK_N): tensor cores (16-row mma tiles, 32 rows/columns of W per
+    step) for 16-bit operands from DECODE_DOT_MIN_M rows; fp32 multiply-adds below that, and
+    always for fp32 operands (exact fp32, and the tensor cores would need three TF32 products)."""
+    if dtype != torch.float32 and M >= DECODE_DOT_MIN_M:
+        return 16, True, 32
+    return _next_pow2(M), False, 16
+
+
+def _decode_plan(kind: str, M: int, K: int, *, blocksize: int, dtype: torch.dtype, double_quant: bool,
+                 num_sms: int, interpreted: bool, tiles, length: int, step, const: dict) -> KernelPlan:
+    """One decode launch: `tiles(BLOCK_N)` output tiles, each reducing over `length` in steps of
+    `step(BLOCK_N)`, split so that about DECODE_PROGRAMS_PER_SM programs per SM stream W (every
+    slice at least two steps long)."""
+    if not decode_supported(M, K):
+        raise ValueError(f"the decode kernels need 1 <= M <= {DECODE_MAX_M} and K % 8 == 0, got M={M}, K={K}")
+    bm, use_dot, bn = _decode_tiles(M, dtype)
+    n_tiles, step = tiles(bn), step(bn)
+    want = max(1, (DECODE_PROGRAMS_PER_SM * num_sms) // n_tiles)
+    chunk = cdiv(cdiv(length, min(want, max(1, length // (2 * step)))), step) * step
+    split = cdiv(length, chunk)
+    const.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=DECODE_BLOCK_K, USE_DOT=use_dot, SPLIT=split > 1,
+                 GROUP=min(blocksize, DECODE_BLOCK_K) if K % blocksize == 0 else 8,
+                 NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, DOUBLE_QUANT=bool(double_quant),
+                 INTERPRET=bool(interpreted), DOT_PRECISION=_dot_precision(dtype, interpreted))
+    return KernelPlan(kind, (n_tiles, split), const, num_warps=4, num_stages=3, split=split, chunk=chunk)
+
+
+def plan_gemv(M: int, N: int, K: int, *, blocksize: int, dtype: torch.dtype, double_quant: bool,
+              has_bias: bool, has_lora: bool, num_sms: int, interpreted: bool) -> KernelPlan:
+    """Decode forward (nf4_gemv_kernel): BLOCK_N rows of W per program, K split in BLOCK_K steps."""
+    return _decode_plan("gemv", M, K, blocksize=blocksize, dtype=dtype, double_quant=double_quant,
+                        num_sms=num_sms, interpreted=interpreted,
+                        tiles=lambda bn: cdiv(N, bn), length=K, step=lambda bn: DECODE_BLOCK_K,
+                        const=dict(HAS_BIAS=bool(has_bias), HAS_LORA=bool(has_lora), BLOCK_R=BLOCK_R))
+
+
+def plan_gemv_dx(M: int, N: int, K: int, *, blocksize: int, dtype: torch.dtype, double_quant: bool,
+                 num_sms: int, interpreted: bool) -> KernelPlan:
+    """Decode dX (nf4_gemv_dx_kernel): BLOCK_K columns of W per program, N split in BLOCK_N steps."""
+    return _decode_plan("gemv_dx", M, K, blocksize=blocksize, dtype=dtype, double_quant=double_quant,
+                        num_sms=num_sms, interpreted=interpreted,
+                        tiles=lambda bn: cdiv(K, DECODE_BLOCK_K), length=N, step=lambda bn: bn, const={})
 
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
