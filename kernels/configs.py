@@ -31,9 +31,12 @@ INTERPRETER_SMS = 4      # CPU runs pretend to have 4 SMs, so small shapes still
 BLOCK_K = 64
 BLOCK_R = 16             # the LoRA epilogue walks the rank 16 at a time
 DECODE_MAX_M = 16        # the decode kernels (nf4_gemv.py) take M <= 16 rows ...
-DECODE_DOT_MIN_M = 5     # ... on the tensor cores from 5 rows (16-bit operands), multiply-adds below
-DECODE_BLOCK_K = 256     # 32 words of eight codes: one 128-byte line per row of a W tile
+DECODE_DOT_MIN_M = 5     # ... on the tensor cores from 5 rows (16-bit), multiply-adds on the CUDA cores below
+DECODE_BLOCK_K = 256     # forward: 32 words of eight codes, one 128-byte line per row of a W tile
+DECODE_DX_BLOCK_K = 64   # dX: 8 words (one 32-byte sector) per row and 32 rows per step, so that K
+                         # gives 4x more column tiles (programs) than 256 would
 DECODE_PROGRAMS_PER_SM = 8   # streaming wants many loads in flight: 8 programs of 4 warps per SM
+DECODE_PARTIAL_BUDGET = 0.25  # split-K partials (fp32, written and read) may add 25 % to the bytes of W
 
 
 @dataclass(frozen=True)
@@ -166,31 +169,45 @@ def decode_supported(M: int, K: int) -> bool:
 
 
 def _decode_tiles(M: int, dtype: torch.dtype) -> tuple:
-    """(BLOCK_M, USE_DOT, BLOCK_N): tensor cores (16-row mma tiles, 32 rows/columns of W per
-    step) for 16-bit operands from DECODE_DOT_MIN_M rows; fp32 multiply-adds below that, and
-    always for fp32 operands (exact fp32, and the tensor cores would need three TF32 products)."""
+    """(BLOCK_M, USE_DOT, BLOCK_N, num_warps, num_stages) of a decode plan.
+
+    16-bit operands from DECODE_DOT_MIN_M rows: one 16-row mma tile on the tensor cores, 16 rows
+    (forward) or reduction steps (dX) of W per program, 2 stages. Otherwise fp32 multiply-adds
+    on 8 rows of W per program, exact fp32 (fp32 operands always: three TF32 products per
+    multiply spilled registers at this tile size); the loads feed no tl.dot, so there is nothing
+    to pipeline (1 stage), and 16-row fp32 tiles take 8 warps. Registers as ptxas reported them
+    for sm_80/sm_90: 66-80 (FMA, M <= 4), 96-158 (mma), 96-254 (fp32, M 8-16); no spills
+    (tests/test_kernels_aot.py)."""
     if dtype != torch.float32 and M >= DECODE_DOT_MIN_M:
-        return 16, True, 32
-    return _next_pow2(M), False, 16
+        return 16, True, 16, 4, 2
+    bm = _next_pow2(M)
+    return bm, False, 8, 8 if bm == 16 else 4, 1
 
 
 def _decode_plan(kind: str, M: int, K: int, *, blocksize: int, dtype: torch.dtype, double_quant: bool,
                  num_sms: int, interpreted: bool, tiles, length: int, step, const: dict) -> KernelPlan:
     """One decode launch: `tiles(BLOCK_N)` output tiles, each reducing over `length` in steps of
-    `step(BLOCK_N)`, split so that about DECODE_PROGRAMS_PER_SM programs per SM stream W (every
-    slice at least two steps long)."""
+    `step(BLOCK_N)`, split so that about DECODE_PROGRAMS_PER_SM programs per SM stream W. Every
+    slice is at least two steps long, and the fp32 partial sums (8 bytes per split and output
+    element, M per column of W) stay within DECODE_PARTIAL_BUDGET of its 0.5 byte per weight:
+    split · 8 · M <= budget · 0.5 · length."""
     if not decode_supported(M, K):
         raise ValueError(f"the decode kernels need 1 <= M <= {DECODE_MAX_M} and K % 8 == 0, got M={M}, K={K}")
-    bm, use_dot, bn = _decode_tiles(M, dtype)
+    bm, use_dot, bn, warps, stages = _decode_tiles(M, dtype)
+    block_k = DECODE_BLOCK_K
+    if kind == "gemv_dx":
+        block_k, bn = DECODE_DX_BLOCK_K, 32
     n_tiles, step = tiles(bn), step(bn)
     want = max(1, (DECODE_PROGRAMS_PER_SM * num_sms) // n_tiles)
+    want = min(want, max(1, int(DECODE_PARTIAL_BUDGET * 0.5 * length / (8 * M))))
     chunk = cdiv(cdiv(length, min(want, max(1, length // (2 * step)))), step) * step
     split = cdiv(length, chunk)
-    const.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=DECODE_BLOCK_K, USE_DOT=use_dot, SPLIT=split > 1,
-                 GROUP=min(blocksize, DECODE_BLOCK_K) if K % blocksize == 0 else 8,
+    const.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, USE_DOT=use_dot, SPLIT=split > 1,
+                 GROUP=min(blocksize, block_k) if K % blocksize == 0 else 8,
                  NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, DOUBLE_QUANT=bool(double_quant),
                  INTERPRET=bool(interpreted), DOT_PRECISION=_dot_precision(dtype, interpreted))
-    return KernelPlan(kind, (n_tiles, split), const, num_warps=4, num_stages=3, split=split, chunk=chunk)
+    return KernelPlan(kind, (n_tiles, split), const, num_warps=warps, num_stages=stages, split=split,
+                      chunk=chunk)
 
 
 def plan_gemv(M: int, N: int, K: int, *, blocksize: int, dtype: torch.dtype, double_quant: bool,
@@ -204,10 +221,11 @@ def plan_gemv(M: int, N: int, K: int, *, blocksize: int, dtype: torch.dtype, dou
 
 def plan_gemv_dx(M: int, N: int, K: int, *, blocksize: int, dtype: torch.dtype, double_quant: bool,
                  num_sms: int, interpreted: bool) -> KernelPlan:
-    """Decode dX (nf4_gemv_dx_kernel): BLOCK_K columns of W per program, N split in BLOCK_N steps."""
+    """Decode dX (nf4_gemv_dx_kernel): DECODE_DX_BLOCK_K columns of W per program, N split in
+    BLOCK_N = 32 row steps."""
     return _decode_plan("gemv_dx", M, K, blocksize=blocksize, dtype=dtype, double_quant=double_quant,
                         num_sms=num_sms, interpreted=interpreted,
-                        tiles=lambda bn: cdiv(K, DECODE_BLOCK_K), length=N, step=lambda bn: bn, const={})
+                        tiles=lambda bn: cdiv(K, DECODE_DX_BLOCK_K), length=N, step=lambda bn: bn, const={})
 
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)

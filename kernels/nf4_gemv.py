@@ -12,8 +12,8 @@ stream W and nothing else:
   the same launch by the program that finishes last (split_k.py).
 * No tensor cores for M <= 4 (USE_DOT off): each row of the output is a multiply-add per weight
   on the CUDA cores, in fp32 on the un-rounded W, reduced across the tile (fma_rows). For
-  5 <= M <= 16, 16 rows make one mma tile, and tl.dot on W rounded to X's dtype is cheaper
-  than 16 multiply-adds per weight.
+  5 <= M <= 16 in bf16/fp16, 16 rows make one mma tile, and tl.dot on W rounded to X's dtype
+  is cheaper than 16 multiply-adds per weight (fp32 stays on multiply-adds: exact fp32).
 * Bias and the LoRA term scaling · XA · Bᵀ are added once, by the program that writes Y.
 
 nf4_matmul.py / nf4_matmul_dx.py (tiles of bytes, one scale per element or row) are the
