@@ -261,8 +261,37 @@ def all_plans(dtypes=DTYPES, flags: str = "all", capability: int = 90) -> list:
                     found.setdefault((p.config_key, dt), (p, dt))
                 p = plan_dequant(K * 4096, dq)
                 found.setdefault((p.config_key, dt), (p, dt))
+    for p, dt in decode_plans(dtypes, flags):
+        found.setdefault((p.config_key, dt), (p, dt))
     plans = list(found.values())
     if flags == "heavy":   # K=4162 (even, per-element scales) only adds nothing new here
         plans = [(p, dt) for p, dt in plans
-                 if p.kernel == "dequant" or p.constexprs["SCALE_PER_ROW"] or not p.constexprs["PAIRED"]]
+                 if p.kernel.startswith(("dequant", "gemv")) or p.constexprs["SCALE_PER_ROW"]
+                 or not p.constexprs["PAIRED"]]
     return plans
+
+
+def decode_plans(dtypes=DTYPES, flags: str = "all") -> list:
+    """Every configuration the decode planners can return on a GPU, as (plan, dtype) pairs:
+    each row count's tiles (M = 1, 2, 3-4, 5-8, 9-16), split-K on (4096 x 4096) and off
+    (28672 rows), scales per 64-code block (K = 4096), per 256-code tile (blocksize 1024) and
+    per word (K = 4104: blocks cross rows), with and without double quantization, bias, LoRA.
+    flags="heavy": split-K on, double quantization, bias on, LoRA on and off, per-block and
+    per-word scales (the configurations with the most code)."""
+    found = {}
+    heavy = flags == "heavy"
+    for dt in dtypes:
+        for M in (1, 2, 4, 8, 16):
+            for N, K, bs in ((4096, 4096, 64), (4096, 4104, 64), (4096, 4096, 1024), (28672, 4096, 64)):
+                if heavy and (bs != 64 or N != 4096):
+                    continue
+                for dq in (True,) if heavy else (True, False):
+                    for bias, lora in ((True, False), (True, True)) if heavy else \
+                            ((False, False), (True, False), (False, True), (True, True)):
+                        p = plan_gemv(M, N, K, blocksize=bs, dtype=dt, double_quant=dq, has_bias=bias,
+                                      has_lora=lora, num_sms=132, interpreted=False)
+                        found.setdefault((p.config_key, dt), (p, dt))
+                    p = plan_gemv_dx(M, N, K, blocksize=bs, dtype=dt, double_quant=dq, num_sms=132,
+                                     interpreted=False)
+                    found.setdefault((p.config_key, dt), (p, dt))
+    return list(found.values())
