@@ -31,7 +31,8 @@ INTERPRETER_SMS = 4      # CPU runs pretend to have 4 SMs, so small shapes still
 BLOCK_K = 64
 BLOCK_R = 16             # the LoRA epilogue walks the rank 16 at a time
 DECODE_MAX_M = 16        # the decode kernels (nf4_gemv.py) take M <= 16 rows ...
-DECODE_DOT_MIN_M = 5     # ... on the tensor cores from 5 rows (16-bit), multiply-adds on the CUDA cores below
+DECODE_DOT_MIN_M = 3     # ... on the tensor cores from 3 rows (16-bit), multiply-adds on the CUDA cores below:
+                         # at 4 rows an A100 would be bound by its fp32 FMA rate (kernels/roofline.py)
 DECODE_BLOCK_K = 256     # forward: 32 words of eight codes, one 128-byte line per row of a W tile
 DECODE_DX_BLOCK_K = 64   # dX: 8 words (one 32-byte sector) per row and 32 rows per step, so that K
                          # gives 4x more column tiles (programs) than 256 would

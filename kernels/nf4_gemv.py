@@ -10,9 +10,9 @@ stream W and nothing else:
 * Each program owns BLOCK_N rows of W (forward) or BLOCK_K columns (dX) and a slice of the
   reduction: split-K, sized so that every SM streams (configs.py). The slices are added up in
   the same launch by the program that finishes last (split_k.py).
-* No tensor cores for M <= 4 (USE_DOT off): each row of the output is a multiply-add per weight
+* No tensor cores for M <= 2 (USE_DOT off): each row of the output is a multiply-add per weight
   on the CUDA cores, in fp32 on the un-rounded W, reduced across the tile (fma_rows). For
-  5 <= M <= 16 in bf16/fp16, 16 rows make one mma tile, and tl.dot on W rounded to X's dtype
+  3 <= M <= 16 in bf16/fp16, 16 rows make one mma tile, and tl.dot on W rounded to X's dtype
   is cheaper than 16 multiply-adds per weight (fp32 stays on multiply-adds: exact fp32).
 * Bias and the LoRA term scaling · XA · Bᵀ are added once, by the program that writes Y.
 

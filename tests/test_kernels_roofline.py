@@ -18,6 +18,7 @@ def test_nf4_weight_is_0516_bytes_per_weight():
 def test_decode_bytes_and_ratio_by_hand():
     # M = 1 forward on an H100: 512 row tiles of 8, split 2 (8 programs/SM on 132 SMs).
     assert roofline.describe("decode", "fwd", 1, 4096, 4096, H100) == "decode fma BM1 split2"
+    assert roofline.describe("decode", "fwd", 3, 4096, 4096, H100).startswith("decode mma BM16")
     nf4 = 8655940 + 2 * 4096 + 2 * 4096 + 8 * 2 * 1 * 4096          # weight, X, Y, partials
     assert roofline.bytes_moved("decode", "fwd", 1, 4096, 4096, H100) == nf4 == 8737860
     bf16 = 2 * 4096 * 4096 + 2 * 4096 + 2 * 4096
@@ -38,7 +39,10 @@ def test_compute_bound_shapes_by_hand():
     # dequantize-then-matmul at M = 1 moves 0.516 + 4 bytes per weight: 33570816 / (8655940 + 4*4096**2 + 16384)
     assert roofline.predicted_ratio("dequant+mm", "fwd", 1, 4096, 4096, H100) == pytest.approx(
         33570816 / (8655940 + 4 * 4096**2 + 16384))
-    # the FMA path at M = 4 on an A100: 2*4*4096*4096 / 19.5e12 = 6.9 us > 8.7 MB / 2.039e12 = 4.3 us
+    # On an A100 the FMA path at M = 2 takes 2*2*4096*4096 / 19.5e12 = 3.4 us of multiply-adds, under
+    # the 8.7 MB / 2.039e12 = 4.3 us of bytes; from M = 3 the mma path pads M to 16 rows at 312 TFLOP/s.
     a100 = roofline.DEVICES["A100"]
-    assert roofline.flops_time("decode", "fwd", 4, 4096, 4096, a100) == pytest.approx(2 * 4 * 4096**2 / 19.5e12)
-    assert roofline.roofline_time("decode", "fwd", 4, 4096, 4096, a100) == pytest.approx(2 * 4 * 4096**2 / 19.5e12)
+    assert roofline.flops_time("decode", "fwd", 2, 4096, 4096, a100) == pytest.approx(2 * 2 * 4096**2 / 19.5e12)
+    assert roofline.roofline_time("decode", "fwd", 2, 4096, 4096, a100) == pytest.approx(
+        roofline.bytes_moved("decode", "fwd", 2, 4096, 4096, a100) / 2.039e12)
+    assert roofline.flops_time("decode", "fwd", 4, 4096, 4096, a100) == pytest.approx(2 * 16 * 4096**2 / 312e12)
