@@ -274,16 +274,18 @@ def all_plans(dtypes=DTYPES, flags: str = "all", capability: int = 90) -> list:
 
 def decode_plans(dtypes=DTYPES, flags: str = "all") -> list:
     """Every configuration the decode planners can return on a GPU, as (plan, dtype) pairs:
-    each row count's tiles (M = 1, 2, 3-4, 5-8, 9-16), split-K on (4096 x 4096) and off
-    (28672 rows), scales per 64-code block (K = 4096), per 256-code tile (blocksize 1024) and
-    per word (K = 4104: blocks cross rows), with and without double quantization, bias, LoRA.
+    each row count's tiles (M = 1, 2, 3-4, 5-8, 9-16), split-K on (4096 x 4096) and, in the
+    forward, off (28672 rows), scales per block (K = 4096, blocksize 32, 64, 128), per tile
+    (blocksize 1024) and per word (K = 4104: blocks cross rows), with and without double
+    quantization, bias and LoRA.
     flags="heavy": split-K on, double quantization, bias on, LoRA on and off, per-block and
     per-word scales (the configurations with the most code)."""
     found = {}
     heavy = flags == "heavy"
     for dt in dtypes:
         for M in (1, 2, 4, 8, 16):
-            for N, K, bs in ((4096, 4096, 64), (4096, 4104, 64), (4096, 4096, 1024), (28672, 4096, 64)):
+            for N, K, bs in ((4096, 4096, 64), (4096, 4104, 64), (4096, 4096, 1024), (28672, 4096, 64),
+                             (4096, 4096, 32), (4096, 4096, 128)):
                 if heavy and (bs != 64 or N != 4096):
                     continue
                 for dq in (True,) if heavy else (True, False):
