@@ -35,10 +35,12 @@ def describe(plan) -> str:
     c = plan.constexprs
     tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c) or str(c.get("BLOCK"))
     flags = [name.lower() for name in ("DOUBLE_QUANT", "SCALE_PER_ROW", "PAIRED", "HAS_BIAS",
-                                       "HAS_LORA") if c.get(name)]
+                                       "HAS_LORA", "USE_DOT", "SPLIT") if c.get(name)]
+    if "GROUP" in c:
+        flags.append(f"group{c['GROUP']}")
     if c.get("DOT_PRECISION") and c["DOT_PRECISION"] != "ieee":
         flags.append(c["DOT_PRECISION"])
-    if plan.split > 1:
+    if plan.split > 1 and not plan.kernel.startswith("gemv"):
         flags.append("fp32-partials")        # split plans write fp32 partial sums
     return f"{plan.kernel:<9} {tile:<11} w{plan.num_warps} s{plan.num_stages} {','.join(flags)}"
 
@@ -75,6 +77,8 @@ def main() -> int:
     ap.add_argument("--device", choices=list(roofline.DEVICES), action="append",
                     help="roofline model for this GPU (default: H100)")
     ap.add_argument("--model-only", action="store_true", help="print the model, compile nothing")
+    ap.add_argument("--kernels", choices=["all", "decode", "tiles"], default="all",
+                    help="compile only the decode kernels (nf4_gemv.py) or only the others")
     args = ap.parse_args()
     for name in args.device or ["H100"]:
         model_table(roofline.DEVICES[name])
@@ -83,7 +87,8 @@ def main() -> int:
     dtypes = [DTYPES[d] for d in (args.dtype or list(DTYPES))]
     archs = args.arch or [80, 90]
     plans = [(plan, dtype, arch) for arch in archs
-             for plan, dtype in configs.all_plans(dtypes=dtypes, flags=args.flags, capability=arch)]
+             for plan, dtype in configs.all_plans(dtypes=dtypes, flags=args.flags, capability=arch)
+             if args.kernels == "all" or plan.kernel.startswith("gemv") == (args.kernels == "decode")]
     print(f"{len(plans)} configurations over sm_{', sm_'.join(map(str, archs))}; "
           f"triton {__import__('triton').__version__}")
     print(f"{'arch':<6}{'dtype':<6}{'configuration':<62}{'regs':>5}{'stack':>6}{'local':>6}{'smem':>8}")

@@ -175,19 +175,17 @@ def decode_supported(M: int, K: int) -> bool:
 
 
 def _decode_tiles(M: int, dtype: torch.dtype) -> tuple:
-    """(BLOCK_M, USE_DOT, BLOCK_N, num_warps, num_stages) of a decode plan.
+    """(BLOCK_M, USE_DOT, BLOCK_N, num_warps, num_stages) of a decode plan's forward.
 
     16-bit operands from DECODE_DOT_MIN_M rows: one 16-row mma tile on the tensor cores, 16 rows
-    (forward) or reduction steps (dX) of W per program, 2 stages. Otherwise fp32 multiply-adds
-    on 8 rows of W per program, exact fp32 (fp32 operands always: three TF32 products per
-    multiply spilled registers at this tile size); the loads feed no tl.dot, so there is nothing
-    to pipeline (1 stage), and 16-row fp32 tiles take 8 warps. Registers as ptxas reported them
-    for sm_80/sm_90: 66-80 (FMA, M <= 4), 96-158 (mma), 96-254 (fp32, M 8-16); no spills
-    (tests/test_kernels_aot.py)."""
+    of W per program, 2 stages. Otherwise fp32 multiply-adds on 8 rows of W per program, exact
+    fp32 (fp32 operands at any M: three TF32 products per multiply spilled registers at these
+    tiles), one row of X at a time; the loads feed no tl.dot, so there is nothing to pipeline
+    (1 stage). ptxas, sm_80 and sm_90: 72-112 registers on the multiply-add path, 136-168 on the
+    mma tile; no spills (tests/test_kernels_aot.py, benchmarks/kernel_report.py)."""
     if dtype != torch.float32 and M >= DECODE_DOT_MIN_M:
         return 16, True, 16, 4, 2
-    bm = _next_pow2(M)
-    return bm, False, 8, 8 if bm == 16 else 4, 1
+    return _next_pow2(M), False, 8, 4, 1
 
 
 def _decode_plan(kind: str, M: int, K: int, *, blocksize: int, dtype: torch.dtype, double_quant: bool,
@@ -211,7 +209,8 @@ def _decode_plan(kind: str, M: int, K: int, *, blocksize: int, dtype: torch.dtyp
     const.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, USE_DOT=use_dot, SPLIT=split > 1,
                  GROUP=min(blocksize, block_k) if K % blocksize == 0 else 8,
                  NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, DOUBLE_QUANT=bool(double_quant),
-                 INTERPRET=bool(interpreted), DOT_PRECISION=_dot_precision(dtype, interpreted))
+                 INTERPRET=bool(interpreted),
+                 DOT_PRECISION=_dot_precision(dtype, interpreted) if use_dot else "ieee")
     return KernelPlan(kind, (n_tiles, split), const, num_warps=warps, num_stages=stages, split=split,
                       chunk=chunk)
 

@@ -33,15 +33,13 @@ _add = tl.standard._sum_combine
 
 
 @triton.jit
-def fma_rows(acc, a_ptr, a_stride, offs_a, a_len, b, scale, offs_m, M,
-             BLOCK_M: tl.constexpr, B_AXIS: tl.constexpr):
+def fma_rows(acc, a_ptr, a_stride, offs_a, a_len, b, scale, offs_m, M, B_AXIS: tl.constexpr):
     """acc[m, c] += scale · Σ_i a[m, i] · b[c, i] (B_AXIS 1) or b[i, c] (B_AXIS 0), on the CUDA
     cores: one fp32 multiply-add per element of b and row of a, then a sum across the tile.
-    Row m of a is a_ptr[m · a_stride + offs_a] (entries >= a_len or rows >= M read as 0)."""
-    for m in tl.static_range(BLOCK_M):
-        limit = tl.where(m < M, a_len, 0)                    # row m of a, or nothing past row M
-        a = tl.load(a_ptr + m * a_stride + offs_a, mask=offs_a < limit, other=0.0)
-        a = a.to(tl.float32) * scale
+    Row m < M of a is a_ptr[m · a_stride + offs_a] (entries >= a_len read as 0). A run-time loop
+    over the rows: one row of a live at a time, whatever BLOCK_M is."""
+    for m in range(0, M):
+        a = tl.load(a_ptr + m * a_stride + offs_a, mask=offs_a < a_len, other=0.0).to(tl.float32) * scale
         if B_AXIS == 1:
             part = tl.reduce(b * a[None, :], 1, _add)
         else:
@@ -83,7 +81,7 @@ def nf4_gemv_kernel(x_ptr, words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nes
                 w = w.to(tl.float32)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         else:
-            acc = fma_rows(acc, x_ptr, K, offs_k, K, w, 1.0, offs_m, M, BLOCK_M, 1)
+            acc = fma_rows(acc, x_ptr, K, offs_k, K, w, 1.0, offs_m, M, 1)
 
     if SPLIT:
         acc, last = split_k_combine(acc, partial_ptr, counter_ptr + pid_n, pid_s, num_splits,
@@ -98,8 +96,7 @@ def nf4_gemv_kernel(x_ptr, words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nes
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 lb = tl.load(lora_b_ptr + offs_n[:, None] * R + offs_r[None, :],
                              mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
-                acc = fma_rows(acc, xa_ptr, R, offs_r, R, lb.to(tl.float32), lora_scaling,
-                               offs_m, M, BLOCK_M, 1)
+                acc = fma_rows(acc, xa_ptr, R, offs_r, R, lb.to(tl.float32), lora_scaling, offs_m, M, 1)
         tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :],
                  cast_to(acc, y_ptr.dtype.element_ty, INTERPRET),
                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -139,7 +136,7 @@ def nf4_gemv_dx_kernel(dy_ptr, words_ptr, absmax_ptr, code_ptr, nested_code_ptr,
                 w = w.to(tl.float32)
             acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
         else:
-            acc = fma_rows(acc, dy_ptr, N, offs_n, N, w, 1.0, offs_m, M, BLOCK_M, 0)
+            acc = fma_rows(acc, dy_ptr, N, offs_n, N, w, 1.0, offs_m, M, 0)
 
     if SPLIT:
         acc, last = split_k_combine(acc, partial_ptr, counter_ptr + pid_k, pid_s, num_splits,

@@ -7,9 +7,9 @@ must fit the architecture's per-block limit.
 
 Covered here (to keep CI short): the bf16 tuned configurations (even K, one scale per row,
 bias on, LoRA epilogue on and off) for sm_80 and sm_90, and the fp32 and per-element
-configurations for sm_80; of the decode kernels (nf4_gemv.py), every bf16 tile configuration and
-the smallest and largest fp32 one, with bias, LoRA and split-K on, per-block scales on both
-architectures and per-word scales on sm_90. `python benchmarks/kernel_report.py` compiles every
+configurations for sm_80; of the decode kernels (nf4_gemv.py), every bf16 tile configuration (bias,
+LoRA and split-K on) and the smallest and largest fp32 one (LoRA on and off), per-block scales on
+both architectures and per-word scales on sm_90. `python benchmarks/kernel_report.py` compiles every
 configuration for both.
 """
 import os
@@ -35,7 +35,8 @@ def _cases():
             if plan.kernel.startswith("gemv"):
                 if _decode_case(plan, dtype, arch):
                     cases.append(pytest.param(plan, dtype, arch, id=f"{plan.kernel}-{str(dtype)[6:]}-sm{arch}-m"
-                                              f"{c['BLOCK_M']}-g{c['GROUP']}" + ("-mma" if c["USE_DOT"] else "")))
+                                              f"{c['BLOCK_M']}-g{c['GROUP']}" + ("-mma" if c["USE_DOT"] else "")
+                                              + ("-lora" if c.get("HAS_LORA") else "")))
                 continue
             tuned = dtype == torch.bfloat16 and c.get("PAIRED", True) and c.get("SCALE_PER_ROW", True)
             if arch == 90 and not tuned:
@@ -49,9 +50,11 @@ def _cases():
 
 def _decode_case(plan, dtype, arch) -> bool:
     c = plan.constexprs
-    if c.get("HAS_LORA") is False or (c["GROUP"] == 8 and arch == 80):
+    if c["GROUP"] == 8 and arch == 80:
         return False
-    return dtype == torch.bfloat16 or c["BLOCK_M"] in (1, 16)
+    if dtype == torch.float32:               # the smallest and largest fp32 tiles, LoRA on and off
+        return c["BLOCK_M"] in (1, 16)
+    return c.get("HAS_LORA") is not False
 
 
 def test_every_selectable_tile_configuration_is_covered():
