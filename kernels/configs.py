@@ -181,8 +181,8 @@ def _decode_tiles(M: int, dtype: torch.dtype) -> tuple:
     of W per program, 2 stages. Otherwise fp32 multiply-adds on 8 rows of W per program, exact
     fp32 (fp32 operands at any M: three TF32 products per multiply spilled registers at these
     tiles), one row of X at a time; the loads feed no tl.dot, so there is nothing to pipeline
-    (1 stage). ptxas, sm_80 and sm_90: 72-112 registers on the multiply-add path, 136-168 on the
-    mma tile; no spills (tests/test_kernels_aot.py, benchmarks/kernel_report.py)."""
+    (1 stage). ptxas, sm_80 and sm_90 (benchmarks/kernel_report.py --kernels decode): forward
+    56-96 registers on the multiply-add path and 140-168 on the mma tile, dX 63-142; no spills."""
     if dtype != torch.float32 and M >= DECODE_DOT_MIN_M:
         return 16, True, 16, 4, 2
     return _next_pow2(M), False, 8, 4, 1
