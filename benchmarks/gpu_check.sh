@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of minilora's NF4 kernels, one command on a CUDA machine (about 5-8 minutes on an H100):
-#   1. a Python with a CUDA build of torch: $GPU_PYTHON, else .venv-cuda, else python3 if its torch sees a GPU,
-#      else a new .venv-cuda (`pip install torch` and minilora with the triton and dev extras; needs an index)
+#   1. a Python with a CUDA build of torch: $GPU_PYTHON, else .venv-cuda, else a new .venv-cuda: on top of
+#      python3's own packages when its torch sees a GPU (minilora added without its dependencies, then the
+#      dev extras if an index is reachable), otherwise `pip install torch` and minilora[dev,triton]
 #   2. the CUDA tests: compiled decode and tile kernels against float64 and the interpreter
 #   3. one table of ratios measured in this run (benchmarks/kernel_speed.py): minilora against bf16
 #      torch.matmul, dequantize-then-matmul and bitsandbytes on the same NF4 weight, with achieved GB/s
@@ -41,8 +42,13 @@ if [[ -n "${GPU_PYTHON:-}" ]]; then
   PY=$GPU_PYTHON
 elif [[ -x .venv-cuda/bin/python ]] && has_cuda_torch .venv-cuda/bin/python; then
   PY=.venv-cuda/bin/python
-elif has_cuda_torch python3 && python3 -c "import triton, minilora" 2>/dev/null; then
-  PY=python3
+elif has_cuda_torch python3; then
+  python3 -m venv --system-site-packages .venv-cuda
+  .venv-cuda/bin/pip install -q --no-deps --no-build-isolation -e . \
+    || { echo "gpu_check.sh: could not install minilora into .venv-cuda" >&2; exit 1; }
+  .venv-cuda/bin/pip install -q -e ".[dev,triton]" \
+    || echo "gpu_check.sh: no package index here: running with python3's packages (bitsandbytes/peft may be missing)"
+  PY=.venv-cuda/bin/python
 else
   python3 -m venv .venv-cuda
   .venv-cuda/bin/pip install -q --upgrade pip

@@ -57,11 +57,26 @@ def peak_bandwidth(device: torch.device):
     return None, f"peak bandwidth of {name} unknown"
 
 
+def have_bnb() -> bool:
+    try:
+        import bitsandbytes.functional  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def bnb_weight(N: int, K: int, device: torch.device, seed: int = 0):
-    """(W as bf16 after the NF4 round trip, bitsandbytes' packed weight and state, minilora's kwargs)."""
-    import bitsandbytes.functional as F
+    """(W as bf16 after the NF4 round trip, bitsandbytes' packed weight and state, minilora's kwargs).
+    Without bitsandbytes, minilora's quantize_nf4 makes the weight (packed, state = None)."""
     g = torch.Generator().manual_seed(seed)
     W = (torch.randn(N, K, generator=g) / K**0.5).to(device=device, dtype=torch.bfloat16)
+    if not have_bnb():
+        from minilora import dequantize_nf4, quantize_nf4
+        st = quantize_nf4(W, blocksize=64, double_quant=True)
+        q = dict(packed=st.packed, absmax=st.absmax, code=st.code, nested_absmax=st.nested_absmax,
+                 nested_code=st.nested_code, offset=st.offset, blocksize=64)
+        return dequantize_nf4(st).to(torch.bfloat16), None, None, q
+    import bitsandbytes.functional as F
     packed, st = F.quantize_4bit(W, quant_type="nf4", compress_statistics=True, blocksize=64)
     q = dict(packed=packed, absmax=st.absmax, code=st.code, nested_absmax=st.state2.absmax,
              nested_code=st.state2.code, offset=st.offset, blocksize=64)
@@ -69,22 +84,24 @@ def bnb_weight(N: int, K: int, device: torch.device, seed: int = 0):
 
 
 def approaches(pass_: str, x, W, packed, st, q, N: int, K: int) -> dict:
-    """name -> zero-argument callable computing the pass."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-
+    """name -> zero-argument callable computing the pass (no "bnb" without bitsandbytes)."""
     from minilora.kernels import nf4_dequantize, nf4_matmul, nf4_matmul_dx
     deq = lambda: nf4_dequantize(**q, shape=(N, K), dtype=torch.bfloat16)  # noqa: E731
     if pass_ == "fwd":
+        fns = {"minilora": lambda: nf4_matmul(x, **q, N=N, K=K),
+               "deq+mm": lambda: torch.matmul(x, deq().T),
+               "bf16": lambda: torch.matmul(x, W.T)}
+    else:
+        fns = {"minilora": lambda: nf4_matmul_dx(x, **q, N=N, K=K),
+               "deq+mm": lambda: torch.matmul(x, deq()),
+               "bf16": lambda: torch.matmul(x, W)}
+    if packed is not None:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
         xin = x[0] if x.shape[0] == 1 else x          # a vector takes bitsandbytes' gemv_4bit path
-        return {"minilora": lambda: nf4_matmul(x, **q, N=N, K=K),
-                "deq+mm": lambda: torch.matmul(x, deq().T),
-                "bnb": lambda: bnb.matmul_4bit(xin, packed.t(), quant_state=st),
-                "bf16": lambda: torch.matmul(x, W.T)}
-    return {"minilora": lambda: nf4_matmul_dx(x, **q, N=N, K=K),
-            "deq+mm": lambda: torch.matmul(x, deq()),
-            "bnb": lambda: torch.matmul(x, F.dequantize_4bit(packed, st).to(x.dtype)),
-            "bf16": lambda: torch.matmul(x, W)}
+        fns["bnb"] = ((lambda: bnb.matmul_4bit(xin, packed.t(), quant_state=st)) if pass_ == "fwd" else
+                      (lambda: torch.matmul(x, F.dequantize_4bit(packed, st).to(x.dtype))))
+    return fns
 
 
 def gpu_seconds(fn) -> float:
@@ -115,7 +132,9 @@ def header(dry: bool) -> str:
 
 
 def row_text(r: dict) -> str:
-    ratio = {a: r["t"]["bf16"] / r["t"][a] for a in APPROACHES}
+    ratio = {a: r["t"]["bf16"] / r["t"][a] for a in APPROACHES if a in r["t"]}
+    if "bnb" not in ratio:                            # bitsandbytes not installed: its cells stay empty
+        return row_text(dict(r, t=dict(r["t"], bnb=float("nan"))))
     gbs = f"{r['moved'] / r['t']['minilora'] / 1e9:13.0f}" if r["peak"] else f"{r['t']['minilora']:13.4f}"
     frac = f"{r['moved'] / r['t']['minilora'] / r['peak']:7.0%}" if r["peak"] else f"{'-':>7}"
     return (f"{r['pass']:<5}{r['N']:>6}x{r['K']:<5} {r['M']:>5} | {ratio['minilora']:8.2f} {ratio['deq+mm']:7.2f}"
@@ -159,7 +178,10 @@ def measure(out_png: str = "", shapes=SHAPES, tokens=TOKENS) -> list:
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}; "
           f"peak bandwidth {'%.2f TB/s' % (peak / 1e12) if peak else '?'} ({source})")
     print("ratios = time(bf16 torch.matmul) / time(approach), > 1 is faster than bf16; vs bnb = time(bnb) /"
-          " time(minilora); model = the roofline model's best ratio for minilora\n" + header(False))
+          " time(minilora); model = the roofline model's best ratio for minilora")
+    if not have_bnb():
+        print("bitsandbytes is not installed: the weight comes from minilora.quantize_nf4, the bnb columns are nan")
+    print(header(False))
     return run(shapes, tokens, dev, gpu_seconds, peak)
 
 

@@ -97,14 +97,20 @@ def median_seconds(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def missing(*modules) -> list:
+    import importlib.util
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
 def qlora_step(args, device, dry: bool) -> None:
     print(f"QLoRA step: {args.layers} blocks {args.d} -> {args.f} -> {args.d}, rank 16, bf16, "
           f"median of {args.reps} steps")
     for M in args.tokens:
         x = torch.randn(M, args.d, device=device, dtype=torch.bfloat16)
         t_mini = step_seconds(minilora_model(args.d, args.f, args.layers, device), x, args.reps)
-        if dry:
-            print(f"  M={M:<5} minilora {t_mini:.4f} s (CPU dry run: PEFT + bitsandbytes not run, no ratio)")
+        if dry or missing("peft", "bitsandbytes"):
+            why = "CPU dry run" if dry else f"{', '.join(missing('peft', 'bitsandbytes'))} not installed"
+            print(f"  M={M:<5} minilora {t_mini:.4f} s ({why}: PEFT + bitsandbytes not run, no ratio)")
             continue
         t_peft = step_seconds(peft_model(args.d, args.f, args.layers, device), x, args.reps)
         print(f"  M={M:<5} minilora {t_mini * 1e3:8.2f} ms  PEFT + bitsandbytes {t_peft * 1e3:8.2f} ms"
@@ -126,8 +132,8 @@ def paged(args, device, dry: bool) -> None:
     state_mb = opt.state_nbytes() / 2**20
     print(f"PagedAdamW: {args.paged_tensors} x {side} x {side} fp32, state {state_mb:.0f} MiB, device budget 25 %:"
           f" {t_mini * 1e3:.1f} ms per step")
-    if dry:
-        print("  (CPU dry run: bitsandbytes' paged AdamW not run, no ratio)")
+    if dry or missing("bitsandbytes"):
+        print(f"  ({'CPU dry run' if dry else 'bitsandbytes not installed'}: its paged AdamW not run, no ratio)")
         return
     import bitsandbytes as bnb
     opt_bnb = bnb.optim.PagedAdamW(params(), lr=1e-3)

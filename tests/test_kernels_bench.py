@@ -32,3 +32,18 @@ def test_row_ratios_and_bandwidth():
     r["pass"] = "fwd"
     cells = ks.row_text(r).replace("|", " ").split()
     assert cells[:9] == ["fwd", "4096x4096", "1", "4.00", "0.50", "2.00", "2.00", "8000", "200%"], cells
+
+
+def test_without_bitsandbytes_the_bnb_cells_are_empty():
+    """No bitsandbytes: the weight comes from minilora.quantize_nf4 and the bnb cells print nan."""
+    ks = _kernel_speed()
+    ks.have_bnb = lambda: False
+    W, packed, st, q = ks.bnb_weight(8, 64, __import__("torch").device("cpu"))
+    assert packed is None and st is None and q["packed"].numel() == 8 * 64 // 2 and W.shape == (8, 64)
+    fns = ks.approaches("fwd", W[:1], W, packed, st, q, 8, 64)
+    assert sorted(fns) == ["bf16", "deq+mm", "minilora"]
+    r = dict(t={"bf16": 1e-3, "minilora": 0.5e-3, "deq+mm": 2e-3}, moved=1e9, peak=None, N=8, K=64, M=1,
+             err=0.0, model=1.0)
+    r["pass"] = "dX"
+    cells = ks.row_text(r).replace("|", " ").split()
+    assert cells[3:7] == ["2.00", "0.50", "nan", "nan"], cells
