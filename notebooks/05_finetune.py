@@ -16,9 +16,11 @@
 # Everything so far, put to work. A small GPT pretrained on English learns an instruction task three ways,
 # with the same trainer, data, steps and batches:
 #
-# - **full**: every weight trains (and needs gradients and AdamW state),
-# - **LoRA**: the base is frozen; low-rank adapters on every linear layer train,
-# - **QLoRA**: the same, with the frozen base stored in NF4 with double quantization.
+# - **full**: every weight trains (and needs gradients and AdamW state): $W \leftarrow W - \eta\,\mathrm{AdamW}(\nabla_W L)$,
+# - **LoRA**: the base $W_0$ is frozen; low-rank adapters on every linear layer train:
+#   $h = W_0 x + \frac{\alpha}{r} B A x$ with $B \in \mathbb{R}^{d \times r}$, $A \in \mathbb{R}^{r \times k}$, $r \ll \min(d, k)$,
+# - **QLoRA**: the same, with the frozen base stored in NF4 with double quantization:
+#   $h = \mathrm{doubleDequant}(c_1, c_2, W_0^{\mathrm{NF4}})\, x + \frac{\alpha}{r} B A x$.
 #
 # Then the questions the lecture raises, each answered by a measurement in this run: does merging the adapter
 # change the answers; what does re-quantizing a merged QLoRA model cost; does fine-tuning make the model forget
@@ -152,9 +154,7 @@ for k, compact in ((0, True), (1, False), (1, True), (2, True)):
 # %%
 results = {}
 for mode in ("full", "lora", "qlora"):
-    cfg = TrainConfig(mode=mode, r=demo.r, alpha=demo.alpha, targets=demo.targets, lr=LR[mode], steps=demo.steps,
-                      batch_size=demo.batch_size, warmup_steps=10, eval_every=demo.steps // 4, seed=demo.seed,
-                      compute_dtype="float32", progress=False)
+    cfg = demo.train_config(mode, compute_dtype="float32")  # the demo's recipe, exactly
     results[mode] = train(GPT.from_pretrained(base_dir), cfg, train_set, val_set, measure_memory=True)
     english[mode] = evaluate(results[mode].model, english_val)["loss"]
     answers[mode] = [respond(results[mode].model, tok, e.instruction, e.context, max_new_tokens=30) for e in shown]
@@ -315,7 +315,7 @@ for lr in SWEEP_LRS:
             key = (alpha, lr, r)
             if key not in sweep:
                 cfg = TrainConfig(mode="lora", r=r, alpha=alpha, targets=demo.targets, lr=lr, steps=SWEEP_STEPS,
-                                  batch_size=demo.batch_size, warmup_steps=10, seed=demo.seed, progress=False)
+                                  batch_size=demo.batch_size, warmup_steps=demo.warmup_steps, seed=demo.seed, progress=False)
                 sweep[key] = train(GPT.from_pretrained(base_dir), cfg, train_set, val_set).final
             sweep[(scheme, lr, r)] = sweep[key]
 print(f"sweep: {len({k for k in sweep if isinstance(k[0], float)})} runs of {SWEEP_STEPS} steps in "
