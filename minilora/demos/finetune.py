@@ -45,13 +45,17 @@ class DemoConfig:
     # the instruction task and fine-tuning
     n_train: int = 2000
     n_val: int = 200
-    steps: int = 400
+    # The recipe holds its result on every seed measured (notebook 05 shows the spread): at rank 8 and 400 steps
+    # LoRA and QLoRA were still far from converged on some seeds (seed 2: 44 % / 36 % exact match against 98 %
+    # for full fine-tuning); a higher learning rate, a longer warm-up or a constant rate made it worse, while
+    # rank 16 and 600 steps converge on each.
+    steps: int = 600
     batch_size: int = 16
     lr_full: float = 1e-3
     lr_lora: float = 5e-3
     warmup_steps: int = 10
-    r: int = 8
-    alpha: float = 32.0
+    r: int = 16
+    alpha: float = 64.0            # alpha / r = 4, as before
     # every linear layer, the output projection (lm_head) included: without it, LoRA on this small base
     # learns the new word order far more slowly than full fine-tuning (the lm_head adapter is 9,216 params)
     targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc", "lm_head")
