@@ -131,3 +131,19 @@ def test_every_page_renders_in_chromium(site):
     assert not problems, "\n".join(problems)
     print(f"{len(titles)} pages, {seen_math} typeset formulas, {seen_images} images; screenshots in {shots}")
     assert seen_math > 0 and seen_images > 0, "the lecture has formulas and figures: none were found"
+
+
+def test_a_stale_or_failed_copy_is_not_published(tmp_path):
+    """The site shows only what ran: a copy of another version of the notebook, or of a failed run, is refused."""
+    src = tmp_path / "00_check.py"
+    src.write_text("# %% [markdown]\n# # A check\n\n# %%\nprint(6 * 7)\n", encoding="utf-8")
+    run_and_keep(src, tmp_path / "executed", tmp_path)
+    (nb_ok,) = [nb for _, nb in build_site.executed_notebooks(tmp_path / "executed", [src])]
+    assert build_site.title_of(nb_ok) == "A check"
+    src.write_text(src.read_text(encoding="utf-8") + "print(1)\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="another version"):
+        build_site.executed_notebooks(tmp_path / "executed", [src])
+    nb_ok.metadata["minilora"].update(ok=False, source_sha256=build_site.source_sha256(src))
+    (tmp_path / "executed" / "00_check.ipynb").write_text(nbformat.writes(nb_ok), encoding="utf-8")
+    with pytest.raises(ValueError, match="failed"):
+        build_site.executed_notebooks(tmp_path / "executed", [src])
