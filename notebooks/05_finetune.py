@@ -18,7 +18,7 @@
 #
 # - **full**: every weight trains (and needs gradients and AdamW state): $W \leftarrow W - \eta\,\mathrm{AdamW}(\nabla_W L)$,
 # - **LoRA**: the base $W_0$ is frozen; low-rank adapters on every linear layer train:
-#   $h = W_0 x + \frac{\alpha}{r} B A x$ with $B \in \mathbb{R}^{d \times r}$, $A \in \mathbb{R}^{r \times k}$, $r \ll \min(d, k)$,
+#   $h = W_0 x + \frac{\alpha}{r} B A x$ with $B$ of shape $d \times r$, $A$ of shape $r \times k$ and $r \ll \min(d, k)$,
 # - **QLoRA**: the same, with the frozen base stored in NF4 with double quantization:
 #   $h = \mathrm{doubleDequant}(c_1, c_2, W_0^{\mathrm{NF4}})\, x + \frac{\alpha}{r} B A x$.
 #
