@@ -86,10 +86,11 @@ def index_notebook(pages: list[tuple[str, str]], seconds: dict[str, float]):
              "`make site` (the same run `make test` checks): every number and figure on it was computed in "
              "that run, and every sentence that states a result is followed by the cell that asserts it.",
              "",
-             "| | notebook | ran in |", "|---|---|---|"]
-    for k, (href, title) in enumerate(pages, 1):
-        took = f"{seconds[href]:.0f} s" if href in seconds else "-"
-        lines.append(f"| {k} | [{title}]({href}) | {took} |")
+             "| notebook | ran in |", "|---|---|"]
+    for href, title in pages:
+        lines.append(f"| [{title}]({href}) | {seconds[href]:.0f} s |")
+    lines += ["", f"All {len(pages)} ran in {sum(seconds.values()) / 60:.1f} minutes on the machine that built this "
+                  "site (each in a fresh kernel, the pretrained base taken from the cache)."]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("\n".join(lines))])
     nb.metadata["title"] = INDEX_TITLE
     return nb
