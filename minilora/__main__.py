@@ -8,11 +8,15 @@
     python -m minilora memory --mode full lora qlora --n-layer 32 --n-embd 4096 --seq-len 512
 
 Bad input (an argument, a file, a directory) ends with one line `error: ...` and exit status 2, before any
-work starts where it can be known then; only a bug shows a traceback.
+work starts where it can be known then; a failure of the machine (a full disk, a lost rank) with one line
+`error: ...` and exit status 1; only a bug shows a traceback. Under torchrun the ranks agree before any work
+(minilora.parallel.decide), so a refusal is one line from one rank, and every command ends by shutting the
+process group down (minilora.parallel.shutdown).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
 
@@ -21,12 +25,13 @@ import torch
 from .adapters import load_adapter
 from .data import InstructionSet, load_jsonl, load_tokenizer, prompt, split_examples, yoda_dataset
 from .demos.finetune import DemoConfig, pretrain_base, print_report, run_demo
-from .parallel import is_main
+from .inject import find_targets
+from .parallel import AnotherRankFailed, DistributedError, decide, init_from_env, is_main, shutdown
 from .generate import generate_text
 from .gpt import GPT, GPTConfig
 from .memory import estimate, format_table
 from .qlora import load_qlora_adapter
-from .runs import check_run_dir
+from .runs import check_run_dir, find_checkpoint, read_state
 from .train import TrainConfig, measure_step_memory, prepare_model, train
 from .train_config import MODES, OPTIMIZERS
 
@@ -200,7 +205,7 @@ def cmd_pretrain(a) -> None:
 
 
 def cmd_finetune(a) -> None:
-    check_run_dir(a.out, "finetune", a.overwrite)  # before the model and the data are read
+    init_from_env()  # under torchrun: join the process group first, so the ranks agree on any refusal below
     dc = DemoConfig()
     lr = a.lr if a.lr is not None else (dc.lr_full if a.mode == "full" else dc.lr_lora)
     cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=tuple(a.targets), lr=lr,
@@ -208,11 +213,18 @@ def cmd_finetune(a) -> None:
                       gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,
                       optimizer=a.optimizer or "adamw", fsdp=a.fsdp, device=a.device, eval_every=a.eval_every,
                       save_every=a.save_every, out_dir=a.out, overwrite=a.overwrite, progress=not a.no_progress)
-    data = load_jsonl(a.data) if a.data else None  # a bad file fails here, before the model is read
-    examples = split_examples(data, 0.1, seed=a.seed) if data else yoda_dataset(a.n_train, a.n_val, seed=a.seed)
-    base = GPT.from_pretrained(a.base)
-    tok = load_tokenizer(a.base, vocab_size=base.config.vocab_size)
-    train_set, val_set = (InstructionSet(ex, tok, base.config.block_size) for ex in examples)
+
+    def prepare():  # everything that can refuse, before any work and before the run directory exists
+        if is_main():  # one process looks at the run directory (another rank may be about to create it)
+            check_run_dir(a.out, "finetune", a.overwrite, a.resume)
+        data = load_jsonl(a.data) if a.data else None  # a bad file fails here, before the model is read
+        examples = split_examples(data, 0.1, seed=a.seed) if data else yoda_dataset(a.n_train, a.n_val, seed=a.seed)
+        base = GPT.from_pretrained(a.base)
+        if a.mode != "full":
+            find_targets(base, a.targets)  # every --targets pattern names a layer of this model
+        tok = load_tokenizer(a.base, vocab_size=base.config.vocab_size)
+        return base, [InstructionSet(ex, tok, base.config.block_size) for ex in examples]
+    base, (train_set, val_set) = decide(prepare)
     res = train(base, cfg, train_set, val_set, resume=a.resume)
     if not is_main():  # under torchrun, rank 0 alone reports (train wrote <out>/model with its tokenizer)
         return
@@ -282,18 +294,53 @@ BAD_INPUT = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError
              IsADirectoryError, PermissionError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _error(msg: str) -> None:
+    print(f"error: {' '.join(msg.split())}", file=sys.stderr)  # one line, whatever the message holds
+
+
+def _interrupted(args) -> str:
+    """What Ctrl-C leaves: for a fine-tune, the checkpoint a rerun with --resume continues from."""
+    try:
+        path = find_checkpoint(args.out) if args.command == "finetune" else None
+        step = read_state(path)["step"] if path else None
+    except (OSError, ValueError):
+        step = None
+    if step is None:
+        return "interrupted"
+    return f"interrupted: the checkpoint at step {step} in {args.out} is kept; rerun with --resume to continue from it"
+
+
+def _run(args) -> int:
     try:
         COMMANDS[args.command](args)
-    except BAD_INPUT as e:
-        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-        print(f"error: {' '.join(msg.split())}", file=sys.stderr)  # one line, whatever the message holds
+    except AnotherRankFailed:  # a lower rank refused the same input and says so: one line from one rank
         return 2
+    except BAD_INPUT as e:
+        _error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
+        return 2
+    except DistributedError as e:
+        _error(str(e))
+        return 1
+    except OSError as e:  # the machine, not the input: a full disk, an I/O error
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        _error(f"{e.strerror or e}{f' writing {e.filename}' if e.filename else ''}"
+               + ("; nothing was replaced by a partial file (a checkpoint already written is kept): free some space "
+                  "and rerun, with --resume to continue a fine-tune" if full else ""))
+        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status = 1
+    try:
+        status = _run(args)
+    finally:  # under torchrun: the process group and its threads end here, while Python is whole
+        shutdown(finished=status == 0)
+    return status
 
 
 if __name__ == "__main__":

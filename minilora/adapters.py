@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .runs.files import atomic_write, atomic_write_json
+from .runs.files import atomic_write, atomic_write_json, safetensors_bytes
 from .inject import add_lora, all_or_nothing, find_targets, lora_layers
 
 PREFIX = "base_model.model."
@@ -56,7 +56,6 @@ def pattern_value(patterns: dict, name: str, default):
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
     """Write adapter_model.safetensors + adapter_config.json (each atomically). task_type is CAUSAL_LM for a
     model with an lm_head (a causal language model), else null."""
-    from safetensors.torch import save_file
 
     layers = lora_layers(model)
     if not layers:
@@ -79,7 +78,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = adapter_state_dict(model)
-    atomic_write(path / "adapter_model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+    atomic_write(path / "adapter_model.safetensors", safetensors_bytes(sd))
     atomic_write_json(path / "adapter_config.json", config)
 
 

@@ -180,10 +180,11 @@ def base(tmp_path_factory):
     return d
 
 
-def cli(*args: str) -> tuple[int, str]:
-    p = subprocess.run([sys.executable, "-m", "minilora", *args], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return p.returncode, p.stderr
+def cli(capsys, *args: str) -> tuple[int, str]:
+    from minilora.__main__ import main
+    capsys.readouterr()
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
 
 
 def files(d: Path) -> dict[str, str]:
@@ -206,7 +207,7 @@ def users_files(kind: str) -> list[dict[str, bytes]]:
 
 
 @pytest.mark.parametrize("kind,case", [("finetune", i) for i in range(5)] + [("pretrain", i) for i in range(2)])
-def test_overwrite_leaves_the_users_files_alone(base, tmp_path, kind, case):
+def test_overwrite_leaves_the_users_files_alone(base, tmp_path, capsys, kind, case):
     out = tmp_path / "out"
     theirs = users_files(kind)[case]
     for name, data in theirs.items():
@@ -214,11 +215,11 @@ def test_overwrite_leaves_the_users_files_alone(base, tmp_path, kind, case):
         (out / name).write_bytes(data)
     before = files(out)
     if kind == "pretrain":
-        rc, err = cli("pretrain", "--out", str(out), "--steps", "1", "--batch-size", "2", "--n-layer", "1",
+        rc, err = cli(capsys, "pretrain", "--out", str(out), "--steps", "1", "--batch-size", "2", "--n-layer", "1",
                       "--n-embd", "16", "--n-head", "2", "--block-size", "32", "--vocab-size", "260",
                       "--no-progress", "--overwrite")
     else:
-        rc, err = cli("finetune", "--base", str(base), "--out", str(out), "--steps", "1", *FINETUNE, "--overwrite")
+        rc, err = cli(capsys, "finetune", "--base", str(base), "--out", str(out), "--steps", "1", *FINETUNE, "--overwrite")
     after = files(out)
     assert {n: after.get(n) for n in before} == before, f"--overwrite changed the user's files (exit {rc}):\n{err}"
     if rc != 0:  # refused: one line naming what is in the way
