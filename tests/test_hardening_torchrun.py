@@ -9,6 +9,7 @@ MINILORA_TORCHRUN_REPEAT sets how many runs of each kind (default 3; the fix was
 machine). Each run is a few seconds of a 2-block GPT on 2 cores; the waits are failure guards of minutes.
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ KINDS = {"ddp": [], "fsdp": ["--fsdp", "--mode", "qlora", "--gradient-checkpoint
 def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("base")
     torch.manual_seed(1234)
-    GPT(GPTConfig(block_size=96, vocab_size=257, n_layer=2, n_head=2, n_embd=16, dropout=0.0)).save_pretrained(d)
+    GPT(GPTConfig(block_size=192, vocab_size=257, n_layer=2, n_head=2, n_embd=16, dropout=0.0)).save_pretrained(d)
     ByteTokenizer().save(d)
     return d
 
@@ -73,7 +74,7 @@ def test_a_refused_run_directory_is_one_line_from_one_rank(base, tmp_path):
     rc, log = torchrun("finetune", "--base", str(base), "--out", str(out), *ARGS)
     assert rc != 0 and "terminate called" not in log, log
     assert len(error_lines(log)) == 1 and "minilora_run.json" in error_lines(log)[0], log
-    assert "Traceback" not in log.split("torch.distributed.elastic")[0], log  # no rank shows a traceback
+    assert not re.search(r'File ".*/minilora/', log), log  # no rank shows a traceback (torchrun shows its own)
     assert (out / "minilora_run.json").read_text() == "not minilora's\n"
 
 
@@ -82,4 +83,5 @@ def test_bad_targets_are_refused_by_one_rank_before_the_run_directory_exists(bas
     rc, log = torchrun("finetune", "--base", str(base), "--out", str(out), *ARGS, "--targets", "no_such_layer")
     assert rc != 0 and "terminate called" not in log, log
     assert len(error_lines(log)) == 1 and "no_such_layer" in error_lines(log)[0], log
+    assert not re.search(r'File ".*/minilora/', log), log
     assert not out.exists()
