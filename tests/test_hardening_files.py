@@ -8,11 +8,15 @@
   metrics.json, a pretrain's config.json / model.safetensors, a file named like a dead process's temporary).
 - An unfinished run's checkpoint is never discarded without --overwrite: rerunning without --resume is
   refused naming --resume and --overwrite.
+- Ctrl-C names the checkpoint that is kept and --resume.
 - Atomically written files get the mode the umask gives (0644 under umask 022), not 0600.
+- A truncated or random-bytes .safetensors (model, adapter) is one `error:` line naming the file; an adapter
+  holding NaN is refused and leaves the model as it was.
 """
 import errno
 import hashlib
 import importlib
+import math
 import os
 import shutil
 import subprocess
@@ -243,7 +247,8 @@ def test_an_unfinished_run_is_not_discarded_without_resume_or_overwrite(base, tm
         m.setattr(torch.optim.AdamW, "step", interrupted)
         assert main(args) == 130
     state = (out / "checkpoint" / "state.json").read_bytes()
-    capsys.readouterr()
+    interrupted = capsys.readouterr().err  # Ctrl-C says what is kept and how to go on
+    assert "checkpoint at step 2" in interrupted and "--resume" in interrupted, interrupted
     for again in (args, [*args[:-len(FINETUNE)], *FINETUNE, "--lr", "0.5"]):  # the same settings, other ones
         assert main(again) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -262,3 +267,36 @@ def test_atomically_written_files_follow_the_umask(tmp_path):
         os.umask(old)
     modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "adapter").iterdir()}
     assert modes and set(modes.values()) == {0o644}, modes
+
+
+# ----- damaged files are one error line -----
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+@pytest.mark.parametrize("which", ["model", "adapter"])
+def test_a_damaged_safetensors_file_is_one_error_line(base, tmp_path, capsys, damage, which):
+    from minilora.__main__ import main
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    adapter = tmp_path / "adapter"
+    save_adapter(add_lora(GPT.from_pretrained(base), ["c_attn"], r=2, alpha=4), adapter)
+    f = model / "model.safetensors" if which == "model" else adapter / "adapter_model.safetensors"
+    raw = f.read_bytes()
+    f.write_bytes(raw[:len(raw) // 2] if damage == "truncated" else os.urandom(len(raw)))
+    capsys.readouterr()
+    rc = main(["generate", "--model", str(model), "--adapter", str(adapter), "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and f.name in err[0], err
+
+
+def test_an_adapter_with_a_nan_weight_is_refused(base, tmp_path):
+    from minilora import load_adapter
+    model = add_lora(GPT.from_pretrained(base), ["c_attn"], r=2, alpha=4)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.lora_B.fill_(math.nan)
+    save_adapter(model, tmp_path / "adapter")
+    fresh = GPT.from_pretrained(base)
+    before = {n: t.clone() for n, t in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="inf or NaN"):
+        load_adapter(fresh, tmp_path / "adapter")
+    assert fresh.state_dict().keys() == before.keys()
+    assert all(torch.equal(fresh.state_dict()[n], t) for n, t in before.items())

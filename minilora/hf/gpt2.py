@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..runs.files import atomic_write, atomic_write_json, safetensors_bytes
+from ..runs.files import atomic_write, atomic_write_json, read_safetensors, safetensors_bytes
 
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's four linear layers per block
 CONV1D = tuple(f"{name}.weight" for name in LINEARS)                 # stored (in, out) by GPT-2
@@ -69,8 +69,6 @@ def config_from_hf(hf: dict, where: Path, activations: Iterable[str]) -> dict:
 def read_gpt2(path: str | os.PathLike, activations: Iterable[str]) -> tuple[dict, dict[str, torch.Tensor]]:
     """(GPTConfig fields, state dict in minilora's names and (out, in) orientation) of a local GPT-2 directory.
     Causal-mask buffers of older checkpoints are dropped."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     for f in ("config.json", "model.safetensors"):
         if not (path / f).is_file():
@@ -81,7 +79,7 @@ def read_gpt2(path: str | os.PathLike, activations: Iterable[str]) -> tuple[dict
         raise ValueError(f"from_pretrained: {path / 'config.json'} is not valid JSON ({e})") from None
     cfg = config_from_hf(hf, path / "config.json", activations)
     sd = {}
-    for key, value in load_file(str(path / "model.safetensors")).items():
+    for key, value in read_safetensors(path / "model.safetensors", "from_pretrained").items():
         key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
         if not key.endswith((".attn.bias", ".attn.masked_bias")):
             sd[key] = value.t() if key.endswith(CONV1D) else value

@@ -97,6 +97,17 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def read_safetensors(path: str | os.PathLike, what: str) -> dict:
+    """The tensors of a safetensors file; a truncated or foreign file is a ValueError naming it and `what` it
+    should be (safetensors raises its own error types, which would otherwise end in a traceback)."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001  (SafetensorError, and whatever a damaged header gives)
+        cause = " ".join(str(e).split())[:200]
+        raise ValueError(f"{what}: {path} is not a readable safetensors file ({cause})") from None
+
+
 def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
     """The bytes of a safetensors file (written by atomic_write, so a full disk is caught)."""
     from safetensors.torch import save
