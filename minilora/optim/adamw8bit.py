@@ -20,7 +20,8 @@ import torch
 
 from ..quant.blockwise8bit import Blockwise8bitState, dequantize_blockwise_8bit, quantize_blockwise_8bit
 from ..quant.format import BLOCKSIZE_8BIT, ceil_div
-from .adamw import AdamWBase, adamw_update_, check_groups, check_state
+from .adamw import AdamWBase, adamw_update_
+from .state_checks import check_groups, check_state
 
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 state (as bitsandbytes does)
 KEYS_8BIT = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")

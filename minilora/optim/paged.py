@@ -20,7 +20,8 @@ from collections.abc import Iterator
 import torch
 
 from ..quant.format import ceil_div
-from .adamw import STATE_BYTES, AdamWBase, adamw_update_, check_groups, check_state
+from .adamw import STATE_BYTES, AdamWBase, adamw_update_
+from .state_checks import check_groups, check_state
 from .pager import Pager, PagerStats, check_budget, page_spans
 
 __all__ = ["PagedAdamW"]

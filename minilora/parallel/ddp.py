@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..runs.rundir import fingerprint
+from ..runs.identity import fingerprint
 from .process_group import DistributedError, decide, lost_message, rank, shard, world_size
 from .replica import CommStats, SingleProcess
 

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 
 TEMP = re.compile(r"^\.minilora-.*\.tmp-(\d+)-[0-9a-f]{8}$")  # temp_name's pattern; group 1: the writer's pid
@@ -27,6 +28,35 @@ TEMP = re.compile(r"^\.minilora-.*\.tmp-(\d+)-[0-9a-f]{8}$")  # temp_name's patt
 def temp_name(name: str) -> str:
     """`.minilora-<name>.tmp-<pid>-<random>`: a temporary that can be attributed to minilora and its process."""
     return f".minilora-{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (signal 0 probes without sending anything)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, belongs to someone else
+        return True
+    return True
+
+
+def remove_dead_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove minilora's temporaries (files.temp_name) in `directory` whose pid is no longer alive; return them.
+    A temporary of a live process (this one included) is left alone, and so is anything else."""
+    removed = []
+    for p in Path(directory).glob(".minilora-*.tmp-*"):
+        m = TEMP.match(p.name)
+        if m is None or pid_alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -5,7 +5,7 @@
         optimizer.safetensors   the optimizer's tensors (AdamW: step, exp_avg, exp_avg_sq per parameter)
         rng.safetensors         torch's CPU (and CUDA) random state and the data sampler's generator state
         state.json              step, history, the optimizer's non-tensor state, the sha256 of each file above,
-                                what a resumed run may not change (run settings; minilora.runs.rundir.identity: data,
+                                what a resumed run may not change (run settings; minilora.runs.identity: data,
                                 model and adapter config, tokenizer, frozen base), its own integrity hash
 
 No pickle anywhere. At every instant at least one complete checkpoint is reachable, a full disk included: a
@@ -31,9 +31,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .files import fsync_dir, safetensors_bytes, sha256, temp_name, write_file
+from .files import fsync_dir, remove_dead_temps, safetensors_bytes, sha256, temp_name, write_file
 from .tensor_tree import flatten, unflatten
-from .rundir import RunDirError, first_difference, remove_dead_temps
+from .identity import first_difference
+from .rundir import RunDirError
 
 FORMAT = "minilora-train-state"
 VERSION = 2
