@@ -25,6 +25,7 @@ import torch.nn as nn  # noqa: E402
 from minilora import GPT, GPTConfig, evaluate  # noqa: E402
 from minilora.data import TokenStream, english_documents, load_tokenizer, split_documents  # noqa: E402
 from minilora.demos import DemoConfig, get_base  # noqa: E402
+from minilora.plots.common import figure_bytes  # noqa: E402
 from minilora.runs.files import atomic_write  # noqa: E402
 from minilora.llm_int8 import Int8Linear  # noqa: E402
 from minilora.quant import (dequantize_4bit, dequantize_int8, fp4_code, int4_code, quantize_4bit,  # noqa: E402
@@ -197,7 +198,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_write(args.out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(args.out, figure_bytes(fig, "png", 120))
     print(f"plot -> {args.out}; total {time.perf_counter() - t_start:.0f} s")
 
 

@@ -8,12 +8,15 @@
     python -m minilora memory --mode full lora qlora --n-layer 32 --n-embd 4096 --seq-len 512
 
 Bad input (an argument, a file, a directory) ends with one line `error: ...` and exit status 2, before any
-work starts where it can be known then; only a bug shows a traceback.
+work starts where it can be known then; a failure of the machine (a full disk, a lost rank) with one line
+`error: ...` and exit status 1; only a bug shows a traceback. Under torchrun the ranks agree before any work
+(minilora.parallel.decide), so a refusal is one line from one rank, and every command ends by shutting the
+process group down (minilora.parallel.shutdown).
 """
 from __future__ import annotations
 
 import argparse
-import math
+import errno
 import sys
 
 import torch
@@ -21,83 +24,34 @@ import torch
 from .adapters import load_adapter
 from .data import InstructionSet, load_jsonl, load_tokenizer, prompt, split_examples, yoda_dataset
 from .demos.finetune import DemoConfig, pretrain_base, print_report, run_demo
-from .parallel import is_main
+from .runs.cli_args import Parser, above_zero, at_least_zero, count, device, fraction, positive
+from .inject import find_targets
+from .parallel import AnotherRankFailed, DistributedError, decide, init_from_env, is_main, shutdown
 from .generate import generate_text
 from .gpt import GPT, GPTConfig
 from .memory import estimate, format_table
 from .qlora import load_qlora_adapter
-from .runs import check_run_dir
+from .runs import check_run_dir, find_checkpoint, read_state
 from .train import TrainConfig, measure_step_memory, prepare_model, train
 from .train_config import MODES, OPTIMIZERS
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as every other bad input: one line `error: ...`, exit status 2."""
-    def error(self, message: str):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def _int(least: int):
-    """An argparse type: an integer >= least."""
-    def parse(v: str) -> int:
-        if not v.strip().lstrip("+-").isdigit() or int(v) < least:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {v!r}")
-        return int(v)
-    return parse
-
-
-_positive, _count = _int(1), _int(0)
-
-
-def _number(expected: str, ok):
-    """An argparse type: a finite float for which ok(x) holds (inf and nan are refused, not trained on)."""
-    def parse(v: str) -> float:
-        try:
-            x = float(v)
-        except ValueError:
-            x = math.nan
-        if not (math.isfinite(x) and ok(x)):
-            raise argparse.ArgumentTypeError(f"expected a finite number {expected}, got {v!r}")
-        return x
-    return parse
-
-
-_above_zero = _number("> 0", lambda x: x > 0)
-_at_least_zero = _number(">= 0", lambda x: x >= 0)
-_fraction = _number("in [0, 1)", lambda x: 0 <= x < 1)
-
-
-def _device(v: str) -> str:
-    """cpu, cuda, cuda:N or mps, and only one this PyTorch build and machine have."""
-    try:
-        d = torch.device(v)
-    except (RuntimeError, ValueError):
-        d = torch.device("meta")
-    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    have = {"cpu": True, "cuda": (d.index or 0) < n_cuda, "mps": torch.backends.mps.is_available()}
-    if not have.get(d.type, False):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, one this machine has (this PyTorch "
-                                         f"sees {n_cuda} CUDA device(s){'' if have['mps'] else ', no MPS'}), got {v!r}")
-    return v
-
-
 def _model_args(p: argparse.ArgumentParser, d) -> None:
-    p.add_argument("--n-layer", type=_positive, default=d.n_layer)
-    p.add_argument("--n-head", type=_positive, default=d.n_head)
-    p.add_argument("--n-embd", type=_positive, default=d.n_embd)
-    p.add_argument("--block-size", type=_positive, default=d.block_size)
-    p.add_argument("--vocab-size", type=_positive, default=d.vocab_size, help="vocabulary size (a BPE needs >= 257)")
+    p.add_argument("--n-layer", type=positive, default=d.n_layer)
+    p.add_argument("--n-head", type=positive, default=d.n_head)
+    p.add_argument("--n-embd", type=positive, default=d.n_embd)
+    p.add_argument("--block-size", type=positive, default=d.block_size)
+    p.add_argument("--vocab-size", type=positive, default=d.vocab_size, help="vocabulary size (a BPE needs >= 257)")
 
 
 def _lora_args(p: argparse.ArgumentParser, d) -> None:
-    p.add_argument("--r", "--lora-r", dest="r", type=_positive, default=d.r, help="LoRA rank (--lora-r under torchrun)")
-    p.add_argument("--alpha", type=_above_zero, default=d.alpha, help="LoRA alpha (scaling = alpha / r)")
+    p.add_argument("--r", "--lora-r", dest="r", type=positive, default=d.r, help="LoRA rank (--lora-r under torchrun)")
+    p.add_argument("--alpha", type=above_zero, default=d.alpha, help="LoRA alpha (scaling = alpha / r)")
     p.add_argument("--targets", nargs="+", default=list(d.targets), help="module name patterns for LoRA")
 
 
 def _run_args(p: argparse.ArgumentParser, d) -> None:
-    p.add_argument("--seed", type=_count, default=d.seed)
+    p.add_argument("--seed", type=count, default=d.seed)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true",
                    help="write into --out even if it holds other files (nothing of theirs is deleted)")
@@ -105,26 +59,26 @@ def _run_args(p: argparse.ArgumentParser, d) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     dc, tc = DemoConfig(), TrainConfig()
-    parser = _Parser(prog="python -m minilora", description="minilora: LoRA and QLoRA by hand")
+    parser = Parser(prog="python -m minilora", description="minilora: LoRA and QLoRA by hand")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="pretrain (or reuse) a small GPT, fine-tune it full / LoRA / QLoRA, report")
     p.add_argument("--out", default=dc.out, help="run directory (default %(default)s)")
-    p.add_argument("--steps", type=_positive, default=dc.steps, help="fine-tuning steps per mode")
-    p.add_argument("--pretrain-steps", type=_positive, default=dc.pretrain_steps)
+    p.add_argument("--steps", type=positive, default=dc.steps, help="fine-tuning steps per mode")
+    p.add_argument("--pretrain-steps", type=positive, default=dc.pretrain_steps)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(dc.modes))
     p.add_argument("--cache", default=None, help="where pretrained bases are kept (default ~/.cache/minilora)")
     p.add_argument("--no-cache", action="store_true", help="pretrain a fresh base and keep it in --out only")
-    p.add_argument("--n-train", type=_positive, default=dc.n_train)
-    p.add_argument("--n-val", type=_positive, default=dc.n_val)
+    p.add_argument("--n-train", type=positive, default=dc.n_train)
+    p.add_argument("--n-val", type=positive, default=dc.n_val)
     _model_args(p, dc)
     _run_args(p, dc)
 
     p = sub.add_parser("pretrain", help="train a BPE tokenizer and a GPT from scratch on the stdlib's English")
     p.add_argument("--out", required=True, help="directory for config.json, model.safetensors, tokenizer")
-    p.add_argument("--steps", type=_positive, default=dc.pretrain_steps)
-    p.add_argument("--batch-size", type=_positive, default=dc.pretrain_batch_size)
-    p.add_argument("--lr", type=_above_zero, default=dc.pretrain_lr)
+    p.add_argument("--steps", type=positive, default=dc.pretrain_steps)
+    p.add_argument("--batch-size", type=positive, default=dc.pretrain_batch_size)
+    p.add_argument("--lr", type=above_zero, default=dc.pretrain_lr)
     _model_args(p, dc)
     _run_args(p, dc)
 
@@ -133,23 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory: checkpoint/, adapter/ or model/, metrics.json")
     p.add_argument("--mode", choices=MODES, default=tc.mode)
     p.add_argument("--data", default=None, help="JSONL of instruction/context/output (default: the Yoda task)")
-    p.add_argument("--n-train", type=_positive, default=dc.n_train)
-    p.add_argument("--n-val", type=_positive, default=dc.n_val)
-    p.add_argument("--steps", type=_positive, default=dc.steps)
-    p.add_argument("--batch-size", type=_positive, default=dc.batch_size)
-    p.add_argument("--grad-accum", type=_positive, default=tc.grad_accum)
-    p.add_argument("--lr", type=_above_zero, default=None, help="default: %g full, %g LoRA/QLoRA" % (dc.lr_full, dc.lr_lora))
-    p.add_argument("--warmup-steps", type=_count, default=10)
+    p.add_argument("--n-train", type=positive, default=dc.n_train)
+    p.add_argument("--n-val", type=positive, default=dc.n_val)
+    p.add_argument("--steps", type=positive, default=dc.steps)
+    p.add_argument("--batch-size", type=positive, default=dc.batch_size)
+    p.add_argument("--grad-accum", type=positive, default=tc.grad_accum)
+    p.add_argument("--lr", type=above_zero, default=None, help="default: %g full, %g LoRA/QLoRA" % (dc.lr_full, dc.lr_lora))
+    p.add_argument("--warmup-steps", type=count, default=10)
     _lora_args(p, dc)
-    p.add_argument("--dropout", type=_fraction, default=tc.dropout, help="LoRA dropout")
+    p.add_argument("--dropout", type=fraction, default=tc.dropout, help="LoRA dropout")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="adamw (default), paged, adamw8bit, paged8bit")
     p.add_argument("--paged", action="store_true", help="the same as --optimizer paged")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model across the ranks (default: DDP)")
-    p.add_argument("--eval-every", type=_count, default=0)
-    p.add_argument("--save-every", type=_count, default=0)
+    p.add_argument("--eval-every", type=count, default=0)
+    p.add_argument("--save-every", type=count, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
     _run_args(p, dc)
 
     p = sub.add_parser("generate", help="greedy (or sampled) answer of a model, optionally with an adapter")
@@ -159,16 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", default="Say it like Yoda.")
     p.add_argument("--context", default=None, help="context of the instruction prompt")
     p.add_argument("--prompt", default=None, help="raw text to continue instead of an instruction prompt")
-    p.add_argument("--max-new-tokens", type=_positive, default=60)
-    p.add_argument("--temperature", type=_at_least_zero, default=0.0, help="0: greedy")
-    p.add_argument("--seed", type=_count, default=0)
+    p.add_argument("--max-new-tokens", type=positive, default=60)
+    p.add_argument("--temperature", type=at_least_zero, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=count, default=0)
 
     p = sub.add_parser("memory", help="training-memory breakdown per mode (analytic; --measure runs one step)")
     p.add_argument("--model", default=None, help="take the shape from this model directory")
     _model_args(p, dc)
     p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--batch-size", type=_positive, default=dc.batch_size)
-    p.add_argument("--seq-len", type=_positive, default=None, help="default: block size")
+    p.add_argument("--batch-size", type=positive, default=dc.batch_size)
+    p.add_argument("--seq-len", type=positive, default=None, help="default: block size")
     _lora_args(p, dc)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="adamw (default), paged, adamw8bit, paged8bit")
@@ -176,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="weights, gradients and activations (AdamW state stays float32: the lecture's 12 B/param)")
     p.add_argument("--measure", action="store_true", help="also measure one real training step (small float32 models)")
-    p.add_argument("--fsdp", type=_positive, default=1, help="bytes per process of N sharding the model (default 1)")
+    p.add_argument("--fsdp", type=positive, default=1, help="bytes per process of N sharding the model (default 1)")
     p.add_argument("--cpu-offload", action="store_true", help="with --fsdp N: shards, grads, Adam state on the host")
     return parser
 
@@ -200,7 +154,7 @@ def cmd_pretrain(a) -> None:
 
 
 def cmd_finetune(a) -> None:
-    check_run_dir(a.out, "finetune", a.overwrite)  # before the model and the data are read
+    init_from_env()  # under torchrun: join the process group first, so the ranks agree on any refusal below
     dc = DemoConfig()
     lr = a.lr if a.lr is not None else (dc.lr_full if a.mode == "full" else dc.lr_lora)
     cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=tuple(a.targets), lr=lr,
@@ -208,11 +162,18 @@ def cmd_finetune(a) -> None:
                       gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,
                       optimizer=a.optimizer or "adamw", fsdp=a.fsdp, device=a.device, eval_every=a.eval_every,
                       save_every=a.save_every, out_dir=a.out, overwrite=a.overwrite, progress=not a.no_progress)
-    data = load_jsonl(a.data) if a.data else None  # a bad file fails here, before the model is read
-    examples = split_examples(data, 0.1, seed=a.seed) if data else yoda_dataset(a.n_train, a.n_val, seed=a.seed)
-    base = GPT.from_pretrained(a.base)
-    tok = load_tokenizer(a.base, vocab_size=base.config.vocab_size)
-    train_set, val_set = (InstructionSet(ex, tok, base.config.block_size) for ex in examples)
+
+    def prepare():  # everything that can refuse, before any work and before the run directory exists
+        if is_main():  # one process looks at the run directory (another rank may be about to create it)
+            check_run_dir(a.out, "finetune", a.overwrite, a.resume)
+        data = load_jsonl(a.data) if a.data else None  # a bad file fails here, before the model is read
+        examples = split_examples(data, 0.1, seed=a.seed) if data else yoda_dataset(a.n_train, a.n_val, seed=a.seed)
+        base = GPT.from_pretrained(a.base)
+        if a.mode != "full":
+            find_targets(base, a.targets)  # every --targets pattern names a layer of this model
+        tok = load_tokenizer(a.base, vocab_size=base.config.vocab_size)
+        return base, [InstructionSet(ex, tok, base.config.block_size) for ex in examples]
+    base, (train_set, val_set) = decide(prepare)
     res = train(base, cfg, train_set, val_set, resume=a.resume)
     if not is_main():  # under torchrun, rank 0 alone reports (train wrote <out>/model with its tokenizer)
         return
@@ -282,18 +243,53 @@ BAD_INPUT = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError
              IsADirectoryError, PermissionError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _error(msg: str) -> None:
+    print(f"error: {' '.join(msg.split())}", file=sys.stderr)  # one line, whatever the message holds
+
+
+def _interrupted(args) -> str:
+    """What Ctrl-C leaves: for a fine-tune, the checkpoint a rerun with --resume continues from."""
+    try:
+        path = find_checkpoint(args.out) if args.command == "finetune" else None
+        step = read_state(path)["step"] if path else None
+    except (OSError, ValueError):
+        step = None
+    if step is None:
+        return "interrupted"
+    return f"interrupted: the checkpoint at step {step} in {args.out} is kept; rerun with --resume to continue from it"
+
+
+def _run(args) -> int:
     try:
         COMMANDS[args.command](args)
-    except BAD_INPUT as e:
-        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-        print(f"error: {' '.join(msg.split())}", file=sys.stderr)  # one line, whatever the message holds
+    except AnotherRankFailed:  # a lower rank refused the same input and says so: one line from one rank
         return 2
+    except BAD_INPUT as e:
+        _error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
+        return 2
+    except DistributedError as e:
+        _error(str(e))
+        return 1
+    except OSError as e:  # the machine, not the input: a full disk, an I/O error
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        _error(f"{e.strerror or e}{f' writing {e.filename}' if e.filename else ''}"
+               + ("; nothing was replaced by a partial file (a checkpoint already written is kept): free some space "
+                  "and rerun, with --resume to continue a fine-tune" if full else ""))
+        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status = 1
+    try:
+        status = _run(args)
+    finally:  # under torchrun: the process group and its threads end here, while Python is whole
+        shutdown(finished=status == 0)
+    return status
 
 
 if __name__ == "__main__":

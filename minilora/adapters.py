@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .runs.files import atomic_write, atomic_write_json
+from .runs.files import atomic_write, atomic_write_json, read_safetensors, safetensors_bytes
 from .inject import add_lora, all_or_nothing, find_targets, lora_layers
 
 PREFIX = "base_model.model."
@@ -56,7 +56,6 @@ def pattern_value(patterns: dict, name: str, default):
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
     """Write adapter_model.safetensors + adapter_config.json (each atomically). task_type is CAUSAL_LM for a
     model with an lm_head (a causal language model), else null."""
-    from safetensors.torch import save_file
 
     layers = lora_layers(model)
     if not layers:
@@ -79,7 +78,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = adapter_state_dict(model)
-    atomic_write(path / "adapter_model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+    atomic_write(path / "adapter_model.safetensors", safetensors_bytes(sd))
     atomic_write_json(path / "adapter_config.json", config)
 
 
@@ -145,15 +144,17 @@ def _check_settings(layers: dict, config: dict, where: Path) -> None:
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a PEFT-layout adapter into model; every key, shape and setting must fit. A model without LoRA
     layers gets them first (rank_pattern / alpha_pattern honoured); a model that has them must have the
-    adapter's r, lora_alpha and use_rslora. On any error the model is left exactly as it was."""
-    from safetensors.torch import load_file
-
+    adapter's r, lora_alpha and use_rslora. A weight that is inf or NaN is refused (it would only give
+    garbage). On any error the model is left exactly as it was."""
     path = Path(path)
     config = read_adapter_config(path)
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"load_adapter: {weights} not found")
-    sd = load_file(str(weights))
+    sd = read_safetensors(weights, "load_adapter")
+    for key, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"load_adapter: {weights} holds inf or NaN in {key!r}")
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     new = [] if lora_layers(model) else find_targets(model, config["target_modules"])
     with all_or_nothing(model, new):

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .adapters import save_adapter
 from .data import IGNORE, InstructionSet, TokenStream
-from .parallel import SingleProcess, init_from_env, is_main, replicas, world_size
+from .parallel import SingleProcess, decide, init_from_env, is_main, replicas, world_size
 from .evaluate import evaluate
 from .runs.files import atomic_write_json
 from .inject import add_lora
@@ -146,14 +146,22 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
     its checkpoint). A loss, gradient or weight that becomes inf / NaN raises TrainingDiverged. At the end:
     a checkpoint, <out>/adapter (PEFT layout) or <out>/model (full mode), and <out>/metrics.json. Under
     torchrun with cfg.fsdp the returned model is sharded (minilora.parallel.fsdp); the files hold whole tensors."""
-    if resume and not cfg.out_dir:
-        raise ValueError("resume=True needs TrainConfig.out_dir (where the checkpoint is)")
-    if resume and not Path(cfg.out_dir).is_dir():
-        raise FileNotFoundError(f"no checkpoint to resume from: {cfg.out_dir} does not exist")
     init_from_env()  # under torchrun: join the process group (minilora.parallel); otherwise nothing
-    if measure_memory and cfg.fsdp and world_size() > 1:  # it measures a step on a copy of the whole model
-        raise ValueError("measure_memory: a sharded run is measured per rank by FullyShardedDataParallel.measure")
-    with RunDir(cfg.out_dir, "finetune", cfg.overwrite, lock=is_main()) if cfg.out_dir else nullcontext() as run_dir:
+
+    def open_run_dir() -> RunDir | None:  # rank 0 alone checks, creates and locks; the others take its verdict
+        if resume and not cfg.out_dir:
+            raise ValueError("resume=True needs TrainConfig.out_dir (where the checkpoint is)")
+        if measure_memory and cfg.fsdp and world_size() > 1:  # it measures a step on a copy of the whole model
+            raise ValueError("measure_memory: a sharded run is measured per rank by FullyShardedDataParallel.measure")
+        if not (cfg.out_dir and is_main()):
+            return None
+        if resume and not Path(cfg.out_dir).is_dir():
+            raise FileNotFoundError(f"no checkpoint to resume from: {cfg.out_dir} does not exist")
+        return RunDir(cfg.out_dir, "finetune", cfg.overwrite, resume=resume)
+    run_dir = decide(open_run_dir)
+    if cfg.out_dir and run_dir is None:
+        run_dir = RunDir(cfg.out_dir, "finetune", lock=False)
+    with run_dir or nullcontext():
         return _train(model, cfg, train_data, val_data, resume, measure_memory, callback, run_dir)
 
 

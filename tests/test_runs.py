@@ -173,13 +173,14 @@ def test_stale_temp_cleanup_removes_only_temporaries_of_dead_processes(tmp_path)
     dead.wait()
     live = holder(tmp_path / "other")  # a live process that is not this one
     try:
-        names = {"dead": f"checkpoint.tmp-{dead.pid}-abcd", "live": f"checkpoint.tmp-{live.pid}-abcd",
-                 "mine": temp_name("checkpoint"), "user": "checkpoint.tmp-notes"}
+        names = {"dead": f".minilora-checkpoint.tmp-{dead.pid}-abcd0123",
+                 "live": f".minilora-checkpoint.tmp-{live.pid}-abcd0123", "mine": temp_name("checkpoint"),
+                 "user": "checkpoint.tmp-notes", "user's, named like one": f"checkpoint.tmp-{dead.pid}-abcd0123"}
         for n in names.values():
             (tmp_path / n).mkdir()
             (tmp_path / n / "f").write_text("x")
         assert [p.name for p in remove_dead_temps(tmp_path)] == [names["dead"]]
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["other", *[names[k] for k in ("live", "mine", "user")]])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["other", *[n for k, n in names.items() if k != "dead"]])
     finally:
         live.kill()
         live.wait()

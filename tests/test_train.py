@@ -157,29 +157,25 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(setup, tmp_path):
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(setup, tmp_path, monkeypatch):
-    import safetensors.torch
     _, _, _, data = setup
     out = str(tmp_path)
     res = train(fresh(setup), tiny(steps=2, out_dir=out), data)
     good = (tmp_path / "checkpoint" / "state.json").read_text()
-    real_save = safetensors.torch.save_file
-    calls = []
+    real_write, calls = os.write, []
 
-    def dies_halfway(tensors, filename, metadata=None):
-        calls.append(filename)
+    def dies_halfway(fd, data):
+        calls.append(fd)
         if len(calls) == 2:  # the second file: write half of it, then the process "dies"
-            real_save(tensors, filename, metadata=metadata)
-            with open(filename, "r+b") as f:
-                f.truncate(os.path.getsize(filename) // 2)
+            real_write(fd, bytes(data)[:len(data) // 2])
             raise KeyboardInterrupt
-        return real_save(tensors, filename, metadata=metadata)
+        return real_write(fd, data)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", dies_halfway)
+    monkeypatch.setattr(os, "write", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         train(fresh(setup), tiny(steps=4, out_dir=out), data)
     monkeypatch.undo()
     assert (tmp_path / "checkpoint" / "state.json").read_text() == good
-    assert not list(tmp_path.glob("checkpoint.tmp-*"))
+    assert not list(tmp_path.glob(".minilora-checkpoint.tmp-*"))
     again = train(fresh(setup), tiny(steps=2, out_dir=out), data, resume=True)  # still loads, already done
     assert again.losses == res.losses
 

@@ -18,7 +18,6 @@ import heapq
 import json
 import os
 import re
-import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Protocol
@@ -211,7 +210,7 @@ class HFTokenizer:
     def save(self, directory: str | os.PathLike) -> None:
         dst = Path(directory) / "tokenizer.json"
         if dst.resolve() != self.path.resolve():
-            atomic_write(dst, lambda tmp: shutil.copyfile(self.path, tmp))
+            atomic_write(dst, self.path.read_bytes())
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

@@ -205,11 +205,11 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     """Run the whole demo; returns {"rows", "answers", "png", "seconds", ...} and prints as it goes."""
     cfg = cfg or DemoConfig()
     with RunDir(cfg.out, "demo", cfg.overwrite) as run_dir:  # checked and locked before any work
-        return _run_demo(cfg, run_dir.path, log)
+        return _run_demo(cfg, run_dir, log)
 
 
-def _run_demo(cfg: DemoConfig, out: Path, log) -> dict:
-    t0 = time.perf_counter()
+def _run_demo(cfg: DemoConfig, run_dir: RunDir, log) -> dict:
+    t0, out = time.perf_counter(), run_dir.path
     base_dir, cached = get_base(replace(cfg, out=str(out)), log)
     tok = load_tokenizer(base_dir)
     base = GPT.from_pretrained(base_dir)
@@ -217,8 +217,9 @@ def _run_demo(cfg: DemoConfig, out: Path, log) -> dict:
         f"parameters, {cfg.n_layer} layers x {cfg.n_embd} wide, {tok!r}")
 
     train_ex, val_ex = yoda_dataset(cfg.n_train, cfg.n_val, seed=cfg.seed)
-    save_jsonl(train_ex, out / "yoda_train.jsonl")
-    save_jsonl(val_ex, out / "yoda_val.jsonl")
+    with run_dir.results() as staged:  # minilora's results: in the run's manifest, so a rerun may replace them
+        save_jsonl(train_ex, staged / "yoda_train.jsonl")
+        save_jsonl(val_ex, staged / "yoda_val.jsonl")
     train_set = InstructionSet(train_ex, tok, cfg.block_size)
     val_set = InstructionSet(val_ex, tok, cfg.block_size)
     log(f"task: {len(train_ex)} training / {len(val_ex)} held-out examples "
@@ -231,23 +232,28 @@ def _run_demo(cfg: DemoConfig, out: Path, log) -> dict:
     results: dict[str, TrainResult] = {}
     for mode in cfg.modes:
         log(f"fine-tuning: {mode} ({cfg.steps} steps)")
-        res = train(GPT.from_pretrained(base_dir), cfg.train_config(mode, out_dir=str(out / mode)), train_set, val_set,
-                    measure_memory=True)
+        tc = cfg.train_config(mode, out_dir=str(out / mode), overwrite=True)  # its own folder: a cut-off run restarts
+        res = train(GPT.from_pretrained(base_dir), tc, train_set, val_set, measure_memory=True)
         results[mode] = res
         rows.append(_row(mode, res))
         answers[mode] = [respond(res.model, tok, e.instruction, e.context) for e in shown]
 
     png = None
     if results:
+        from ..plots.common import figure_bytes
         from ..plots.training import plot_loss_curves
         fig = plot_loss_curves({m: r.losses for m, r in results.items()}, {m: r.evals for m, r in results.items()},
                                title="Yoda fine-tuning: training and validation loss")
-        png = atomic_write(out / "loss_curves.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        png_bytes = figure_bytes(fig, "png", 120)
         import matplotlib.pyplot as plt
         plt.close(fig)
+        png = out / "loss_curves.png"
     summary = {"rows": rows, "answers": answers, "png": str(png) if png else None, "base_dir": str(base_dir),
                "base_cached": cached, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
-    atomic_write_json(out / "summary.json", summary)
+    with run_dir.results(last=("summary.json",)) as staged:
+        if png:
+            atomic_write(staged / png.name, png_bytes)
+        atomic_write_json(staged / "summary.json", summary)
     return summary
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..runs.files import atomic_write, atomic_write_json
+from ..runs.files import atomic_write, atomic_write_json, read_safetensors, safetensors_bytes
 
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's four linear layers per block
 CONV1D = tuple(f"{name}.weight" for name in LINEARS)                 # stored (in, out) by GPT-2
@@ -69,8 +69,6 @@ def config_from_hf(hf: dict, where: Path, activations: Iterable[str]) -> dict:
 def read_gpt2(path: str | os.PathLike, activations: Iterable[str]) -> tuple[dict, dict[str, torch.Tensor]]:
     """(GPTConfig fields, state dict in minilora's names and (out, in) orientation) of a local GPT-2 directory.
     Causal-mask buffers of older checkpoints are dropped."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     for f in ("config.json", "model.safetensors"):
         if not (path / f).is_file():
@@ -81,7 +79,7 @@ def read_gpt2(path: str | os.PathLike, activations: Iterable[str]) -> tuple[dict
         raise ValueError(f"from_pretrained: {path / 'config.json'} is not valid JSON ({e})") from None
     cfg = config_from_hf(hf, path / "config.json", activations)
     sd = {}
-    for key, value in load_file(str(path / "model.safetensors")).items():
+    for key, value in read_safetensors(path / "model.safetensors", "from_pretrained").items():
         key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
         if not key.endswith((".attn.bias", ".attn.masked_bias")):
             sd[key] = value.t() if key.endswith(CONV1D) else value
@@ -129,7 +127,6 @@ def save_gpt2(config: dict, tensors: dict[str, torch.Tensor], path: str | os.Pat
     """config.json + model.safetensors in GPT-2's layout (Conv1D weights transposed back), each atomically.
     config: GPTConfig's fields as a dict; tensors: every parameter and buffer by name, minilora's layout
     (a tied lm_head.weight is left out when config["tie_word_embeddings"])."""
-    from safetensors.torch import save_file
 
     _refuse_adapters(tensors)
     path = Path(path)
@@ -143,5 +140,5 @@ def save_gpt2(config: dict, tensors: dict[str, torch.Tensor], path: str | os.Pat
         sd[key] = (value.t() if key.endswith(CONV1D) else value).contiguous()
     hf = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=config["block_size"],
               **{theirs: config[ours] for theirs, ours in FIELDS.items()}, minilora=dict(config))
-    atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", safetensors_bytes(sd))
     atomic_write_json(path / "config.json", hf)

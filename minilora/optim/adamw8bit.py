@@ -21,6 +21,7 @@ import torch
 from ..quant.blockwise8bit import Blockwise8bitState, dequantize_blockwise_8bit, quantize_blockwise_8bit
 from ..quant.format import BLOCKSIZE_8BIT, ceil_div
 from .adamw import AdamWBase, adamw_update_
+from .state_checks import check_groups, check_state
 
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 state (as bitsandbytes does)
 KEYS_8BIT = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
@@ -94,24 +95,21 @@ class AdamW8bit(AdamWBase):
         return sum(t.numel() * t.element_size() for s in self.state.values() for k, t in s.items() if k != "step")
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loader, then the exact tensors back (it would cast fp32 absmax / moments to a bf16 param's dtype),
-        each checked against its parameter's shape."""
-        super().load_state_dict(state_dict)
+        """Every parameter's state checked first (check_state: names the key and the reason; nothing is loaded
+        unless all pass), then torch's loader, then the exact tensors back (it would cast fp32 absmax / moments
+        to a bf16 param's dtype)."""
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = self._params()
+        check_groups(type(self).__name__, state_dict)
+        for i, p in zip(ids, params):
+            if (saved := state_dict["state"].get(i)) is not None:
+                check_state(type(self).__name__, i, saved, p, self.blocksize)
+        super().load_state_dict(state_dict)
         for i, p in zip(ids, params):
             saved = state_dict["state"].get(i)
             if saved is None:
                 continue
-            keys = KEYS_8BIT if "exp_avg_codes" in saved else KEYS_32BIT
-            missing = [k for k in (*keys, "step") if k not in saved]
-            if missing:
-                raise ValueError(f"AdamW8bit state of parameter {i} lacks {missing}")
-            n_blocks = ceil_div(p.numel(), self.blocksize)
-            for k in keys:
-                want = (n_blocks,) if k.endswith("absmax") else tuple(p.shape)
-                if tuple(saved[k].shape) != want:
-                    raise ValueError(f"AdamW8bit state {k!r} of parameter {i} has shape {tuple(saved[k].shape)}, "
-                                     f"expected {want}")
-                self.state[p][k] = saved[k].to(p.device, copy=True)
-            self.state[p]["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).clone()
+            for k in KEYS_8BIT if "exp_avg_codes" in saved else KEYS_32BIT:
+                self.state[p][k] = saved[k].to(p.device, dtype=saved[k].dtype if "codes" in k or "absmax" in k
+                                               else torch.float32, copy=True)
+            self.state[p]["step"] = torch.as_tensor(float(saved["step"]), dtype=torch.float32)

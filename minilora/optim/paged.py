@@ -21,6 +21,7 @@ import torch
 
 from ..quant.format import ceil_div
 from .adamw import STATE_BYTES, AdamWBase, adamw_update_
+from .state_checks import check_groups, check_state
 from .pager import Pager, PagerStats, check_budget, page_spans
 
 __all__ = ["PagedAdamW"]
@@ -88,16 +89,10 @@ class PagedAdamW(AdamWBase):
             for flag in ("amsgrad", "maximize"):
                 if g.get(flag):
                     raise ValueError(f"state_dict: a param group has {flag}=True, which PagedAdamW does not do")
+        check_groups(type(self).__name__, state_dict)
         params, saved = self._params(), {}
         for key, st in state_dict["state"].items():
-            p = params[int(key)]
-            missing = {"step", "exp_avg", "exp_avg_sq"} - set(st)
-            if missing:
-                raise ValueError(f"state_dict: state {key} lacks {sorted(missing)}")
-            for name in ("exp_avg", "exp_avg_sq"):
-                if st[name].numel() != p.numel():
-                    raise ValueError(f"state_dict: state {key} {name} has {st[name].numel()} elements, "
-                                     f"parameter {key} has {p.numel()}")
+            check_state(type(self).__name__, key, st, params[int(key)])
             saved[int(key)] = st
         return saved
 

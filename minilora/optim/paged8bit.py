@@ -63,7 +63,10 @@ class PagedAdamW8bit(PagedAdamW):
         return BLOCK * n_blocks, (BLOCK_BYTES * n_blocks,), torch.uint8
 
     def _paged(self, p: torch.Tensor) -> bool:
-        return p.numel() >= self.min_8bit_size
+        """8-bit state in the pages for a tensor of min_8bit_size elements or more, unless its state holds fp32
+        moments (loaded from torch AdamW, PagedAdamW or AdamW8bit): those are kept and continued as they are,
+        outside the pages, as AdamW8bit keeps them."""
+        return p.numel() >= self.min_8bit_size and "exp_avg" not in self.state.get(p, {})
 
     def _update(self, p: torch.Tensor, group: dict, flat_p: torch.Tensor, spans: list[tuple]) -> None:
         """Page by page: dequantize p's blocks → the fp32 AdamW update → quantize back into the page."""

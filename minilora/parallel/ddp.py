@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..runs.rundir import fingerprint
-from .process_group import DistributedError, lost_message, rank, shard, world_size
+from ..runs.identity import fingerprint
+from .process_group import DistributedError, decide, lost_message, rank, shard, world_size
 from .replica import CommStats, SingleProcess
 
 def sum_hook(stats: CommStats, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -121,6 +121,11 @@ class DataParallel(SingleProcess):
         if self.world_size == 1 or now:
             return contextlib.nullcontext()
         return self.model.no_sync()
+
+    def decide(self, fn):
+        """fn() on every rank with one verdict for all: the lowest failing rank raises its error, the others
+        AnotherRankFailed (minilora.parallel.decide)."""
+        return decide(fn) if self.world_size > 1 else fn()
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""

@@ -1,5 +1,13 @@
-"""The process group: rank, world size and timeouts under torchrun, one process being rank 0 of 1 (machinery)."""
+"""The process group: rank, world size and timeouts under torchrun, one process being rank 0 of 1 (machinery).
+
+Its life: init_from_env joins torchrun's group; decide lets one rank (or the first that fails) speak for all
+before any work, so a refusal is one line from one rank; shutdown ends the group while Python is whole: after a
+finished run every rank first meets the others, so none tears its connections down while another still uses
+them, then the group and its threads are destroyed (a group left to the interpreter's teardown can abort the
+process: `terminate called without an active exception`).
+"""
 import atexit
+import gc
 import os
 from datetime import timedelta
 
@@ -13,6 +21,10 @@ _timeout: float | None = None  # the timeout init_from_env gave the process grou
 
 class DistributedError(RuntimeError):
     """A collective failed: another rank died or did not answer within the timeout."""
+
+
+class AnotherRankFailed(Exception):
+    """A lower rank failed at the same point and reports why; this rank ends without a word (exit status 2)."""
 
 
 def lost_message(what: str, cause: BaseException) -> str:  # what a rank reports when a collective fails
@@ -76,13 +88,52 @@ def init_from_env(backend: str | None = None, timeout: float | None = None) -> b
     dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
     global _timeout
     _timeout = seconds
-    atexit.register(_destroy)
+    atexit.register(shutdown, False)  # a last resort: main() shuts the group down itself
     return True
 
 
-def _destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
+def decide(fn):
+    """fn() on every rank, one verdict for all: if fn raises an Exception on any rank, the lowest such rank
+    re-raises its own and every other rank raises AnotherRankFailed, so exactly one rank reports. fn may do
+    its work on rank 0 alone (`... if is_main() else None`): the others wait here for its verdict. One
+    all-gather of one number per rank; without a process group, fn() itself."""
+    try:
+        result, failed = fn(), None
+    except Exception as e:  # noqa: BLE001  (re-raised below, on this rank or as the lowest rank's)
+        result, failed = None, e
+    if not active():
+        if failed is not None:
+            raise failed
+        return result
+    flags = [torch.zeros(1, dtype=torch.int32) for _ in range(world_size())]
+    try:
+        dist.all_gather(flags, torch.tensor([int(failed is not None)], dtype=torch.int32))
+    except RuntimeError as e:
+        raise DistributedError(lost_message("agreeing on whether to go on", e)) from failed
+    first = next((r for r, f in enumerate(flags) if f.item()), None)
+    if first is None:
+        return result
+    if first == rank():
+        raise failed
+    raise AnotherRankFailed(f"rank {first} failed and reports it") from failed
+
+
+def shutdown(finished: bool) -> None:
+    """Destroy the process group (nothing without one). finished: every rank got here after the same work, so
+    they first meet at a barrier; after an error there is no meeting (a peer may be gone). Objects that still
+    hold the group (DDP's reducer, FSDP's units) are collected first, so its threads end now, not during the
+    interpreter's teardown."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    try:
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()
+    except RuntimeError:
+        pass  # a peer is gone: nothing left to meet
+    finally:
         dist.destroy_process_group()
+        gc.collect()
 
 
 def shard(indices: list[int], rank: int, world_size: int) -> list[int]:

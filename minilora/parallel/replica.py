@@ -24,6 +24,7 @@ class SingleProcess:
         total(*values)  each value summed over the replicas
         sync(now)       context for a micro-batch's backward: combine the gradients at its end if now
         barrier()       wait for every replica;   is_main: the one replica that writes files
+        decide(fn)      fn(), with one verdict for all replicas (the writer may fail alone: a full disk)
         gathered(), optimizer_state(opt), load_optimizer_state, local: whole tensors for checkpoints and this
                         replica's part of them, where a `sharded` replica holds a part (minilora.parallel.fsdp)"""
     sharded = False
@@ -48,6 +49,9 @@ class SingleProcess:
 
     def barrier(self) -> None:
         pass
+
+    def decide(self, fn):  # fn() (several replicas: one verdict for all, minilora.parallel.decide)
+        return fn()
 
     def gathered(self):  # the module attributes hold whole tensors inside (here: always)
         return contextlib.nullcontext()

@@ -28,4 +28,12 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
     if not fmt:
         raise ValueError(f"path {str(path)!r} needs a suffix naming the image format (.png, .pdf, .svg)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
+    return atomic_write(path, figure_bytes(fig, fmt, dpi))
+
+
+def figure_bytes(fig: Figure, fmt: str = "png", dpi: int = 120) -> bytes:
+    """The image file of `fig` in `fmt`, as bytes (written by atomic_write)."""
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format=fmt)
+    return buf.getvalue()

@@ -12,43 +12,45 @@ work starts:
                                        then the run writes its own results beside what is there
     a file, an unwritable directory    refused
 
-Nothing a run did not create is ever deleted: the only things removed are minilora's own temporaries and
-the previous version of a result it replaces.
+Nothing a run did not create is ever deleted or replaced, --overwrite or not: a result's name (RESULTS) is
+replaced only when minilora can show it wrote what is there now, by the manifest in the marker
+({"files": {relative path: [sha256, ...]}}, written before a result is moved into place and pruned after), or,
+for a checkpoint, by its own state.json, which lists the sha256 of each of its files. Anything else under such
+a name is refused before any work starts, naming it. Besides that, only minilora's own temporaries are removed.
+
+An unfinished run (a checkpoint whose step is below its run's steps) is continued with resume=True (--resume)
+or started again with overwrite=True (--overwrite); a run without either is refused, so it is never discarded
+by accident.
 
 The lock: a run holds an exclusive `fcntl.flock` on `<dir>/.minilora.lock` while it works, and writes its
 pid into it. A second run into the same directory is refused naming that pid. The kernel drops a flock when
 its process ends, however it ends (kill -9 included), so a lock left by a dead process is simply taken
 over. (The lock file is never replaced or deleted: a new inode would be a second, unrelated lock.)
 
-Temporaries carry their writer's pid, `<name>.tmp-<pid>-<random>`; remove_dead_temps removes only those whose
-process is gone, so one run's cleanup can never delete another live run's work.
+Temporaries carry minilora's prefix and their writer's pid, `.minilora-<name>.tmp-<pid>-<random>`
+(files.temp_name); remove_dead_temps removes only those whose process is gone, so one run's cleanup can never
+delete another live run's work, nor a user's file that merely looks like a temporary.
 
-What a run is, besides its directory: `identity`, what a resumed run may not change (the data's sha256, the
-model's config, the adapters' r / alpha / use_rslora, the tokenizer, the frozen base weights' sha256).
+What a run is, besides its directory (what a resumed run may not change): minilora.runs.identity.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import secrets
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-import torch.nn as nn
-
-from .files import atomic_write_json, replace_dir
+from .files import TEMP, atomic_write_json, remove_dead_temps, replace_dir, sha256, temp_name
 
 MARKER = "minilora_run.json"
 LOCK = ".minilora.lock"
 FORMAT = "minilora-run"
 KINDS = ("pretrain", "finetune", "demo")
-_TEMP = re.compile(r"\.tmp-(\d+)-[0-9a-f]+$")
+CHECKPOINTS = ("checkpoint", "checkpoint.old")  # minilora.runs.train_state's names
+RESULTS = {"finetune": (*CHECKPOINTS, "adapter", "model", "metrics.json"),  # what each kind writes
+           "pretrain": ("config.json", "model.safetensors", "minilora_tokenizer.json", "pretrain.json"),
+           "demo": ("yoda_train.jsonl", "yoda_val.jsonl", "loss_curves.png", "summary.json")}
 
 
 class RunDirError(ValueError):
@@ -57,40 +59,6 @@ class RunDirError(ValueError):
 
 class RunLockedError(RunDirError):
     """Another live process holds the run directory's lock."""
-
-
-def temp_name(name: str) -> str:
-    """`<name>.tmp-<pid>-<random>`: a temporary that remove_dead_temps can attribute to its process."""
-    return f"{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists (signal 0 probes without sending anything)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, belongs to someone else
-        return True
-    return True
-
-
-def remove_dead_temps(directory: str | os.PathLike, prefix: str = "") -> list[Path]:
-    """Remove `<prefix>*.tmp-<pid>-*` entries of `directory` whose pid is no longer alive; return them.
-    A temporary of a live process (this one included) is left alone."""
-    removed = []
-    for p in Path(directory).glob(f"{prefix}*.tmp-*"):
-        m = _TEMP.search(p.name)
-        if m is None or pid_alive(int(m.group(1))):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -112,9 +80,94 @@ def read_marker(path: Path) -> dict | None:
     return None
 
 
-def check_run_dir(path: str | os.PathLike, kind: str, overwrite: bool = False) -> Path:
+def manifest(path: Path) -> dict[str, list[str]]:
+    """{relative path: [sha256, ...]} of the results minilora wrote into the run directory `path`."""
+    files = (read_marker(path) or {}).get("files")
+    if not isinstance(files, dict):
+        return {}
+    return {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, list)}
+
+
+def _vouched(d: Path) -> dict | None:
+    """state.json of a directory that vouches for itself (a checkpoint): it lists the sha256 of each of its
+    other files and nothing else is in it; else None."""
+    try:
+        state = json.loads((d / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    files = state.get("files") if isinstance(state, dict) else None
+    if not (isinstance(files, dict) and str(state.get("format", "")).startswith("minilora-")):
+        return None
+    if {e.name for e in d.iterdir()} != {"state.json", *files}:
+        return None
+    ok = all(isinstance(h, str) and (d / n).is_file() and not (d / n).is_symlink() and sha256(d / n) == h
+             for n, h in files.items())
+    return state if ok else None
+
+
+def owned(path: Path, name: str) -> bool:
+    """Whether minilora may replace or delete `path/name`: it is absent; or a directory that vouches for itself
+    (_vouched: a checkpoint); or every file under it is in the manifest with the sha256 it has now."""
+    target = path / name
+    if not os.path.lexists(target):
+        return True
+    if target.is_symlink():
+        return False
+    if target.is_dir() and _vouched(target) is not None:
+        return True
+    files = manifest(path)
+    for f in (target.rglob("*") if target.is_dir() else [target]):
+        if f.is_symlink() or not (f.is_file() or f.is_dir()):
+            return False
+        if f.is_file() and sha256(f) not in files.get(f.relative_to(path).as_posix(), ()):
+            return False
+    return True
+
+
+def not_owned_error(path: Path, name: str) -> RunDirError:
+    return RunDirError(f"{path / name} was not written by minilora (or has changed since): minilora never deletes "
+                       f"or replaces it, --overwrite included; move it away or choose another directory")
+
+
+def unfinished(path: Path) -> tuple[int, int] | None:
+    """(step, steps) of the newest checkpoint in `path` when its step is below its run's steps (the run stopped
+    early: Ctrl-C, a crash); None when there is none or it is finished. Reads minilora.runs.train_state's
+    state.json: "step", and "run": {"steps"}."""
+    states = [s for s in (_vouched(path / n) for n in CHECKPOINTS if (path / n).is_dir()) if s is not None]
+    if not states:
+        return None
+    state = max(states, key=lambda s: s.get("step", 0) if isinstance(s.get("step"), int) else 0)
+    step, steps = state.get("step"), (state.get("run") or {}).get("steps")
+    return (step, steps) if isinstance(step, int) and isinstance(steps, int) and step < steps else None
+
+
+def lock_holder(path: Path) -> str | None:
+    """The pid written in the lock of a run directory that a live process holds now, else None (a probe:
+    the lock is taken and given back at once, or not at all)."""
+    import fcntl
+    try:
+        fd = os.open(path / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # closing gives a taken probe lock back
+    return None
+
+
+def locked_error(path, holder: str) -> RunLockedError:
+    return RunLockedError(f"{path} is in use by another minilora run (pid {holder}); wait for it to finish, or "
+                          f"choose another directory")
+
+
+def check_run_dir(path: str | os.PathLike, kind: str, overwrite: bool = False, resume: bool = False,
+                  probe: bool = True) -> Path:
     """Raise RunDirError unless a run of `kind` may write into `path` (the rules in the module docstring);
-    return the resolved path. Reads only: nothing is created."""
+    return the resolved path. Reads only: nothing is created. probe: refuse a directory whose lock another
+    process holds (RunLockedError; off where the caller holds the lock itself)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     p = resolve(path)
@@ -130,7 +183,16 @@ def check_run_dir(path: str | os.PathLike, kind: str, overwrite: bool = False) -
     marker = read_marker(p)
     if (p / MARKER).exists() and marker is None:
         raise RunDirError(f"{path} holds a {MARKER} that is not minilora's; choose another directory")
-    others = [e.name for e in p.iterdir() if e.name not in (MARKER, LOCK) and not e.name.startswith(f".{MARKER}.")]
+    if probe and (holder := lock_holder(p)):
+        raise locked_error(path, holder)
+    others = [e.name for e in p.iterdir() if e.name not in (MARKER, LOCK) and not TEMP.match(e.name)]
+    for name in RESULTS[kind]:  # (a resumed run's checkpoint is verified by the loader, which names what is wrong)
+        if not (resume and name in CHECKPOINTS) and not owned(p, name):
+            raise not_owned_error(Path(path), name)
+    if kind == "finetune" and not (resume or overwrite) and (left := unfinished(p)):
+        raise RunDirError(f"{path} holds an unfinished run (a checkpoint at step {left[0]} of {left[1]}): pass "
+                          f"--resume (resume=True) to continue it, or --overwrite (overwrite=True) to start again "
+                          f"and replace its checkpoint")
     if marker is not None and marker["kind"] == kind or not others and marker is None or overwrite:
         return p
     what = f"a minilora {marker['kind']} run" if marker else f"not empty ({len(others)} entries, e.g. {sorted(others)[0]!r})"
@@ -141,23 +203,27 @@ def check_run_dir(path: str | os.PathLike, kind: str, overwrite: bool = False) -
 class RunDir:
     """An open run directory: checked (check_run_dir), created, marked, and locked until close().
 
-    lock=False checks and reads only (the data-parallel ranks other than 0, which write nothing);
-    wait=True waits for a held lock instead of refusing (a shared cache that another process is filling)."""
+    lock=False: a data-parallel rank other than 0, which writes nothing and takes rank 0's verdict on the
+    directory (minilora.parallel.decide): the path is resolved, nothing is read, checked or created (only one
+    process may look at a directory another one is creating). wait=True waits for a held lock instead of
+    refusing (a shared cache that another process is filling)."""
 
     def __init__(self, path: str | os.PathLike, kind: str, overwrite: bool = False, lock: bool = True,
-                 wait: bool = False):
-        self.path, self.kind, self._fd = check_run_dir(path, kind, overwrite), kind, None
+                 wait: bool = False, resume: bool = False):
+        self.kind, self._fd = kind, None
         if not lock:
+            self.path = resolve(path)
             return
+        self.path = check_run_dir(path, kind, overwrite, resume, probe=not wait)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunDirError(f"cannot create run directory {path}: {e.strerror}") from None
         self._lock(wait)
         try:
-            check_run_dir(self.path, kind, overwrite)  # again, under the lock: another run may have been first
+            check_run_dir(self.path, kind, overwrite, resume, probe=False)  # again, under the lock
             if (read_marker(self.path) or {}).get("kind") != kind:
-                atomic_write_json(self.path / MARKER, {"format": FORMAT, "kind": kind})
+                self._write_marker(manifest(self.path))
             remove_dead_temps(self.path)
         except BaseException:
             self.close()
@@ -171,14 +237,16 @@ class RunDir:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RunLockedError(f"{self.path} is in use by another minilora run (pid {holder}); wait for it to "
-                                 f"finish, or choose another directory") from None
+            raise locked_error(self.path, holder) from None
         except BaseException:
             os.close(fd)
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # in place: the lock file's inode must stay the same
         self._fd = fd
+
+    def _write_marker(self, files: dict[str, list[str]]) -> None:
+        atomic_write_json(self.path / MARKER, {"format": FORMAT, "kind": self.kind, "files": files})
 
     @property
     def locked(self) -> bool:
@@ -202,68 +270,25 @@ class RunDir:
     def results(self, last: tuple[str, ...] = ()):
         """with run_dir.results() as staged: write results into `staged`, a fresh temporary directory inside
         the run directory. At the end each entry is moved into place, the names in `last` last (the file that
-        says "complete"): a file by one rename, a directory by files.replace_dir. On an error nothing moves
+        says "complete"): a file by one rename, a directory by files.replace_dir. What is there now is replaced
+        only if it is minilora's (owned), and the manifest lists the new files' sha256 before they move (beside
+        the old ones'), so a crash at any point leaves every result accounted for. On an error nothing moves
         and the staging directory is removed."""
-        staged = self.path / temp_name(".staging")
+        staged = self.path / temp_name("staging")
         staged.mkdir()
         try:
             yield staged
             names = sorted(e.name for e in staged.iterdir() if e.name not in last)
-            for name in names + [n for n in last if (staged / n).exists()]:
+            names += [n for n in last if (staged / n).exists()]
+            for name in names:
+                if not owned(self.path, name):
+                    raise not_owned_error(self.path, name)
+            new = {f.relative_to(staged).as_posix(): sha256(f) for f in staged.rglob("*") if f.is_file()}
+            files = manifest(self.path)
+            self._write_marker({**files, **{k: [*files.get(k, []), h] for k, h in new.items()}})
+            for name in names:
                 (replace_dir if (staged / name).is_dir() else os.replace)(staged / name, self.path / name)
+            kept = {k: v for k, v in files.items() if k.split("/")[0] not in names}
+            self._write_marker({**kept, **{k: [h] for k, h in new.items()}})
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-
-
-# ----- what a run may not change when it resumes -----
-
-def fingerprint(model: nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of every tensor in the state dict that is not trainable:
-    the frozen base a LoRA checkpoint belongs to (resuming onto other base weights would be wrong)."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if name in trainable:
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
-    return h.hexdigest()
-
-
-def data_fingerprint(data) -> str:
-    """sha256 of every (x, y) a dataset can give (a TokenStream: its tokens and block size)."""
-    h = hashlib.sha256(f"{type(data).__name__}:{len(data)}:{getattr(data, 'block_size', None)};".encode())
-    if isinstance(getattr(data, "tokens", None), torch.Tensor):
-        h.update(data.tokens.contiguous().numpy().tobytes())
-        return h.hexdigest()
-    for i in range(0, len(data), 256):
-        for t in data.collate(list(range(i, min(i + 256, len(data))))):
-            h.update(f"{tuple(t.shape)};".encode() + t.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def identity(model: nn.Module, train_data, val_data=None) -> dict:
-    """What a resumed run must share with the run that wrote the checkpoint, besides its settings: the data,
-    the model's config, every adapter's r / alpha / use_rslora, the tokenizer, the frozen base weights."""
-    config = asdict(model.config) if is_dataclass(getattr(model, "config", None)) else None
-    adapters = {n: {"r": m.r, "alpha": m.alpha, "use_rslora": m.use_rslora}
-                for n, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), nn.Parameter)}
-    tok = getattr(train_data, "tokenizer", None)
-    probe = "The quick brown fox, 1234 (jumps)!\n"
-    tokenizer = None if tok is None else {"class": type(tok).__name__, "vocab_size": tok.vocab_size,
-                                          "eos_id": tok.eos_id, "probe": list(tok.encode(probe))}
-    return json.loads(json.dumps({  # checked in this order: the most telling difference is named first
-        "model": config, "adapter": adapters, "tokenizer": tokenizer, "data": data_fingerprint(train_data),
-        "val_data": None if val_data is None else data_fingerprint(val_data), "frozen": fingerprint(model)}))
-
-
-def first_difference(saved: Any, now: Any, name: str) -> tuple[str, Any, Any] | None:
-    """(dotted name, saved value, current value) of the first place two JSON values differ, or None."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        for k in [*now, *(k for k in saved if k not in now)]:  # in the order of the current run's fields
-            d = first_difference(saved.get(k), now.get(k), f"{name}.{k}" if name else k)
-            if d:
-                return d
-        return None
-    return None if saved == now else (name, saved, now)

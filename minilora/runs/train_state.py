@@ -5,13 +5,15 @@
         optimizer.safetensors   the optimizer's tensors (AdamW: step, exp_avg, exp_avg_sq per parameter)
         rng.safetensors         torch's CPU (and CUDA) random state and the data sampler's generator state
         state.json              step, history, the optimizer's non-tensor state, the sha256 of each file above,
-                                what a resumed run may not change (run settings; minilora.runs.rundir.identity: data,
+                                what a resumed run may not change (run settings; minilora.runs.identity: data,
                                 model and adapter config, tokenizer, frozen base), its own integrity hash
 
-No pickle anywhere. At every instant at least one complete checkpoint is reachable: a save writes a fresh
-`checkpoint.tmp-<pid>-<random>` (state.json last, all fsynced); then, if `checkpoint` is complete, drops
-`checkpoint.old` and renames checkpoint -> checkpoint.old; renames tmp -> checkpoint; drops checkpoint.old.
-A checkpoint is dropped state.json first, so a half-deleted one never looks complete; find_checkpoint takes
+No pickle anywhere. At every instant at least one complete checkpoint is reachable, a full disk included: a
+save writes a fresh temporary directory (files.temp_name; every byte through files.write_all, state.json last,
+all fsynced), so a short write or ENOSPC fails the save before anything is renamed; then it drops
+`checkpoint.old`, renames checkpoint -> checkpoint.old, renames tmp -> checkpoint and drops checkpoint.old.
+A checkpoint is dropped by renaming it to a temporary first, so no name ever holds half of one; a
+`checkpoint` that is not a complete checkpoint (a user's directory) is never replaced. find_checkpoint takes
 the newest complete one. Loading validates state.json (schema, integrity hash), every file's hash, names and
 shapes, and refuses another run's checkpoint naming what differs (CheckpointError). Non-finite weights are
 never saved (TrainingDiverged).
@@ -29,8 +31,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .files import fsync_dir, remove_dead_temps, safetensors_bytes, sha256, temp_name, write_file
 from .tensor_tree import flatten, unflatten
-from .rundir import first_difference, remove_dead_temps, temp_name
+from .identity import first_difference
+from .rundir import RunDirError
 
 FORMAT = "minilora-train-state"
 VERSION = 2
@@ -52,14 +56,6 @@ class TrainingDiverged(RuntimeError, ValueError):
 
 # ----- what a checkpoint belongs to -----
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def integrity(state: dict) -> str:
     """sha256 of state.json's content without its own `integrity` field (canonical JSON)."""
     body = {k: v for k, v in state.items() if k != "integrity"}
@@ -74,32 +70,33 @@ def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fsync(path: Path, data: bytes = b"") -> None:
-    """fsync a file or directory; with data, first create the file holding it (inside the tmp directory)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) if data else os.open(path, os.O_RDONLY)
+def complete(checkpoint: Path) -> bool:
+    """Whether `checkpoint` is a complete checkpoint (read_state verifies it): one that minilora wrote."""
     try:
-        if data:
-            os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        read_state(checkpoint)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _drop(checkpoint: Path) -> None:
-    """Remove a checkpoint directory, state.json first (so it never looks complete while half deleted)."""
-    (checkpoint / "state.json").unlink(missing_ok=True)
-    shutil.rmtree(checkpoint)
+    """Remove a checkpoint directory: first renamed to a temporary (one atomic step), then deleted."""
+    aside = checkpoint.with_name(temp_name(checkpoint.name))
+    os.replace(checkpoint, aside)
+    shutil.rmtree(aside)
 
 
 def save_train_state(out_dir: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | dict,
                      generator: torch.Generator, step: int, run: dict, identity: dict, history: dict) -> Path:
     """Write <out_dir>/checkpoint so that a complete checkpoint is reachable at every instant (module docstring).
     optimizer: the optimizer, or its state_dict with whole tensors (a sharded run's, gathered)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     final, old = out_dir / NAME, out_dir / OLD
-    remove_dead_temps(out_dir, NAME)  # left behind by a crashed save; a live process's are left alone
+    for p in (final, old):  # checked before any byte is written: minilora replaces only its own checkpoints
+        if p.exists() and not complete(p):
+            raise RunDirError(f"{p} is not a complete minilora checkpoint; minilora never replaces it: move it "
+                              f"away, or choose another directory")
+    remove_dead_temps(out_dir)  # left behind by a crashed save; a live process's are left alone
     tmp = out_dir / temp_name(NAME)
     os.mkdir(tmp)
     try:
@@ -108,22 +105,20 @@ def save_train_state(out_dir: str | os.PathLike, *, model: nn.Module, optimizer:
         opt_meta = flatten(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), opt_tensors)
         hashes = {}
         for fname, tensors in zip(FILES, (trainable, opt_tensors, _rng_tensors(generator))):
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            _fsync(tmp / fname)
-            hashes[fname] = sha256(tmp / fname)
+            data = safetensors_bytes(tensors)
+            write_file(tmp / fname, data)
+            hashes[fname] = hashlib.sha256(data).hexdigest()
         state = {"format": FORMAT, "version": VERSION, "step": step, "run": run, "identity": identity,
                  "history": history, "optimizer": opt_meta, "files": hashes}
         state["integrity"] = integrity(json.loads(json.dumps(state)))
-        _fsync(tmp / "state.json", json.dumps(state, indent=1).encode())
-        _fsync(tmp)
-        if (final / "state.json").is_file():  # the current checkpoint is complete: old may go, it moves aside
+        write_file(tmp / "state.json", json.dumps(state, indent=1).encode())
+        fsync_dir(tmp)
+        if final.exists():  # complete (checked above): the previous checkpoint moves aside
             if old.exists():
                 _drop(old)
             os.replace(final, old)
-        elif final.exists():  # a `checkpoint` without state.json is no checkpoint (this code never makes one)
-            shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(out_dir)
+        fsync_dir(out_dir)
         if old.exists():
             _drop(old)
     except BaseException:
@@ -255,7 +250,12 @@ class RunCheckpoints:
         """save_train_state, unless a trainable weight is inf or NaN (TrainingDiverged: the last one stays).
         A sharded run first gathers whole tensors on every rank (collectives); the lock holder writes."""
         with self._whole() as optimizer:
-            self._save(step, history, optimizer)
+            self._decide(lambda: self._save(step, history, optimizer))
+
+    def _decide(self, fn) -> None:
+        """fn() where the writer may fail alone (a full disk): under several ranks they agree on it, so the
+        others stop with it instead of waiting in the next collective (minilora.parallel.decide)."""
+        (self.replica.decide if self.replica is not None else lambda f: f())(fn)
 
     def _save(self, step: int, history: dict, optimizer) -> None:
         if optimizer is None:
@@ -283,8 +283,10 @@ class RunCheckpoints:
     def finish(self, step: int, history: dict, write_results) -> None:
         """The last checkpoint, then write_results(staged): each result is renamed into the run directory when
         complete, metrics.json last (minilora.runs.RunDir.results)."""
-        with self._whole() as optimizer:
+        def save_and_write() -> None:
             self._save(step, history, optimizer)
             if optimizer is not None and self.writes:
                 with self.run_dir.results(last=("metrics.json",)) as staged:
                     write_results(staged)
+        with self._whole() as optimizer:
+            self._decide(save_and_write)
