@@ -1,0 +1,1 @@
+"""Hugging Face files in and out: transformers checkpoint directories and model ids from the Hub cache."""
