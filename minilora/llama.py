@@ -211,7 +211,8 @@ class Llama(nn.Module):
         return logits, loss
 
     def run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The decoder layers in order; with gradient checkpointing, in recomputed segments."""
+        """The decoder layers in order; with gradient checkpointing, in recomputed segments (the rotary tables
+        are constants every layer takes, passed along to each)."""
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint_sequential(self.model.layers, x, cos, sin, segments=self.config.checkpoint_segments)
         for layer in self.model.layers:

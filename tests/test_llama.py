@@ -226,3 +226,18 @@ def test_model_id_resolves_through_the_hub_cache_offline(tmp_path):
     out = run("minilora-test/not-cached")
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: from_pretrained: minilora-test/not-cached is neither")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = Llama(LlamaConfig(**TINY | dict(num_hidden_layers=4, num_key_value_heads=2))).train()
+    add_lora(plain, TARGETS, r=2)
+    ckpt = copy.deepcopy(plain)
+    ckpt.config.gradient_checkpointing = True
+    idx = tokens()
+    grads = []
+    for model in (plain, ckpt):
+        model(idx, idx)[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 4
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7) for n in grads[0])

@@ -30,13 +30,15 @@ def test_param_count_with_tied_head_and_biases():
     assert llama_param_count(config) == sum(p.numel() for p in Llama(config).parameters())
 
 
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kv", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
-def test_activation_walk_matches_a_measured_step(mode, kv, dtype):
+def test_activation_walk_matches_a_measured_step(mode, kv, dtype, ckpt):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=64)
+                         num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=64,
+                         gradient_checkpointing=ckpt)
     model = Llama(config).to(dtype)
     if mode == "lora":
         add_lora(model, LLAMA_TARGETS, r=R)
@@ -50,4 +52,4 @@ def test_activation_walk_matches_a_measured_step(mode, kv, dtype):
                             head_kind="trained" if mode == "full" else "frozen", embeddings_trained=mode == "full",
                             norms_trained=mode == "full", act=itemsize(dtype),
                             adapter=itemsize(dtype) if mode == "lora" else 2, compute=2, r=R, device="cpu")
-    assert saved_activations_llama(config, setup).peak == got.activations
+    assert saved_activations_llama(config, setup, None if ckpt else False).peak == got.activations
