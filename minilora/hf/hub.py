@@ -6,6 +6,7 @@ downloaded when online. Offline and not cached is one error line naming the id.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -34,3 +35,18 @@ def resolve(path: str | os.PathLike, caller: str = "from_pretrained") -> Path:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise FileNotFoundError(f"{caller}: {path} is neither a directory nor a model huggingface_hub can "
                                 f"provide ({type(e).__name__}: {first})") from None
+
+
+def read_config(path: str | os.PathLike, caller: str = "from_pretrained") -> tuple[Path, dict]:
+    """(the resolved directory, its config.json as a dict), with one error line for a missing or broken file."""
+    path = resolve(path, caller)
+    where = path / "config.json"
+    if not where.is_file():
+        raise FileNotFoundError(f"{caller}: {where} not found")
+    try:
+        config = json.loads(where.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{caller}: {where} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{caller}: {where} must hold a JSON object, got {type(config).__name__}")
+    return path, config

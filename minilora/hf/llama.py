@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write, atomic_write_json
-from .hub import resolve
+from .hub import read_config
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -57,8 +57,6 @@ def _rope(hf: dict, where: str) -> tuple[float, dict | None]:
 
 def config_fields(hf: dict, where: str) -> dict:
     """LlamaConfig's fields (a dict) for a config.json dict; what minilora does not implement is refused by name."""
-    if not isinstance(hf, dict):
-        raise ValueError(f"{where} must hold a JSON object, got {type(hf).__name__}")
     kind = hf.get("model_type")
     if kind not in ARCHITECTURES:
         raise ValueError(f"{where} has model_type {kind!r}; minilora's Llama loads {', '.join(ARCHITECTURES)}")
@@ -148,20 +146,19 @@ def _files(path: Path) -> list[Path]:
     return [path / n for n in names]
 
 
+def read_settings(path: str | os.PathLike, caller: str = "from_pretrained") -> dict:
+    """LlamaConfig's fields from a directory's (or Hub id's) config.json alone: no weights are read."""
+    path, hf = read_config(path, caller)
+    return config_fields(hf, f"{caller}: {path / 'config.json'}")
+
+
 def read(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(LlamaConfig fields, state dict) of a directory or Hub id, every tensor checked by name and shape and cast
     to dtype (None: the checkpoint's own, which must then be one of fp32 / fp16 / bf16 throughout)."""
     from safetensors.torch import load_file
 
-    path = resolve(path)
-    where = path / "config.json"
-    if not where.is_file():
-        raise FileNotFoundError(f"from_pretrained: {where} not found")
-    try:
-        hf = json.loads(where.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"from_pretrained: {where} is not valid JSON ({e})") from None
-    cfg = config_fields(hf, f"from_pretrained: {where}")
+    path, hf = read_config(path)
+    cfg = config_fields(hf, f"from_pretrained: {path / 'config.json'}")
     want, sd = shapes(cfg), {}
     for f in _files(path):
         for key, t in load_file(str(f)).items():
