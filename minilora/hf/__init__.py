@@ -1,1 +1,1 @@
-"""Hugging Face files in and out: transformers checkpoint directories and model ids from the Hub cache."""
+"""Hugging Face checkpoints in and out: config dicts and state dicts, no model classes (the models call these)."""

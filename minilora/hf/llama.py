@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_write, atomic_write_json
+from ..runs.files import atomic_write, atomic_write_json
 from .hub import read_config
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
