@@ -1,13 +1,12 @@
-"""The real models' memory: Llama presets with exact parameter counts, and the Llama activation walk against a
+"""The real models' memory: Llama presets with exact parameter counts, and estimate(LlamaConfig) against a
 measured training step."""
 import pytest
 import torch
 
 from minilora import add_lora, add_qlora
 from minilora.llama import Llama, LlamaConfig
-from minilora.memory import measure
-from minilora.memory.activations import ActivationSetup, itemsize
-from minilora.memory.llama import LLAMA_LINEARS, LLAMA_TARGETS, PRESETS, llama_param_count, saved_activations_llama
+from minilora.memory import PARTS, estimate, format_table, measure
+from minilora.memory.llama import LLAMA_TARGETS, PRESETS, llama_param_count
 
 B, T, R = 2, 24, 4
 # the published counts: Llama-2-7B, LLaMA-65B and Llama-2-70B as the issue states them, Llama-3-8B's model card
@@ -34,7 +33,8 @@ def test_param_count_with_tied_head_and_biases():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kv", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
-def test_activation_walk_matches_a_measured_step(mode, kv, dtype, ckpt):
+def test_estimate_matches_a_measured_step_to_the_byte(mode, kv, dtype, ckpt):
+    """Every part of estimate(LlamaConfig) equals a measured step of minilora's Llama (QLoRA: bf16 compute)."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=64,
@@ -47,9 +47,7 @@ def test_activation_walk_matches_a_measured_step(mode, kv, dtype, ckpt):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     idx, targets = torch.randint(0, 131, (B, T)), torch.randint(0, 131, (B, T))
     got = measure(model, opt, (idx, targets))
-    kind = {"full": "trained", "lora": "lora", "qlora": "qlora"}[mode]
-    setup = ActivationSetup(batch_size=B, seq_len=T, kinds=[dict.fromkeys(LLAMA_LINEARS, kind)] * 3,
-                            head_kind="trained" if mode == "full" else "frozen", embeddings_trained=mode == "full",
-                            norms_trained=mode == "full", act=itemsize(dtype),
-                            adapter=itemsize(dtype) if mode == "lora" else 2, compute=2, r=R, device="cpu")
-    assert saved_activations_llama(config, setup, None if ckpt else False).peak == got.activations
+    est = estimate(config, mode, batch_size=B, seq_len=T, r=R, dtype=dtype, device="cpu")
+    for part, _ in PARTS:
+        assert getattr(est, part) == getattr(got, part), f"{part}:\n{format_table([est, got])}"
+    assert (est.n_params, est.n_trainable) == (got.n_params, got.n_trainable) and got.activations > 0

@@ -17,11 +17,11 @@ The saved-tensor walk follows minilora/llama.py op by op, as activations.py does
 from __future__ import annotations
 
 from ..checkpointing import segment_bounds
+from ..train_config import LLAMA_TARGETS  # noqa: F401  (the seven names, re-exported here)
 from .activations import ActivationSetup, SavedActivations, record_linear
 
 LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-LLAMA_TARGETS = tuple(n.rsplit(".", 1)[1] for n in LLAMA_LINEARS)  # PEFT's names: every linear of every layer
 
 # transformers' config.json values of the released models (shape fields only; vocabulary 32000 for Llama 1/2)
 PRESETS = {
