@@ -25,14 +25,12 @@ from .demos.finetune import DemoConfig, pretrain_base, print_report, run_demo
 from .parallel import is_main
 from .generate import generate_text
 from . import from_pretrained, model_config
-from .gpt import GPT, GPTConfig
 from .hf.hub import resolve
-from .llama import Llama, LlamaConfig
-from .memory import estimate, format_table
+from .memory.command import cmd_memory, default_targets
 from .memory.llama import PRESETS
 from .qlora import load_qlora_adapter
 from .runs import check_run_dir
-from .train import TrainConfig, measure_step_memory, prepare_model, train
+from .train import TrainConfig, train
 from .train_config import DEFAULT_TARGETS, LLAMA_TARGETS, MODES, OPTIMIZERS
 
 
@@ -212,18 +210,13 @@ def cmd_pretrain(a) -> None:
     print(f"pretrained {a.steps} steps in {res.seconds:.0f}s: validation loss {res.final['loss']:.3f} -> {a.out}")
 
 
-def _targets(a, config) -> tuple[str, ...]:
-    """--targets, or every linear layer inside the blocks of the model family."""
-    return tuple(a.targets) if a.targets else (LLAMA_TARGETS if isinstance(config, LlamaConfig) else DEFAULT_TARGETS)
-
-
 def cmd_finetune(a) -> None:
     check_run_dir(a.out, "finetune", a.overwrite)  # before the model and the data are read
     dc = DemoConfig()
     base_dir = resolve(a.base, "finetune")
     lr = a.lr if a.lr is not None else (dc.lr_full if a.mode == "full" else dc.lr_lora)
     cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout,
-                      targets=_targets(a, model_config(base_dir, "finetune")), lr=lr,
+                      targets=default_targets(a.targets, model_config(base_dir, "finetune")), lr=lr,
                       warmup_steps=a.warmup_steps, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                       gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,
                       optimizer=a.optimizer or "adamw", fsdp=a.fsdp, device=a.device, eval_every=a.eval_every,
@@ -256,53 +249,6 @@ def cmd_generate(a) -> None:
         load_adapter(model, a.adapter)
     text = a.prompt if a.prompt is not None else prompt(a.instruction, a.context or "")
     print(generate_text(model, tok, text, a.max_new_tokens, temperature=a.temperature, seed=a.seed))
-
-
-def cmd_memory(a) -> None:
-    if a.measure and a.fsdp > 1:
-        raise ValueError("--measure runs one process; measure FSDP under torchrun (see tests/test_fsdp.py)")
-    if a.model_preset:
-        cfg = LlamaConfig(**PRESETS[a.model_preset])
-    else:
-        cfg = model_config(a.model, "memory") if a.model else GPTConfig(
-            block_size=a.block_size, vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
-    a.targets = _targets(a, cfg)
-    seq, rows = a.seq_len or cfg.block_size, []
-    opt = TrainConfig(optimizer=a.optimizer or "adamw", paged=a.paged).optimizer  # --paged alone: "paged"
-    for mode in a.mode:
-        if a.measure and estimate(cfg, "full").n_params > 50_000_000:
-            raise ValueError(f"--measure runs a real step; {estimate(cfg, 'full').n_params:,} parameters is too large "
-                             f"for it here")
-        rows.append(estimate(cfg, mode, batch_size=a.batch_size, seq_len=seq, r=a.r, targets=tuple(a.targets),
-                             dtype=a.dtype, compute_dtype=a.dtype, state_dtype="float32", optimizer=opt,
-                             checkpointing=a.gradient_checkpointing, fsdp=a.fsdp, cpu_offload=a.cpu_offload,
-                             device="cpu", label=f"{mode} (estimate)"))
-        if a.measure:
-            rows.append(_measure(cfg, mode, a, seq))
-    fsdp = f"; per process of {a.fsdp} (FSDP{', CPU offload' if a.cpu_offload else ''})" if a.fsdp > 1 else ""
-    if isinstance(cfg, LlamaConfig):
-        shape = (f"{a.model_preset or 'Llama'}: {cfg.num_hidden_layers} layers x {cfg.hidden_size} wide "
-                 f"({cfg.num_attention_heads} query / {cfg.num_key_value_heads} key-value heads, MLP "
-                 f"{cfg.intermediate_size})")
-    else:
-        shape = f"GPT: {cfg.n_layer} layers x {cfg.n_embd} wide"
-    print(f"{shape}, vocab {cfg.vocab_size}, {rows[0].n_params:,} parameters; "
-          f"batch {a.batch_size} x {seq} tokens; {a.dtype} weights, optimizer {opt}"
-          f"{', gradient checkpointing' if a.gradient_checkpointing else ''}{fsdp}")
-    print(format_table(rows))
-
-
-def _measure(cfg, mode: str, a, seq: int):
-    if a.dtype != "float32":
-        raise ValueError("--measure trains a float32 model; leave --dtype at float32 to measure")
-    tc = TrainConfig(mode=mode, r=a.r, targets=tuple(a.targets), gradient_checkpointing=a.gradient_checkpointing,
-                     paged=a.paged, optimizer=a.optimizer or "adamw", batch_size=a.batch_size)
-    torch.manual_seed(0)
-    model = prepare_model((Llama if isinstance(cfg, LlamaConfig) else GPT)(cfg), tc)
-    x = torch.randint(cfg.vocab_size, (a.batch_size, seq))
-    m = measure_step_memory(model, tc, (x, x))
-    m.label = f"{mode} (measured)"
-    return m
 
 
 COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "finetune": cmd_finetune, "generate": cmd_generate,

@@ -155,8 +155,7 @@ def estimate(config: GPTConfig | LlamaConfig, mode: str = "full", *, batch_size:
     if not isinstance(config, (GPTConfig, LlamaConfig)):
         raise TypeError(f"config must be a GPTConfig or a LlamaConfig, got {type(config).__name__}")
     llama, L = isinstance(config, LlamaConfig), n_layers(config)
-    if targets is None:
-        targets = LLAMA_TARGETS if llama else DEFAULT_TARGETS
+    targets = (LLAMA_TARGETS if llama else DEFAULT_TARGETS) if targets is None else targets
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if optimizer not in OPTIMIZERS:
@@ -181,8 +180,7 @@ def estimate(config: GPTConfig | LlamaConfig, mode: str = "full", *, batch_size:
     if checkpointing is None:
         checkpointing = config.gradient_checkpointing
     if fsdp > 1 and checkpoint_segments not in (None, L):
-        raise ValueError(f"checkpoint_segments: with fsdp > 1 every block is its own segment ({L}), "
-                         f"got {checkpoint_segments}")
+        raise ValueError(f"checkpoint_segments must be {L} with fsdp > 1 (one per block), got {checkpoint_segments}")
     if checkpoint_segments is None:  # minilora.parallel.fsdp checkpoints block by block
         checkpoint_segments = config.checkpoint_segments if fsdp == 1 else L
 
@@ -190,10 +188,8 @@ def estimate(config: GPTConfig | LlamaConfig, mode: str = "full", *, batch_size:
     lora_names = set(find_targets(model, targets)) if mode != "full" else set()
     quant_names: set[str] = set()
     if mode == "qlora":
-        if quant_targets is None:
-            quant_names = set(untied_linears(model, find_targets(model, LLAMA_TARGETS) if llama else None))
-        else:
-            quant_names = set(find_targets(model, quant_targets))
+        quant_names = set(find_targets(model, quant_targets) if quant_targets is not None else
+                          untied_linears(model, find_targets(model, LLAMA_TARGETS) if llama else None))
     for name in lora_names | quant_names:
         if not isinstance(model.get_submodule(name), nn.Linear):
             raise ValueError(f"target {name!r} is a {type(model.get_submodule(name)).__name__}, not a linear layer")
