@@ -127,3 +127,56 @@ assert s70["k_proj"] == s70["v_proj"] == (8192, 1024) and s70["q_proj"] == (8192
 assert s70["q_proj"][1] == 8 * s70["k_proj"][1], "claim 'an eighth of q_proj' broke"
 assert round(100 * k_cost / q_cost) == 56, "claim '56 % of q_proj's adapter' broke"
 assert attention_shapes("llama-2-7b")["k_proj"] == (4096, 4096), "claim 'no grouping in Llama-2-7B' broke"
+
+# %% [markdown]
+# ## 3 · The memory bill of a QLoRA step on Llama-2-7B, against the QLoRA paper's breakdown
+#
+# `estimate` takes a `LlamaConfig` and walks a Llama layer's saved tensors op by op (`minilora/memory/llama.py`;
+# `tests/test_memory_llama.py` checks every part against a measured step, to the byte). The QLoRA paper
+# (Dettmers et al. 2023, section 4 and its Figure 6) breaks LLaMA-7B's QLoRA step down at one 512-token sequence
+# as: 4-bit base 5,048 MB, LoRA parameters 26 MB, LoRA input gradients 567 MB, 18 MB per sequence with gradient
+# checkpointing (*paper-only figures*; it does not derive them). Computed here for the same shape (Llama-2-7B
+# is LLaMA-7B's architecture), QLoRA r = 64 on all seven linears, BF16:
+#
+# - **4-bit base**: the 6.48B weights of the layers' linears in NF4 with double quantization are **3,341 MB**,
+#   the embeddings, head and norms in BF16 **525 MB**: 3.87 GB, **about three quarters of the paper's figure**;
+#   nothing this accounting models makes up the rest (the paper's number is a measurement or includes what a
+#   framework holds besides the tensors).
+# - **LoRA parameters**: the paper's adapters are "0.2 % of the original model weights"; 0.2 % of 6.74B weights
+#   in 16 bits is **25.7 MiB, the paper's "26 MB"** (its MB are MiB). Rank 64 on all seven linears is 12 times
+#   that: **320 MB**.
+# - **LoRA input gradients**: the inputs of the adapted linears that backward needs (the normalised x shared by
+#   q, k and v, the attention output for o_proj, the normalised x of the MLP, SwiGLU's product for down_proj, and
+#   every x·Aᵀ) come to **778 MB, within 40 % of the paper's 567 MB**; everything a layer saves (RMSNorm's fp32
+#   input, attention's q, k, v, SwiGLU's three intermediates as well) is **2.87 GB**.
+# - **With checkpointing**: ⌈√32⌉ = 6 segments keep 6 layer inputs, **25 MB** against the paper's 18 MB; the peak
+#   while one segment is recomputed is **534 MB**.
+
+# %%
+l7 = LlamaConfig(**PRESETS["llama-2-7b"])
+QLORA7 = dict(dtype="bf16", compute_dtype="bf16", state_dtype="fp32", r=64, batch_size=1, seq_len=512)
+plain7, ckpt7 = (estimate(l7, "qlora", **QLORA7, checkpointing=c, label=f"checkpointing {c}") for c in (False, True))
+print(format_table([plain7, ckpt7], unit="MB"))
+MB, MIB = 1e6, 2**20
+layer = plain7.saved.blocks[-1]
+adapter_inputs = l7.num_hidden_layers * sum(v for k, v in layer.items() if k.endswith(
+    ("ln_1.out", "attn.out", "ln_2.out", "mlp.product", ".xA")))
+lora02 = 0.002 * plain7.n_params * 2
+kept = len(ckpt7.saved.segments) * ckpt7.saved.input_bytes
+print(f"4-bit base: NF4 {plain7.quantized_weights / MB:,.0f} MB + BF16 {plain7.weights / MB:,.0f} MB "
+      f"= {(plain7.quantized_weights + plain7.weights) / MB:,.0f} MB (paper 5,048 MB)")
+print(f"0.2 % of the weights in 16 bits: {lora02 / MIB:.1f} MiB (paper 26 MB); r = 64 on all seven: "
+      f"{plain7.adapters / MB:,.0f} MB")
+print(f"adapted linears' inputs: {adapter_inputs / MB:,.0f} MB (paper 567 MB); all saved: "
+      f"{plain7.activations / MB:,.0f} MB; checkpointed: {kept / MB:.0f} MB kept, {ckpt7.activations / MB:,.0f} MB peak")
+
+# %%
+base7 = plain7.quantized_weights + plain7.weights
+assert round(plain7.quantized_weights / MB) == 3341 and round(plain7.weights / MB) == 525, "claim '3,341 + 525 MB'"
+assert 0.7 < base7 / (5048 * MB) < 0.8, "claim 'about three quarters of the paper's 5,048 MB' broke"
+assert round(lora02 / MIB) == 26 and round(plain7.adapters / MB) == 320, "claim '25.7 MiB; 320 MB at r = 64' broke"
+assert round(plain7.adapters / lora02) == 12, "claim '12 times' broke"
+assert round(adapter_inputs / MB) == 778 and adapter_inputs / (567 * MB) < 1.4, "claim '778 MB, within 40 %' broke"
+assert f"{plain7.activations / 1e9:.2f}" == "2.87", "claim 'all saved: 2.87 GB' broke"
+assert len(ckpt7.saved.segments) == 6 and round(kept / MB) == 25 and round(ckpt7.activations / MB) == 534, \
+    "claim '6 inputs, 25 MB kept, 534 MB peak' broke"
