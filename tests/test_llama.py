@@ -241,3 +241,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 4
     assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7) for n in grads[0])
+
+
+def test_gptq_and_int8_on_llama_linears():
+    """GPTQ visits a Llama's seven linears per layer in forward order; LLM.int8() layers stand in for them."""
+    from minilora import Int8Linear
+    from minilora.quant.gptq import quantize_model_gptq
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**TINY | dict(num_key_value_heads=2))).eval()
+    idx = tokens()
+    with torch.no_grad():
+        dense = model(idx)
+    gptq = copy.deepcopy(model)
+    states = quantize_model_gptq(gptq, [idx], TARGETS, bits=8, groupsize=None)
+    assert list(states) == [f"model.layers.{i}.{part}.{t}" for i in range(2)
+                            for part, names in (("self_attn", TARGETS[:4]), ("mlp", TARGETS[4:])) for t in names]
+    int8 = copy.deepcopy(model)
+    for name in list(states):
+        parent, _, child = name.rpartition(".")
+        setattr(int8.get_submodule(parent), child,
+                Int8Linear.from_linear(int8.get_submodule(name), compute_dtype=torch.float32))
+    with torch.no_grad():
+        assert rel(gptq(idx), dense) < 0.02 and rel(int8(idx), dense) < 0.02  # 8-bit rounding of every linear
