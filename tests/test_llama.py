@@ -263,3 +263,16 @@ def test_gptq_and_int8_on_llama_linears():
                 Int8Linear.from_linear(int8.get_submodule(name), compute_dtype=torch.float32))
     with torch.no_grad():
         assert rel(gptq(idx), dense) < 0.02 and rel(int8(idx), dense) < 0.02  # 8-bit rounding of every linear
+
+
+def test_minilora_from_pretrained_picks_the_model_by_model_type(tmp_path):
+    import minilora
+    from minilora import GPT, GPTConfig
+    GPT(GPTConfig(block_size=16, vocab_size=61, n_layer=1, n_head=2, n_embd=16)).save_pretrained(tmp_path / "gpt")
+    Llama(LlamaConfig(**TINY)).save_pretrained(tmp_path / "llama")
+    assert type(minilora.from_pretrained(tmp_path / "gpt")) is GPT
+    assert type(minilora.from_pretrained(tmp_path / "llama")) is Llama
+    cfg = json.loads((tmp_path / "llama" / "config.json").read_text())
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(cfg | {"model_type": "gemma"}))
+    with pytest.raises(ValueError, match="model_type 'gemma'; minilora loads gpt2, llama, mistral, qwen2"):
+        minilora.from_pretrained(tmp_path / "llama")
