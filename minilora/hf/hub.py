@@ -6,10 +6,11 @@ downloaded when online. Offline and not cached is one error line naming the id.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
+
+from ..runs.files import read_json_object
 
 MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # what a model directory needs (tokenizer files come along so that a downloaded model also has its tokenizer)
@@ -40,13 +41,4 @@ def resolve(path: str | os.PathLike, caller: str = "from_pretrained") -> Path:
 def read_config(path: str | os.PathLike, caller: str = "from_pretrained") -> tuple[Path, dict]:
     """(the resolved directory, its config.json as a dict), with one error line for a missing or broken file."""
     path = resolve(path, caller)
-    where = path / "config.json"
-    if not where.is_file():
-        raise FileNotFoundError(f"{caller}: {where} not found")
-    try:
-        config = json.loads(where.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{caller}: {where} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{caller}: {where} must hold a JSON object, got {type(config).__name__}")
-    return path, config
+    return path, read_json_object(path / "config.json", caller)
