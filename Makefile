@@ -12,7 +12,7 @@ export TRITON_DEFAULT_FP_FUSION ?= 1
 # found as a top-level `kernels` package, which transformers probes for.
 export PYTHONSAFEPATH = 1
 
-.PHONY: setup demo test bench notebooks clean
+.PHONY: setup demo test bench site browser clean
 
 setup: $(STAMP)
 
@@ -26,17 +26,25 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python -m minilora demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/pytest
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
-# Executed copies for reading without running anything: notebooks/executed/NN_name.ipynb (outputs and figures)
-# and NN_name.html (when nbconvert is installed). They are what tests/test_notebooks.py ran; git ignores them.
-notebooks: $(STAMP)
-	MINILORA_NOTEBOOK_OUT=$(CURDIR)/notebooks/executed $(BIN)/pytest -q -rP tests/test_notebooks.py -k runs_top_to_bottom
-	@echo "executed copies (.ipynb and .html) are in notebooks/executed/"
+# The lecture as a static site to read without running anything: every notebook executed (the same run
+# `make test` does, reusing the cached base), rendered by tools/build_site.py into site/ (git-ignored), and each
+# page opened in headless Chromium (tests/test_site.py), which keeps a screenshot of it in site/screenshots/.
+site: $(STAMP) browser
+	$(BIN)/pytest -q -rP tests/test_notebooks.py tests/test_site.py -k "runs_top_to_bottom or renders_in_chromium"
+	@echo "open site/index.html"
+
+# The browser test needs a Chromium: Debian's package, installed with apt-get where it is missing (the test
+# skips, saying so, where none can be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
+	  echo "no Chromium and none could be installed: tests/test_site.py will skip"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -20,35 +20,34 @@ API (all take keyword arguments blocksize=64, nested_absmax=None, nested_code=No
     nf4_dequantize(packed, absmax, code, *, shape, dtype)            -> W (shape), bit-identical
                                                                         to the PyTorch reference
     nf4_matmul(x, packed, absmax, code, *, N, K, bias=None,
-               lora_xa=None, lora_B=None, lora_scaling=1.0)          -> Y = X·Wᵀ (+ bias)
+               lora_xa=None, lora_B=None, lora_scaling=1.0,
+               kernel="auto")                                        -> Y = X·Wᵀ (+ bias)
                                                                         (+ scaling·XA·Bᵀ), (..., N)
-    nf4_matmul_dx(dy, packed, absmax, code, *, N, K)                 -> dX = dY·W, (..., K)
+    nf4_matmul_dx(dy, packed, absmax, code, *, N, K, kernel="auto")  -> dX = dY·W, (..., K)
     nf4_dequantize_state(state, dtype=None), nf4_matmul_state(x, state, **epilogue),
-    nf4_matmul_dx_state(dy, state)                                   the same, for any object
+    nf4_matmul_dx_state(dy, state, kernel="auto")                    the same, for any object
                                                                         with the fields above
     kernels_available(device)                                        can the compiled kernels
                                                                         run there?
 
-Tensors on a CUDA device run compiled kernels (bf16/fp16 operands multiply on the tensor cores
-with fp32 accumulation; fp32 operands as three TF32 products, "tf32x3", or one when torch
-allows TF32). CPU tensors run the same kernels under the Triton interpreter (slow; for tests
-and lectures; needs a Triton whose interpreter works with the installed NumPy, see
-_runtime.interpreter_works). Tile sizes are chosen by M, deterministically (configs.py): a
-split-K tile path for M <= 64 (decoding) and 128 × 128 tiles above (training). Any K works:
-odd K, and K not a multiple of the blocksize, take a slower per-element path.
+Two kernels compute each matmul (kernel="auto" picks, "decode" / "tiles" force one):
+    decode  nf4_gemv.py      M <= 16 rows and K % 8 == 0: streams W as 32-bit words of eight
+                             codes, split-K over every SM, multiply-adds on the CUDA cores for
+                             M <= 2 (fp32: always), one 16-row mma tile above
+    tiles   nf4_matmul.py,   any shape: tl.dot on byte tiles dequantized in registers; split-K
+            nf4_matmul_dx.py tiles for M <= 64, 128-wide tiles above; the readable reference
+Tensors on a CUDA device run compiled kernels; CPU tensors run the same kernels under the Triton
+interpreter (slow; for tests and lectures; see _runtime.interpreter_works). Tile sizes are a
+pure function of the shape (configs.py); roofline.py says how fast each choice can be, aot.py
+compiles them for a GPU that is not there.
 
-Measured on an H100 (benchmarks/kernel_speed.py, bf16, CUDA-graph replays, cold L2; speed
-relative to a bf16 torch.matmul): for M = 1 and 16 the fused forward runs at 0.92-1.03x
-(dX 0.69-0.92x), i.e. about as fast as bf16 and 1.6-2.2x faster than dequantize-then-matmul,
-but far from the 3.9x that 0.52 bytes per weight would allow. For M >= 512 it runs at
-0.23-0.43x, 1.5-2.5x SLOWER than dequantize-then-matmul (each W tile is dequantized again
-for every 128-row block of X). So for training-size M, nf4_dequantize + torch.matmul is the
-faster choice today.
+QLoRALinear (minilora/nf4_linear.py) calls nf4_matmul / nf4_matmul_dx on CUDA for up to 64 rows
+(decode kernels up to 16 of them) and dequantize-then-matmul above.
 
-QLoRALinear uses them on CUDA (minilora/nf4_linear.py): for M <= FUSED_MAX_M (64) rows its
-autograd function calls nf4_matmul in forward (with lora_xa = X·lora_Aᵀ and lora_B, so the adapter
-is fused into the same launch) and nf4_matmul_dx in backward; above that it dequantizes with
-nf4_dequantize and multiplies with torch.matmul. The adapter gradients stay in PyTorch.
+Note: a memory-bound NF4 matmul moves 0.516 byte per weight against 2 for bf16, so 3.88x is
+the ceiling; the decode kernels are shaped by that bound (wide word loads, scales once per
+group, enough programs to keep every SM loading), the tile kernels by the tensor cores.
+For training-size M both are compute-bound and dequantize-then-matmul is as good.
 """
 if __name__ != "minilora.kernels":      # the repository root is on sys.path and something ran `import kernels`
     raise ImportError("the folder kernels/ is the package minilora.kernels, but it was imported as a top-level "

@@ -19,9 +19,12 @@ _KERNELS = {   # plan.kernel -> (module, function)
     "dequant": ("nf4_dequant", "nf4_dequant_kernel"),
     "matmul": ("nf4_matmul", "nf4_matmul_kernel"),
     "matmul_dx": ("nf4_matmul_dx", "nf4_matmul_dx_kernel"),
+    "gemv": ("nf4_gemv", "nf4_gemv_kernel"),
+    "gemv_dx": ("nf4_gemv", "nf4_gemv_dx_kernel"),
 }
 _TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_INTS = {"M", "N", "K", "R", "row_bytes", "log2_blocksize", "k_per_split", "n_per_split", "numel"}
+_INTS = {"M", "N", "K", "R", "row_bytes", "log2_blocksize", "k_per_split", "n_per_split", "numel",
+         "num_splits"}
 
 
 def jit_function(plan: KernelPlan):
@@ -39,15 +42,18 @@ def signature(plan: KernelPlan, dtype: torch.dtype) -> tuple:
     """(signature, constexprs, attrs) for ASTSource: argument types as Triton spells them."""
     fn = jit_function(plan)
     act = _TRITON_TYPE[dtype]
-    out = act if plan.split == 1 else "fp32"          # split plans write fp32 partial sums
+    decode = plan.kernel.startswith("gemv")           # decode plans write Y and keep partials aside
+    out = act if plan.split == 1 or decode else "fp32"   # split tile plans write fp32 partial sums
     dq = plan.constexprs.get("DOUBLE_QUANT", True)
     pointer = {"x_ptr": act, "dy_ptr": act, "bias_ptr": act, "xa_ptr": act, "lora_b_ptr": act,
                "packed_ptr": "u8", "absmax_ptr": "u8" if dq else "fp32", "code_ptr": "fp32",
                "nested_code_ptr": "fp32", "nested_absmax_ptr": "fp32", "offset_ptr": "fp32",
-               "y_ptr": out, "dx_ptr": out, "out_ptr": act}
+               "y_ptr": out, "dx_ptr": out, "out_ptr": act,
+               "words_ptr": "i32", "partial_ptr": "fp32", "counter_ptr": "i32"}
     # The common case: 16-byte aligned tensors and K a multiple of the blocksize; the JIT
     # specialises on the same divisibility when it holds.
-    aligned = plan.constexprs.get("SCALE_PER_ROW", True) and plan.constexprs.get("PAIRED", True)
+    aligned = (plan.constexprs.get("SCALE_PER_ROW", True) and plan.constexprs.get("PAIRED", True)
+               and plan.constexprs.get("GROUP", 64) > 8)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in plan.constexprs:

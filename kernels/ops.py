@@ -11,7 +11,10 @@ import torch
 from minilora.quant.format import FLOAT_DTYPES, NESTED_BLOCKSIZE, is_blocksize
 
 from . import _runtime
-from .configs import cdiv, plan_dequant, plan_matmul, plan_matmul_dx
+from .configs import (cdiv, decode_supported, plan_dequant, plan_gemv, plan_gemv_dx, plan_matmul,
+                      plan_matmul_dx)
+
+KERNELS = ("auto", "decode", "tiles")   # nf4_matmul(..., kernel=): auto = decode when it applies
 
 
 @dataclass
@@ -104,6 +107,45 @@ def _rows(name: str, t: torch.Tensor, features: int, letter: str) -> tuple:
     return t.shape[:-1], t.reshape(-1, features).contiguous()
 
 
+def _choose(kernel: str, M: int, K: int) -> bool:
+    """True to run the decode kernels (nf4_gemv.py), False for the tile kernels."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if M == 0:
+        return False
+    if kernel == "decode" and not decode_supported(M, K):
+        raise ValueError(f"kernel='decode' needs 1 <= M <= 16 rows and K % 8 == 0, got M={M}, K={K}")
+    return kernel == "decode" or (kernel == "auto" and decode_supported(M, K))
+
+
+def _words(packed: torch.Tensor) -> torch.Tensor:
+    """The packed codes as int32 words of eight (same bytes; a copy only if misaligned)."""
+    if packed.data_ptr() % 4:
+        packed = packed.clone()
+    return packed.view(torch.int32)
+
+
+_COUNTERS = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for split_k.py, one set per device and stream; the kernels
+    leave them at zero again."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+def _partials(plan, out: torch.Tensor) -> tuple:
+    """(partial-sum buffer, arrival counters) for a decode plan writing `out` (M, C)."""
+    partial = (torch.empty((plan.split, *out.shape), dtype=torch.float32, device=out.device)
+               if plan.split > 1 else out)
+    return partial, _counters(out.device, plan.grid[0])
+
+
 def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, *,
                    shape, dtype: torch.dtype = torch.float32, blocksize: int = 64,
                    nested_absmax: Optional[torch.Tensor] = None,
@@ -137,13 +179,15 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                offset: Union[torch.Tensor, float, None] = None,
                bias: Optional[torch.Tensor] = None,
                lora_xa: Optional[torch.Tensor] = None, lora_B: Optional[torch.Tensor] = None,
-               lora_scaling: float = 1.0) -> torch.Tensor:
+               lora_scaling: float = 1.0, kernel: str = "auto") -> torch.Tensor:
     """Y = X · Wᵀ (+ bias) (+ lora_scaling · XA · lora_Bᵀ), W (N, K) stored as NF4.
 
     x: (..., K) fp32/bf16/fp16; returns (..., N) in x's dtype. W is dequantized tile by tile
-    in registers (rounded to x's dtype, as the reference dequantize-then-matmul does) and
-    never written to memory. lora_xa = X · lora_Aᵀ with shape (..., R), lora_B (N, R): pass
-    both to add the LoRA term in the same launch.
+    in registers and never written to memory. lora_xa = X · lora_Aᵀ with shape (..., R),
+    lora_B (N, R): pass both to add the LoRA term in the same launch.
+    kernel: "auto" runs the decode kernel (nf4_gemv.py) for M <= 16 rows and K % 8 == 0 and
+    the tile kernel (nf4_matmul.py, W rounded to x's dtype as dequantize-then-matmul does)
+    otherwise; "decode" or "tiles" forces one.
     """
     lead, x2 = _rows("x", x, K, "K")
     q = _check_nf4(packed, absmax, code, N * K, blocksize, nested_absmax, nested_code, offset,
@@ -171,8 +215,21 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     for name, t in (("bias", bias), ("lora_xa", lora_xa), ("lora_B", lora_B)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, expected {x.device} like x")
+    decode = _choose(kernel, M, K)
     if M == 0:
         return x.new_empty((*lead, N))
+    if decode:
+        fn = _runtime.kernel("nf4_gemv", "nf4_gemv_kernel", x.device)
+        plan = plan_gemv(M, N, K, blocksize=q.blocksize, dtype=x.dtype, double_quant=q.double_quant,
+                         has_bias=bias is not None, has_lora=lora_xa is not None,
+                         num_sms=_runtime.num_sms(x.device), interpreted=_runtime.is_interpreted(fn))
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        fn[plan.grid](x2, _words(q.packed), *q.pointers()[1:],
+                      bias if bias is not None else x2, lora_xa if R else x2, lora_B if R else x2, y,
+                      *_partials(plan, y), M, N, K, R, q.blocksize.bit_length() - 1, plan.chunk, plan.split,
+                      float(lora_scaling), **plan.constexprs, num_warps=plan.num_warps,
+                      num_stages=plan.num_stages)
+        return y.reshape(*lead, N)
 
     fn = _runtime.kernel("nf4_matmul", "nf4_matmul_kernel", x.device)
     plan = plan_matmul(M, N, K, blocksize=q.blocksize, dtype=x.dtype, double_quant=q.double_quant,
@@ -196,18 +253,28 @@ def nf4_matmul_dx(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                   code: torch.Tensor, *, N: int, K: int, blocksize: int = 64,
                   nested_absmax: Optional[torch.Tensor] = None,
                   nested_code: Optional[torch.Tensor] = None,
-                  offset: Union[torch.Tensor, float, None] = None) -> torch.Tensor:
+                  offset: Union[torch.Tensor, float, None] = None, kernel: str = "auto") -> torch.Tensor:
     """dX = dY · W, the input gradient of Y = X · Wᵀ, W (N, K) stored as NF4.
 
     dy: (..., N) fp32/bf16/fp16; returns (..., K) in dy's dtype. W tiles are dequantized in
-    registers, as in nf4_matmul.
+    registers, as in nf4_matmul; `kernel` chooses between the decode and tile kernels the same way.
     """
     lead, dy2 = _rows("dy", dy, N, "N")
     q = _check_nf4(packed, absmax, code, N * K, blocksize, nested_absmax, nested_code, offset,
                    device=dy.device)
     M = dy2.shape[0]
+    decode = _choose(kernel, M, K)
     if M == 0:
         return dy.new_empty((*lead, K))
+    if decode:
+        fn = _runtime.kernel("nf4_gemv", "nf4_gemv_dx_kernel", dy.device)
+        plan = plan_gemv_dx(M, N, K, blocksize=q.blocksize, dtype=dy.dtype, double_quant=q.double_quant,
+                            num_sms=_runtime.num_sms(dy.device), interpreted=_runtime.is_interpreted(fn))
+        dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
+        fn[plan.grid](dy2, _words(q.packed), *q.pointers()[1:], dx, *_partials(plan, dx),
+                      M, N, K, q.blocksize.bit_length() - 1, plan.chunk, plan.split,
+                      **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        return dx.reshape(*lead, K)
     fn = _runtime.kernel("nf4_matmul_dx", "nf4_matmul_dx_kernel", dy.device)
     plan = plan_matmul_dx(M, N, K, blocksize=q.blocksize, dtype=dy.dtype,
                           double_quant=q.double_quant, num_sms=_runtime.num_sms(dy.device),
@@ -257,14 +324,14 @@ def nf4_dequantize_state(state, dtype: Optional[torch.dtype] = None) -> torch.Te
 
 
 def nf4_matmul_state(x: torch.Tensor, state, **epilogue) -> torch.Tensor:
-    """nf4_matmul for a QuantState-like object; epilogue: bias, lora_xa, lora_B, lora_scaling."""
+    """nf4_matmul for a QuantState-like object; epilogue: bias, lora_xa, lora_B, lora_scaling, kernel."""
     args = _state_args(state)
     N, K = _state_nk(state)
     return nf4_matmul(x, **args, N=N, K=K, **epilogue)
 
 
-def nf4_matmul_dx_state(dy: torch.Tensor, state) -> torch.Tensor:
+def nf4_matmul_dx_state(dy: torch.Tensor, state, kernel: str = "auto") -> torch.Tensor:
     """nf4_matmul_dx for a QuantState-like object."""
     args = _state_args(state)
     N, K = _state_nk(state)
-    return nf4_matmul_dx(dy, **args, N=N, K=K)
+    return nf4_matmul_dx(dy, **args, N=N, K=K, kernel=kernel)

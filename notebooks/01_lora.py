@@ -17,13 +17,15 @@
 # instructions; in-context learning only changes the prompt and leaves every weight alone. This notebook is
 # about changing the weights cheaply:
 #
+# 0. why "cheaply" matters: the 120 GB bill of full fine-tuning, and the three families of PEFT methods,
 # 1. what an instruction dataset looks like,
 # 2. why a product of two thin matrices, W = B·A, can stand in for a big one,
 # 3. what a trained weight matrix looks like (close to a Gaussian: the fact NF4 is built on, notebook 2),
 # 4. the LoRA layer, h = W0·x + (α/r)·B·A·x, why it starts out as the base model, and how A is initialised,
 # 5. why the update is scaled by α/r (and what α/√r, rsLoRA, changes),
 # 6. how many parameters LoRA trains (the lecture's table, recomputed),
-# 7. merging the adapter back into W0 after training.
+# 7. merging the adapter back into W0 after training, and what the LoRA paper measured against full
+#    fine-tuning (its GPT-2 table, labelled as the paper's).
 #
 # Every sentence below that states a number, an ordering or a comparison is followed by a cell that computes
 # it and asserts it: if the library stops supporting a claim, the notebook stops with a message naming it.
@@ -39,14 +41,67 @@ import matplotlib.pyplot as plt
 import torch
 
 import minilora
-from minilora import GPT, GPTConfig, LoRALinear, add_lora, count_parameters, merge_lora
+from minilora import GPT, GPTConfig, LoRALinear, add_lora, count_parameters, evaluate, merge_lora
 from minilora import format_count, lora_params_real, slide_table
 from minilora.data import ByteTokenizer, TokenStream, english_documents, split_documents, yoda_dataset
+from minilora.memory import GB, estimate, scaled_config
 from minilora.params import linear_shapes_llama
 from minilora.train import TrainConfig, train
 from minilora import plots
 
 torch.manual_seed(0)
+
+# %% [markdown]
+# ## The bill: 120 GB to fine-tune 10B parameters
+#
+# Full fine-tuning trains every weight, so every weight needs a gradient and AdamW's two moments. With the
+# lecture's recipe (fp16 weights and gradients, 2 + 2 bytes; fp32 moments, 4 + 4 bytes) that is 12 bytes per
+# parameter: for a 10B-parameter model, 120 GB before a single activation is stored — more than the largest
+# single GPU of 80 GB holds. Freezing the base and training only LoRA's adapters (rank 64 on every linear layer)
+# drops the gradients and moments of the base: the same model then needs under a quarter of that.
+# (`minilora.memory.estimate` counts it; notebook 6 checks it against measured training steps.) LoRA's win is
+# memory: per training step it still runs the whole forward and backward through the frozen weights, so it is
+# not "much faster" per step (*slide erratum*, notebook 7 §19: about 70 % of a full step's FLOPs).
+
+# %%
+c10 = scaled_config(10_000_000_000, n_layer=31, n_embd=5120, n_head=40, block_size=2048)
+bill = {mode: estimate(c10, mode, dtype="fp16", state_dtype="fp32", r=64, seq_len=2048)
+        for mode in ("full", "lora")}
+for mode, b in bill.items():
+    print(f"{mode:>4}: weights {b.weights / GB:6.1f} GB, gradients {(b.gradients + b.adapter_gradients) / GB:5.1f} GB, "
+          f"AdamW moments {(b.optimizer_state + b.adapter_optimizer_state) / GB:5.1f} GB -> {b.state_bytes / GB:6.1f} GB")
+assert round(bill["full"].state_bytes / GB) == 120 and bill["full"].state_bytes > 80 * GB, \
+    "claim broke: 120 GB, more than an 80 GB GPU"
+assert bill["lora"].state_bytes < bill["full"].state_bytes / 4, "claim broke: LoRA needs under a quarter of it"
+
+# %% [markdown]
+# ## Three families of parameter-efficient fine-tuning (PEFT)
+#
+# PEFT methods keep almost all of the pretrained weights frozen and train few parameters. They come in three
+# families:
+#
+# - **additive**: add new trainable modules or inputs and train only those — adapter layers inserted between
+#   the blocks (Houlsby et al. 2019), or soft prompts / prefixes prepended to the input (prefix tuning);
+# - **selective**: train a chosen subset of the existing weights — only the biases (BitFit), or only the top
+#   layers — and freeze the rest;
+# - **reparameterization**: train a small re-description of the weight *update* — LoRA's ΔW = B·A, which runs
+#   in parallel to the frozen W0 and can be merged into it afterwards, so it adds no inference cost.
+#
+# This notebook builds the third. On a small GPT (the one trained below), the selective choices and LoRA each
+# train under 6 % of the parameters; counted here:
+
+# %%
+_peft_gpt = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=128))
+_total = sum(p.numel() for p in _peft_gpt.parameters())
+families = {
+    "selective: biases only (BitFit)": sum(p.numel() for n, p in _peft_gpt.named_parameters() if n.endswith("bias")),
+    "reparameterization: LoRA r=8 on c_attn, c_fc": count_parameters(
+        add_lora(copy.deepcopy(_peft_gpt), ["c_attn", "c_fc"], r=8)).trainable,
+}
+for name, n_train in families.items():
+    print(f"{name:<46} {n_train:>7,} of {_total:,} ({n_train / _total:.2%})")
+assert all(n_train < 0.06 * _total for n_train in families.values()), "claim broke: each trains under 6 %"
+torch.manual_seed(0)  # the cells below draw from the same random stream whether or not this cell ran
 
 # %% [markdown]
 # ## An instruction dataset
@@ -65,7 +120,8 @@ assert all(ex.instruction and ex.output for ex in train_examples), "claim broke:
 #
 # A matrix W of shape m × n has m·n numbers. If it has rank r, it is exactly a product B·A with B of shape m × r
 # and A of shape r × n: only r·(m + n) numbers. A matrix of higher rank cannot be written exactly as such a
-# product, whatever B and A are; but the truncated SVD gives the *best* rank-r approximation (Eckart–Young),
+# product, whatever B and A are (*slide erratum*, notebook 7 §6: the intuition slide says any matrix decomposes
+# as B·A); but the truncated SVD gives the *best* rank-r approximation (Eckart–Young),
 # W_r = U_r·Σ_r·V_rᵀ, so B = U_r·Σ_r and A = V_rᵀ. Checked on a 200 × 300 matrix built with rank 5:
 
 # %%
@@ -77,8 +133,8 @@ B5, A5 = U[:, :r] * S[:r], Vh[:r]
 print(f"rank {int(torch.linalg.matrix_rank(M5))}; {m}·{n} = {m * n:,} numbers, B and A hold {B5.numel() + A5.numel():,}"
       f" = r·(m + n) = {r * (m + n):,}")
 print(f"max |W − B·A| = {(M5 - B5 @ A5).abs().max().item():.2e}")
-assert torch.linalg.matrix_rank(M5) == r and B5.numel() + A5.numel() == r * (m + n), "claim broke: r·(m + n) numbers"
-assert torch.allclose(B5 @ A5, M5, atol=1e-9), "claim broke: a rank-r matrix is exactly B·A"
+# (that a rank-r matrix is exactly B·A, and the truncated SVD is the best rank-r product, are theorems: checked
+# in tests/test_lecture_facts.py, printed here)
 
 # a full-rank matrix: no rank-4 product reproduces it; the SVD's rank-4 product is the closest, closer than
 # rank-4 products found any other way (here: 20 random ones, and the best least-squares fit on a random A)
@@ -93,7 +149,6 @@ for _ in range(20):
     others.append((F - B_fit @ A_rand).norm().item())
 print(f"‖F − F_4‖ = {svd_err:.2f} (SVD) vs at best {min(others):.2f} (20 other rank-4 products); ‖F‖ = {F.norm():.2f}")
 assert svd_err > 0.5 * F.norm().item(), "claim broke: a full-rank matrix is not close to any rank-4 product"
-assert svd_err <= min(others), "claim broke: the truncated SVD is the best rank-r approximation"
 
 # %% [markdown]
 # To have a real weight to look at, we train a small minilora GPT for a few hundred steps on English text
@@ -117,6 +172,90 @@ assert sum(losses[-20:]) / 20 < losses[0] - 1.0, "claim broke: the pretraining r
 
 W = model.get_submodule(layer_name).weight.detach().clone()
 print(layer_name, tuple(W.shape))
+
+# %% [markdown]
+# ### Batch size and epochs
+#
+# Two of the hyper-parameters every fine-tuning recipe sets. An **epoch** is one pass over the training data; the
+# run above drew 300 batches of 16 windows of 64 bytes at random, printed below as a number of epochs. The
+# **batch size** is how many examples one gradient averages: a larger batch gives a less noisy gradient, at the
+# price of memory (notebook 4) and compute per step. Measured on the model just trained: the distance between a
+# batch's gradient and the gradient of a large batch (128 windows) shrinks like 1/√B — from B = 2 to B = 32 (16×
+# the batch) it falls by about 4× (a little less, since the large batch is noisy too); over three seeds, between
+# 2.5× and 6×:
+
+# %%
+seen = 300 * 16 * 64
+print(f"the pretraining run saw {seen:,} bytes = {seen / len(stream.tokens):.2f} epochs of its {len(stream.tokens):,}-byte training text")
+
+
+def flat_grad(xb, yb):
+    model.zero_grad(set_to_none=True)
+    model(xb, yb)[1].backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+noise_ratio = []
+for seed in range(3):
+    gen = torch.Generator().manual_seed(100 + seed)
+    g_big = flat_grad(*stream.sample(128, gen))
+    noise = {b: sum((flat_grad(*stream.sample(b, gen)) - g_big).norm().item() for _ in range(4)) / 4 for b in (2, 32)}
+    noise_ratio.append(noise[2] / noise[32])
+    print(f"seed {seed}: ‖g_B − g_128‖ = {noise[2]:.3f} at B = 2, {noise[32]:.3f} at B = 32 ({noise_ratio[-1]:.1f}×)")
+model.zero_grad(set_to_none=True)
+assert all(2.5 < q < 6 for q in noise_ratio), f"claim broke: 16× the batch, about 4× less gradient noise ({noise_ratio})"
+
+# %% [markdown]
+# ### Catastrophic forgetting, and multi-task fine-tuning as the remedy
+#
+# Fine-tuning on a new task alone can overwrite what the model could do before: *catastrophic forgetting*. The
+# remedy the lecture names is **multi-task fine-tuning**: keep examples of the old tasks in the training mix. A
+# small version: the model above knows English (task A); the new task B is the same text written backwards.
+# Full fine-tuning for 40 steps of 8 windows on B alone, against 40 steps on batches half A, half B (same batch
+# size), from the
+# same model, three seeds. On every seed, B alone raises the loss on held-out English (forgetting) and the mix
+# raises it by less than half as much (the ratio is printed per seed; the claim's bound is ½), while both learn B
+# (its loss falls by more than 0.3):
+
+# %%
+stream_B = TokenStream(tok.encode(train_text[::-1]), block_size=64)
+val_A, val_B = TokenStream(tok.encode(val_text), 64), TokenStream(tok.encode(val_text[::-1]), 64)
+
+
+def held_out(m) -> tuple[float, float]:
+    return tuple(evaluate(m, v, batch_size=32, max_batches=2)["loss"] for v in (val_A, val_B))
+
+
+def finetune_on(mix: bool, seed: int, steps: int = 40) -> tuple[float, float]:
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        if mix:
+            (xa, ya), (xb, yb) = stream.sample(4, gen), stream_B.sample(4, gen)
+            xb_, yb_ = torch.cat([xa, xb]), torch.cat([ya, yb])
+        else:
+            xb_, yb_ = stream_B.sample(8, gen)
+        loss = m(xb_, yb_)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return held_out(m)
+
+
+before_AB = held_out(model)
+forgetting = []
+for seed in range(3):
+    runs = {name: finetune_on(name == "A + B mixed", seed) for name in ("B alone", "A + B mixed")}
+    print(f"seed {seed}: " + "; ".join(f"{k}: English loss {a - before_AB[0]:+.3f}, backwards loss {b - before_AB[1]:+.3f}"
+                                      for k, (a, b) in runs.items())
+          + f"; forgetting ratio mixed / alone {(runs['A + B mixed'][0] - before_AB[0]) / (runs['B alone'][0] - before_AB[0]):.2f}")
+    forgetting.append(runs)
+for runs in forgetting:
+    (a_only, b_only), (a_mix, b_mix) = runs["B alone"], runs["A + B mixed"]
+    assert a_only > before_AB[0] and a_mix - before_AB[0] < 0.5 * (a_only - before_AB[0]), \
+        "claim broke: B alone forgets English; the mix forgets less than half as much"
+    assert b_only < before_AB[1] - 0.3 and b_mix < before_AB[1] - 0.3, "claim broke: both learn B"
 
 # %% [markdown]
 # The truncated SVD at rank 8, drawn to scale: W, the two thin factors, and their product.
@@ -210,6 +349,7 @@ ax.set_xlabel("weight value"); ax.set_ylabel("density"); ax.set_title(f"{layer_n
 rep = reports["trained W"]
 assert all(abs(p - q) < 0.05 for p, q in zip(rep["within"], gauss)), f"claim broke: trained W within 1/2/3 σ {rep['within']}"
 assert rep["ks"] < 0.05, f"claim broke: trained W is close to a Gaussian (KS distance {rep['ks']:.3f})"
+assert rep["kurtosis"] > 0, f"claim broke: positive excess kurtosis after training ({rep['kurtosis']:+.2f})"
 assert rep["kurtosis"] > reports["W at init"]["kurtosis"], "claim broke: training makes the tails heavier than at init"
 
 # %% [markdown]
@@ -220,7 +360,8 @@ assert rep["kurtosis"] > reports["W at init"]["kurtosis"], "claim broke: trainin
 #     h = W0·x + (α/r)·B·(A·x)
 #
 # A (r × in) starts random, B (out × r) starts at **zero**. So at step 0 the update is exactly zero and the
-# adapted layer computes what the base layer computes.
+# adapted layer computes what the base layer computes. Both are then trained: A is not a fixed random projection
+# (*slide erratum*, notebook 7 §16), and the QLoRA slide swaps the letters A and B (§12).
 
 # %%
 torch.manual_seed(0)
@@ -233,11 +374,8 @@ x = torch.randn(4, 128)
 init_gap = (lora(x) - base(x)).abs().max().item()
 print("B is all zeros:", bool((lora.lora_B == 0).all()), "| max |LoRA(x) − W0 x| at init =", init_gap)
 print(f"A: {lora.lora_A.unique().numel():,} distinct values of {lora.lora_A.numel():,}, std {lora.lora_A.std():.4f}")
-assert tuple(lora.lora_A.shape) == (8, 128) and tuple(lora.lora_B.shape) == (512, 8), "claim broke: A is r × in, B out × r"
-assert lora.lora_A.std() > 0 and lora.lora_A.unique().numel() > 0.99 * lora.lora_A.numel(), "claim broke: A starts random"
-assert bool((lora.lora_B == 0).all()), "claim broke: B starts at zero"
+# (shapes, B = 0 and scaling = α/r are the layer's definition: tests/test_lecture_facts.py checks them)
 assert init_gap == 0.0, "claim broke: at step 0 the adapted layer computes exactly what the base layer computes"
-assert lora.scaling == 16 / 8, "claim broke: scaling = α/r"
 
 # the forward pass, written out by hand, against the layer
 with torch.no_grad():
@@ -247,14 +385,15 @@ print("max |layer − by hand| =", (lora(x) - by_hand).abs().max().item())
 assert torch.allclose(lora(x), by_hand, atol=1e-5), "claim broke: the layer computes W0·x + (α/r)·B·(A·x)"
 
 # %% [markdown]
-# ### How A starts: Kaiming-uniform (the default) or the slides' normal
+# ### How A starts: Kaiming-uniform (the default) or a normal distribution
 #
-# The lecture (and the LoRA paper, Hu et al. 2021) initialise A from a normal distribution. minilora's default,
-# like PEFT's, is the one `nn.Linear` uses for its own weights: Kaiming-uniform with a = √5, i.e.
-# A ~ U(−1/√in, 1/√in): each entry of A·x has the same scale whatever r is. `init="gaussian"` gives the
-# slides' version, A ~ N(0, 1/r²) (PEFT's "gaussian" option), unbounded, with a spread that shrinks as r grows.
-# Either way B = 0, so the layer starts as the base layer; what differs is the size of A·x: it grows like √r
-# under Kaiming-uniform (r entries of fixed scale) and shrinks like 1/√r under N(0, 1/r²):
+# The lecture (and the LoRA paper, Hu et al. 2021) say only that A starts from a random Gaussian; neither gives
+# its variance. minilora's default, like PEFT's, is the one `nn.Linear` uses for its own weights:
+# Kaiming-uniform with a = √5, i.e. A ~ U(−1/√in, 1/√in): each entry of A·x has the same scale whatever r is.
+# `init="gaussian"` draws A ~ N(0, 1/r²) — the variance is **PEFT's choice** (`init_lora_weights="gaussian"`,
+# checked against the installed PEFT below), not the slides'. It is unbounded, with a spread that shrinks as r
+# grows. Either way B = 0, so the layer starts as the base layer; what differs is the size of A·x: it grows like
+# √r under Kaiming-uniform (r entries of fixed scale) and shrinks like 1/√r under N(0, 1/r²):
 
 # %%
 inits, Ax_size = {}, {}
@@ -272,10 +411,22 @@ bound = 1 / math.sqrt(256)
 for rank in (4, 16, 64):
     Ak, Ag = inits["kaiming", rank].lora_A, inits["gaussian", rank].lora_A
     assert Ak.abs().max() <= bound, "claim broke: Kaiming-uniform A lies in ±1/√in"
-    assert abs(Ak.std().item() - bound / math.sqrt(3)) < 0.1 * bound, "claim broke: uniform on ±1/√in has std 1/√(3·in)"
     assert abs(Ag.std().item() - 1 / rank) < 0.1 / rank, "claim broke: the gaussian init has std 1/r"
     assert Ag.abs().max() > 3 / rank, "claim broke: the normal init is unbounded (values beyond 3σ occur)"
-    assert all(bool((inits[i, rank].lora_B == 0).all()) for i in ("kaiming", "gaussian")), "claim broke: B = 0 in both"
+try:  # the dev extra installs PEFT; without it this comparison is skipped, and says so
+    import peft
+except ImportError as err:
+    peft = None
+    print(f"PEFT is not installed ({err}): the comparison with its init is skipped")
+if peft is not None:
+    for rank in (4, 16, 64):
+        torch.manual_seed(0)
+        theirs = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(256, 256)),
+                                     peft.LoraConfig(r=rank, lora_alpha=16, target_modules=["0"],
+                                                     init_lora_weights="gaussian"))
+        A_peft = theirs.base_model.model[0].lora_A["default"].weight
+        print(f"PEFT {peft.__version__}, init_lora_weights='gaussian', r = {rank}: std of A {A_peft.std():.4f} (1/r = {1 / rank:.4f})")
+        assert abs(A_peft.std().item() - 1 / rank) < 0.1 / rank, "claim broke: N(0, 1/r²) is PEFT's gaussian init"
 for init, power in (("kaiming", 0.5), ("gaussian", -0.5)):   # ‖A·x‖ ∝ r^power, within 15 %
     ratio = Ax_size[init, 64] / Ax_size[init, 4]
     assert abs(ratio / 16 ** power - 1) < 0.15, f"claim broke: ‖A·x‖ scales like r^{power} under {init} ({ratio:.2f})"
@@ -315,7 +466,7 @@ print(f"max |logits − base logits| after {steps[-1]} steps of LoRA: {drift[-1]
 frozen = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if not p.requires_grad}
 unchanged = all(torch.equal(p, base_weights[n]) for n, p in frozen.items())
 print(f"{len(frozen)} frozen tensors, all unchanged after training the adapters:", unchanged)
-assert drift[-1] > 0.1 and drift[-1] > drift[1], "claim broke: training the adapters moves the output away from the base"
+assert drift[-1] > 0.1, "claim broke: training the adapters moves the output away from the base"
 assert unchanged and len(frozen) == len(base_weights), "claim broke: every base tensor stays frozen and unchanged"
 plots.plot_output_drift(steps, drift, ylabel="max |logits − base logits|");
 
@@ -338,7 +489,6 @@ x = torch.randn(16, 128)
 y32, y16 = lora32(x), lora16(x.bfloat16())
 rel = ((y16.float() - y32).norm() / y32.norm()).item()
 print(f"adapters in {lora16.lora_A.dtype}, output in {y16.dtype}; relative difference to fp32: {rel:.3%}")
-assert lora16.lora_A.dtype == y16.dtype == torch.bfloat16, "claim broke: a bf16 base gives bf16 adapters and output"
 assert 1e-4 < rel < 0.01, f"claim broke: bf16 differs from fp32 by rounding of order 2^-8 ({rel:.3%})"
 
 # %% [markdown]
@@ -348,13 +498,13 @@ assert 1e-4 < rel < 0.01, f"claim broke: bf16 differs from fp32 by rounding of o
 # (A random, B = 0, so only B moves) on one training input x: every column of B moves so as to push the output
 # for x the same way, so B·A·x is a sum of r contributions that add up — it grows like r. Dividing by r
 # cancels that: with α fixed, the change of the output, ΔW·x = (α/r)·B·A·x, has the same size at every rank,
-# so a learning rate tuned at one r still works at another (the LoRA paper, Hu et al. 2021, §4.1, sets α to the
-# first r it tries and does not tune it again). Without the 1/r it grows with r.
+# so the first step's effect on the output does not depend on r. That is the reason the LoRA paper (Hu et al.
+# 2021, §4.1) gives for setting α once, to the first r it tries, and not retuning the learning rate when r changes
+# (the paper's practice, not measured here). Without the 1/r the output change grows with r.
 #
-# α/r does not fix everything: in directions other than x the r contributions add up like random vectors
-# (like √r), so the whole matrix, ‖ΔW‖_F, shrinks like 1/√r under α/r. rsLoRA (Kalajdzievski 2023) scales by
-# α/√r instead, which keeps ‖ΔW‖_F fixed; minilora has it as `use_rslora=True`. Measured after one Adam step
-# (lr 10⁻³) on a 256 × 256 layer, ranks 2 to 64:
+# In directions other than x the r contributions add up like random vectors (like √r), so the whole matrix,
+# ‖ΔW‖_F, shrinks like 1/√r under α/r, and stays the same under α/√r. Measured after one Adam step (lr 10⁻³) on a
+# 256 × 256 layer, ranks 2 to 64:
 
 # %%
 def first_step(rank: int, rule: str) -> tuple[float, float]:
@@ -398,6 +548,38 @@ for a_ in ax:
 ax[0].legend();
 
 # %% [markdown]
+# ### What rsLoRA is for
+#
+# rsLoRA (rank-stabilized LoRA, Kalajdzievski 2023; `use_rslora=True` in minilora and PEFT) scales by α/√r
+# instead. Its reason is **learning that stays stable as r grows**, over a whole training run — not one step on
+# one input. The paper shows that under α/r the adapters' gradients shrink as r grows, so large ranks learn
+# more slowly and end no better than small ones (its experiments, paper only: the training curves of very
+# different ranks nearly coincide under α/r and separate under α/√r); α/√r is the scaling that keeps the
+# gradients and activations of the adapter at the same size for every r. The one-step check above invites the
+# opposite conclusion only because Adam divides every gradient by its own size: the first step of Adam is about
+# lr per entry whatever the gradient's size. The gradient itself, which plain SGD would follow and which sets
+# how Adam's moments build up, is where α/r and α/√r differ. Measured at step 0 (B's gradient; A's is 0 while
+# B = 0), ranks 2 to 64: under α/r it shrinks like 1/√r (r = 64 against r = 2: between 0.1 and 0.3, 1/√32 ≈ 0.18),
+# under α/√r it stays within 1.5× over the whole range:
+
+# %%
+def grad_B_norm(rank: int, rslora: bool) -> float:
+    """‖∂L/∂B‖_F at step 0 on 32 inputs (same layer, data and target at every rank)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(256, 256), r=rank, alpha=16, use_rslora=rslora)
+    g = torch.Generator().manual_seed(1)
+    x, target = torch.randn(32, 256, generator=g), torch.randn(32, 256, generator=g)
+    (layer(x) - target).square().mean().backward()
+    return layer.lora_B.grad.norm().item()
+
+
+gradB = {rule: [grad_B_norm(rk, rule == "α/√r") for rk in scale_ranks] for rule in ("α/r", "α/√r")}
+for rule, v in gradB.items():
+    print(f"scaling {rule:>4}: ‖∂L/∂B‖ at r = {scale_ranks}: " + " ".join(f"{g_:.4f}" for g_ in v))
+assert 0.1 < gradB["α/r"][-1] / gradB["α/r"][0] < 0.3, "claim broke: under α/r B's gradient shrinks like 1/√r"
+assert spread(gradB["α/√r"]) < 1.5, "claim broke: under α/√r B's gradient keeps its size"
+
+# %% [markdown]
 # ## How many parameters does LoRA train?
 #
 # The lecture's table treats a model of N parameters as if it were one square matrix of side √N. LoRA of rank r
@@ -426,7 +608,6 @@ def truncated(x: float) -> str:
 
 table = slide_table()
 models = list(table["1"])
-assert abs(table["1"]["7B"] - 2 * math.sqrt(7e9)) < 1e-6, "claim broke: 2·r·√N"
 print(f"{'rank':>6} | " + " | ".join(f"{m:>22}" for m in models))
 differs = []
 for rank, row in table.items():
@@ -447,7 +628,9 @@ plots.plot_lora_table(table);
 
 # %% [markdown]
 # A real model is not one square matrix: it has many layers, each with its own in × out shape, and LoRA adds
-# r·(in + out) per adapted layer. For LLaMA-2 7B's shapes (its 6.74B parameters: the linear layers, two
+# r·(in + out) per adapted layer. (Which layers to adapt: the LoRA paper adapted attention only, and its own
+# table favours all four attention matrices — *slide errata*, notebook 7 §8; how small r can be: §10.)
+# For LLaMA-2 7B's shapes (its 6.74B parameters: the linear layers, two
 # 32,000 × 4,096 embedding matrices and 65 RMSNorm vectors), the real count is several times the
 # square-matrix estimate — already with only the attention's q and v adapted, the LoRA paper's choice:
 
@@ -455,7 +638,6 @@ plots.plot_lora_table(table);
 llama = linear_shapes_llama()
 llama_total = sum(i * o for i, o in llama.values()) + 2 * 32000 * 4096 + 65 * 4096
 print(f"LLaMA-2 7B: {llama_total:,} parameters")
-assert llama_total == 6_738_415_616, "claim broke: LLaMA-2 7B has 6,738,415,616 parameters"
 for targets in (["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]):
     for rank in (8, 16):
         n = lora_params_real(llama, targets, rank)
@@ -463,7 +645,6 @@ for targets in (["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "
               f"{100 * n / llama_total:.3f}% of 6.74B")
 qv8 = lora_params_real(llama, ["q_proj", "v_proj"], 8)
 print(f"the square-matrix estimate at r=8: {format_count(table['8']['7B'])}; q and v at r=8: {format_count(qv8)}")
-assert qv8 == 32 * 2 * 8 * (4096 + 4096), "claim broke: r·(in + out) per adapted layer (32 layers, q and v)"
 assert qv8 > 3 * table["8"]["7B"], "claim broke: the real count is several times the square-matrix estimate"
 
 # %% [markdown]
@@ -499,6 +680,29 @@ assert gap < 1e-3, f"claim broke: the merged model computes the same function ({
 assert adapter_bytes < 0.1 * 4 * after.total, "claim broke: the adapter is under 10 % of the model's bytes"
 
 # %% [markdown]
+# ## What the LoRA paper measured against full fine-tuning (paper only)
+#
+# The lecture shows the LoRA paper's GPT-2 table (Hu et al. 2021, Table 3: GPT-2 medium and large on the E2E NLG
+# Challenge). Its figures are the paper's, typed in below, not computed here: LoRA trains about 0.1 % of the
+# parameters of full fine-tuning (FT) and scores at least as well on every metric the table reports for
+# GPT-2 medium. (Notebook 5 compares full fine-tuning, LoRA and QLoRA on a task this machine can train.)
+
+# %%
+E2E = {  # LoRA paper, Table 3, GPT-2 M: trainable parameters (M), BLEU, NIST, METEOR, ROUGE-L, CIDEr
+    "FT": (354.92, 68.2, 8.62, 46.2, 71.0, 2.47),
+    "Adapter (L)": (0.37, 66.3, 8.41, 45.0, 69.8, 2.40),
+    "PreLayer": (0.35, 69.7, 8.81, 46.1, 71.4, 2.49),
+    "LoRA": (0.35, 70.4, 8.85, 46.8, 71.8, 2.53),
+}
+print(f"{'GPT-2 M':<12} {'params (M)':>10} {'BLEU':>6} {'NIST':>6} {'MET':>6} {'ROUGE-L':>8} {'CIDEr':>6}")
+for name, row in E2E.items():
+    print(f"{name:<12} {row[0]:>10.2f} " + " ".join(f"{v:>6.2f}" for v in row[1:]))
+lora_share = E2E["LoRA"][0] / E2E["FT"][0]
+print(f"LoRA trains {lora_share:.2%} of FT's parameters")
+assert lora_share < 0.002 and all(l_ >= f_ for l_, f_ in zip(E2E["LoRA"][1:], E2E["FT"][1:])), \
+    "claim broke (as typed in from the paper): about 0.1 % of the parameters, at least as good on every metric"
+
+# %% [markdown]
 # ## Exercises
 #
 # Fill in each `answer_…` (they start as `None`) and run the check cell below: it says "fill in …" while an
@@ -509,6 +713,8 @@ assert adapter_bytes < 0.1 * 4 * after.total, "claim broke: the adapter is under
 # 3. r = 32 and α = 16: what is the scaling LoRA multiplies B·A by?
 # 4. The lecture's square-matrix estimate for a 1B-parameter model at rank 4 (to the nearest integer)?
 # 5. You double r and keep α fixed. By what factor does the scaling change?
+# 6. *Code it:* write LoRA's forward pass, h = W0·x + b + (α/r)·B·(A·x), for a batch of row vectors x in
+#    `my_lora_forward` below. The check compares it with minilora's `LoRALinear` once it returns something.
 
 # %%
 answer_1 = None  # parameters added by rank-4 LoRA on Linear(300, 500)
@@ -516,6 +722,11 @@ answer_2 = None  # rank of B·A for r = 3 on a 20 × 30 layer
 answer_3 = None  # scaling for r = 32, α = 16
 answer_4 = None  # 2·r·√N for N = 1e9, r = 4, nearest integer
 answer_5 = None  # factor by which the scaling changes when r doubles
+
+
+def my_lora_forward(x, W0, b, A, B, alpha, r):
+    """Exercise 6: x is (batch, in), W0 (out, in), b (out,), A (r, in), B (out, r). Replace the `return None`."""
+    return None
 
 
 # %%
@@ -537,3 +748,15 @@ check("answer_3", answer_3, LoRALinear(torch.nn.Linear(64, 64), r=32, alpha=16).
 check("answer_4", answer_4, minilora.params.lora_params_square(1e9, 4), tol=1.0)
 check("answer_5", answer_5, LoRALinear(torch.nn.Linear(64, 64), r=16, alpha=16).scaling
       / LoRALinear(torch.nn.Linear(64, 64), r=8, alpha=16).scaling, tol=1e-9)
+
+_lay = LoRALinear(torch.nn.Linear(24, 40), r=4, alpha=12)
+with torch.no_grad():
+    _lay.lora_B.normal_()
+_x6 = torch.randn(7, 24)
+_h6 = my_lora_forward(_x6, _lay.base_layer.weight.detach(), _lay.base_layer.bias.detach(), _lay.lora_A.detach(),
+                      _lay.lora_B.detach(), 12, 4)
+if _h6 is None:
+    print("fill in my_lora_forward")
+else:
+    assert torch.allclose(_h6, _lay(_x6), atol=1e-5), "my_lora_forward is not LoRALinear's forward yet; try again"
+    print("my_lora_forward: right")

@@ -16,9 +16,11 @@
 # Everything so far, put to work. A small GPT pretrained on English learns an instruction task three ways,
 # with the same trainer, data, steps and batches:
 #
-# - **full**: every weight trains (and needs gradients and AdamW state),
-# - **LoRA**: the base is frozen; low-rank adapters on every linear layer train,
-# - **QLoRA**: the same, with the frozen base stored in NF4 with double quantization.
+# - **full**: every weight trains (and needs gradients and AdamW state): $W \leftarrow W - \eta\,\mathrm{AdamW}(\nabla_W L)$,
+# - **LoRA**: the base $W_0$ is frozen; low-rank adapters on every linear layer train:
+#   $h = W_0 x + \frac{\alpha}{r} B A x$ with $B$ of shape $d \times r$, $A$ of shape $r \times k$ and $r \ll \min(d, k)$,
+# - **QLoRA**: the same, with the frozen base stored in NF4 with double quantization:
+#   $h = \mathrm{doubleDequant}(c_1, c_2, W_0^{\mathrm{NF4}})\, x + \frac{\alpha}{r} B A x$.
 #
 # Then the questions the lecture raises, each answered by a measurement in this run: does merging the adapter
 # change the answers; what does re-quantizing a merged QLoRA model cost; does fine-tuning make the model forget
@@ -147,16 +149,25 @@ for k, compact in ((0, True), (1, False), (1, True), (2, True)):
 #
 # ## Three fine-tunes
 #
-# Same data, same steps, same batches (one seed), the demo's learning rates (higher for the adapters, as is
-# usual). `measure_memory=True` measures the bytes of one training step of each (weights, gradients,
-# optimizer state, saved activations). After each fine-tune, the held-out English loss is measured again.
+# Same data, same steps, same batches (one seed), the demo's recipe (`DemoConfig.train_config`): AdamW with 10
+# warm-up steps and a cosine decay to a tenth of the rate, 1e-3 for full fine-tuning and 5e-3 for the adapters
+# (higher, as is usual), adapters of rank $r = 16$ with $\alpha = 64$ ($\alpha / r = 4$) on every linear
+# layer and the output head. `measure_memory=True` measures the bytes of one training step of each (weights,
+# gradients, optimizer state, saved activations). After each fine-tune, the held-out English loss is measured
+# again.
+#
+# How the recipe was found. With rank 8 and 400 steps, the demo's first recipe, LoRA and QLoRA were still far
+# from converged on some seeds: on seed 2, 44 % and 36 % exact match (validation loss 0.111 and 0.119) against
+# 98 % for full fine-tuning (0.017). Their validation loss after 100 steps sat near 0.9 whatever the learning
+# rate, warm-up or rank, against 0.3–0.6 for full fine-tuning: the adapters start from $B = 0$ and find the
+# task later. A higher rate did not make up for it (on seed 0, 1e-2 gave 76 % and 2e-2 diverged), nor did a
+# lower one (2e-3: 30 %), 50 warm-up steps or a constant rate; rank 16 and 600 steps converge on every seed
+# measured (the spread is below, after the results table).
 
 # %%
 results = {}
 for mode in ("full", "lora", "qlora"):
-    cfg = TrainConfig(mode=mode, r=demo.r, alpha=demo.alpha, targets=demo.targets, lr=LR[mode], steps=demo.steps,
-                      batch_size=demo.batch_size, warmup_steps=10, eval_every=demo.steps // 4, seed=demo.seed,
-                      compute_dtype="float32", progress=False)
+    cfg = demo.train_config(mode, compute_dtype="float32")  # the demo's recipe, exactly
     results[mode] = train(GPT.from_pretrained(base_dir), cfg, train_set, val_set, measure_memory=True)
     english[mode] = evaluate(results[mode].model, english_val)["loss"]
     answers[mode] = [respond(results[mode].model, tok, e.instruction, e.context, max_new_tokens=30) for e in shown]
@@ -171,10 +182,11 @@ fig = plots.plot_loss_curves({m: r.losses for m, r in results.items()}, {m: r.ev
 #
 # Memory is what one measured training step holds (fp32 on the CPU here; on a GPU the base would be 16-bit).
 # Time is given relative to full fine-tuning, measured in this run (it depends on the machine's load and is
-# not asserted). **All three reach at least 90 % exact match on the held-out sentences.** LoRA trains **under
-# 10 % of the parameters** full fine-tuning trains (at the same rank on a 1B-parameter GPT it is under 1 %:
-# LoRA's share shrinks as the layers widen), QLoRA holds **fewer weight bytes** than LoRA, and the
-# measured step totals order **full > LoRA > QLoRA**.
+# not asserted). **All three reach at least 90 % exact match on the held-out sentences**, and **LoRA and QLoRA
+# reach a validation loss at most twice full fine-tuning's** (the next section shows how far from these bounds
+# the recorded seeds are). On this tiny model LoRA trains **under a fifth of the parameters** full fine-tuning
+# trains (at the same rank on a 1B-parameter GPT it is under 1 %: LoRA's share shrinks as the layers widen),
+# QLoRA holds **fewer weight bytes** than LoRA, and the measured step totals order **full > LoRA > QLoRA**.
 
 # %%
 MB = 1e6
@@ -191,10 +203,15 @@ for mode, r in results.items():
           f"{r.seconds / t_full:>5.2f}×")
 
 # %%
+CLAIM_EXACT_MATCH, CLAIM_LOSS_RATIO = 0.90, 2.0  # the two claims above; the next section gives their margins
 final = {m: r.final for m, r in results.items()}
 for mode, f in final.items():
-    assert f["exact_match"] >= 0.90, f"claim 'all three reach ≥ 90 % exact match' broke: {mode} {f['exact_match']:.1%}"
-assert results["lora"].params.trainable < 0.10 * results["full"].params.trainable, "claim 'LoRA trains < 10 %' broke"
+    assert f["exact_match"] >= CLAIM_EXACT_MATCH, \
+        f"claim 'all three reach ≥ 90 % exact match' broke: {mode} {f['exact_match']:.1%}"
+for mode in ("lora", "qlora"):
+    assert final[mode]["loss"] <= CLAIM_LOSS_RATIO * final["full"]["loss"], \
+        f"claim '{mode} reaches at most twice full fine-tuning's validation loss' broke: {final}"
+assert results["lora"].params.trainable < 0.20 * results["full"].params.trainable, "claim 'LoRA trains < 20 %' broke"
 big = estimate_memory(scaled_config(1_000_000_000, n_layer=18, n_embd=2048, n_head=16), "lora", r=demo.r,
                       batch_size=1, seq_len=1)
 print(f"rank {demo.r} on every block's linear layers of a 1B GPT: {big.n_trainable / big.n_params:.2%} trainable")
@@ -203,6 +220,43 @@ w = {m: r.memory.weights + r.memory.quantized_weights + r.memory.adapters for m,
 assert w["qlora"] < w["lora"], f"claim 'QLoRA holds fewer weight bytes than LoRA' broke: {w}"
 tot = {m: r.memory.total for m, r in results.items()}
 assert tot["full"] > tot["lora"] > tot["qlora"], f"claim 'full > LoRA > QLoRA in memory' broke: {tot}"
+
+# %% [markdown]
+# ## The same recipe on other seeds
+#
+# One run is one draw: the seed fixes the base's pretraining, the data and the adapters' initialization, and
+# the trajectory also depends on the CPU's floating-point paths. The demo was run with this recipe for several
+# seeds (`python -m minilora demo --seed S --no-progress`, recorded by `tools/seed_spread.py` in
+# `notebooks/seed_spread.json`, together with the recipe, which must be this notebook's). The claims above are
+# kept **at least 5 points of exact match below the lowest recorded run**, and the loss bound at least
+# **1.5 times the largest recorded ratio** of LoRA's or QLoRA's validation loss to full fine-tuning's.
+
+# %%
+import json
+from pathlib import Path
+
+import minilora
+
+recorded = json.loads((Path(minilora.__file__).resolve().parent.parent / "notebooks" / "seed_spread.json").read_text())
+recipe = {k: v for k, v in json.loads(json.dumps(asdict(demo))).items()
+          if k not in ("seed", "out", "overwrite", "cache", "progress", "n_show")}
+assert recorded["recipe"] == recipe, "seed_spread.json was recorded with another recipe: run tools/seed_spread.py again"
+print(f"recorded {recorded['recorded']} on {recorded['machine']}: {recorded['command']}")
+print(f"{'seed':>4} " + " ".join(f"{m + ' exact / loss':>22}" for m in ("full", "lora", "qlora")))
+for run in recorded["runs"]:
+    print(f"{run['seed']:>4} " + " ".join(f"{run[m]['exact_match']:>13.1%} / {run[m]['loss']:.4f}"
+                                          for m in ("full", "lora", "qlora")))
+lowest = min(run[m]["exact_match"] for run in recorded["runs"] for m in ("full", "lora", "qlora"))
+worst_ratio = max(run[m]["loss"] / run["full"]["loss"] for run in recorded["runs"] for m in ("lora", "qlora"))
+print(f"{len(recorded['runs'])} seeds: lowest exact match {lowest:.1%} (the claim: ≥ {CLAIM_EXACT_MATCH:.0%}, "
+      f"{100 * (lowest - CLAIM_EXACT_MATCH):.1f} points below it); largest loss ratio to full fine-tuning "
+      f"{worst_ratio:.2f} (the claim: ≤ {CLAIM_LOSS_RATIO:g}, {CLAIM_LOSS_RATIO / worst_ratio:.1f}× above it)")
+print(f"this run (seed {demo.seed}): " + ", ".join(f"{m} {f['exact_match']:.1%} / {f['loss']:.4f}" for m, f in final.items()))
+
+# %%
+assert len(recorded["runs"]) >= 3, "claim 'recorded over at least three seeds' broke"
+assert lowest >= CLAIM_EXACT_MATCH + 0.05, f"claim 'at least 5 points of margin' broke: lowest {lowest:.1%}"
+assert CLAIM_LOSS_RATIO >= 1.5 * worst_ratio, f"claim 'loss bound 1.5× the largest ratio' broke: {worst_ratio:.2f}"
 
 # %% [markdown]
 # ## Generations, before and after
@@ -301,7 +355,7 @@ else:
 #
 # The lecture: "the LoRA paper recommends a rank of 8 as the minimum; higher ranks lead to better results".
 # And the scaling α/r: with **α fixed**, raising r shrinks every update's scale (α/r); with **α/r fixed**
-# (here 4, the demo's 32/8) the scale stays and only the rank changes. A sweep of LoRA runs, shorter than
+# (here 4, the demo's 64/16) the scale stays and only the rank changes. A sweep of LoRA runs, shorter than
 # the main table's (the same data and seed), at two learning rates, shows how this task responds. The
 # conclusions under the plot are computed from the sweep.
 
@@ -317,7 +371,7 @@ for lr in SWEEP_LRS:
             key = (alpha, lr, r)
             if key not in sweep:
                 cfg = TrainConfig(mode="lora", r=r, alpha=alpha, targets=demo.targets, lr=lr, steps=SWEEP_STEPS,
-                                  batch_size=demo.batch_size, warmup_steps=10, seed=demo.seed, progress=False)
+                                  batch_size=demo.batch_size, warmup_steps=demo.warmup_steps, seed=demo.seed, progress=False)
                 sweep[key] = train(GPT.from_pretrained(base_dir), cfg, train_set, val_set).final
             sweep[(scheme, lr, r)] = sweep[key]
 print(f"sweep: {len({k for k in sweep if isinstance(k[0], float)})} runs of {SWEEP_STEPS} steps in "
@@ -371,7 +425,7 @@ print(f"\nthis notebook ran in {time.perf_counter() - t_start:.0f} s after the k
 # Fill in each `answer_…` (it starts as `None`) and run the cell after it: it says whether the answer is
 # right, without printing the solution.
 #
-# 1. How many trainable parameters does a LoRA adapter of rank 8 add to **one** `c_attn` layer of this base
+# 1. How many trainable parameters does a LoRA adapter of the demo's rank (16) add to **one** `c_attn` layer of this base
 #    (a 128 → 384 linear)?
 # 2. With α fixed at 32, what is the scaling α/r at rank 16? And with α/r fixed at 4? Give a tuple
 #    `(scaling_alpha_fixed, scaling_ratio_fixed)`.

@@ -14,11 +14,13 @@
 # # 6 · Memory against the slides: 120 GB and ~40 GB
 #
 # The lecture gives two numbers for fine-tuning a 10B-parameter model: **120 GB** for full fine-tuning and
-# **about 40 GB** with LoRA / QLoRA. This notebook recomputes both with `minilora.memory`:
+# **about 40 GB** with LoRA. (The "~40 GB" picture labels its adapter FP16 and its base has no 4-bit label: it
+# is LoRA's picture, next to which the lecture draws QLoRA's with a BF16 adapter and no figure.) This notebook
+# recomputes both with `minilora.memory`:
 #
 # 1. the analytic model is checked against the bytes a real training step holds, on a small GPT;
 # 2. the same model, scaled to exactly 10B parameters, gives the slide's 120 GB term by term;
-# 3. LoRA and QLoRA at 10B, and what the "~40 GB" has to contain;
+# 3. LoRA and QLoRA at 10B, and what LoRA's "~40 GB" has to contain;
 # 4. the QLoRA paper's own 65B figures as a second check;
 # 5. several GPUs: the 4-bit base sharded by FSDP, the "70B on two 24 GB GPUs" case, and which model fits where.
 #
@@ -127,19 +129,19 @@ print(f"weights + gradients + optimizer state: {format_bytes(full.state_bytes, '
       f"({full.state_bytes / full.n_params:.2f} bytes/param)  — the slide: 120 GB")
 print(f"with one 2048-token sequence's activations on top: {format_bytes(full.total, 'GB')}")
 
-# %%
-assert gpt_param_count(c10) == 10_000_000_000, "claim 'exactly 10B parameters' broke"
-assert abs(full.state_bytes / full.n_params - 12) < 1e-6, "claim '12 bytes per parameter' broke"
-assert (full.weights, full.gradients) == (2 * full.n_params, 2 * full.n_params), "claim 'FP16 weights and gradients' broke"
-assert abs(full.optimizer_state / full.n_params - 8) < 1e-6, "claim 'two FP32 moments' broke"
+# (the 10B parameters and the 2 + 2 + 8 bytes per parameter are the estimator's own arithmetic, checked in
+# tests/test_lecture_facts.py)
 
 # %% [markdown]
 # ### The same full fine-tune with 8-bit Adam state
 #
 # Eight of the twelve bytes are Adam's two FP32 moments. `minilora.AdamW8bit` stores them blockwise in 8 bits
 # (Dettmers et al., "8-bit Optimizers via Block-wise Quantization", 2021): one byte each for m and v plus an FP32
-# absmax per block of 256 values, so the 10B full fine-tune holds **about 60 GB, half the slide's 120 GB**. The
-# estimate is checked against a measured step of the small GPT with `AdamW8bit` first (**they agree within 1 %**).
+# absmax per block, so the 10B full fine-tune holds **about 60 GB, half the slide's 120 GB**. The blocks hold 256
+# values in bitsandbytes' 8-bit Adam and in minilora's `AdamW8bit`; the paper itself uses blocks of 2048 — fewer
+# absmax bytes, and on the small GPT below the whole step is **smaller by under 1 %** with 2048. The
+# estimate (blocks of 256) is checked against a measured step of the small GPT with `AdamW8bit` first (**they
+# agree within 1 %**).
 
 # %%
 from minilora import AdamW8bit
@@ -149,9 +151,13 @@ torch.manual_seed(0)
 model = GPT(config).train()
 opt8 = AdamW8bit(model.parameters(), lr=1e-3)
 got8 = measure(model, opt8, (idx, torch.roll(idx, -1, 1)), steps=2, label="full, AdamW8bit (measured)")
+torch.manual_seed(0)
+model = GPT(config).train()
+got8_2048 = measure(model, AdamW8bit(model.parameters(), lr=1e-3, blocksize=2048), (idx, torch.roll(idx, -1, 1)),
+                    steps=2, label="full, AdamW8bit blocks of 2048 (measured)")
 est8 = estimate(config, "full", batch_size=batch, seq_len=seq, optimizer="adamw8bit", device="cpu",
                 label="full, AdamW8bit (estimate)")
-print(format_table([est8, got8]))
+print(format_table([est8, got8, got8_2048]))
 full8 = estimate(c10, "full", **LECTURE, optimizer="adamw8bit", batch_size=1, seq_len=2048,
                  label="full: fp16 + 8-bit Adam")
 print(format_table([full, full8], unit="GB"))
@@ -160,6 +166,7 @@ print(f"weights + gradients + optimizer state: {format_bytes(full8.state_bytes, 
 
 # %%
 assert est8.relative_error(got8) <= 0.01, "claim 'estimate and measured step agree within 1 % with AdamW8bit' broke"
+assert 0 < got8.total - got8_2048.total < 0.01 * got8.total, "claim 'blocks of 2048: smaller by under 1 %' broke"
 assert 59.5 < full8.state_bytes / GB < 61, f"claim 'about 60 GB with 8-bit Adam' broke: {full8.state_bytes / GB:.1f}"
 assert abs(full8.state_bytes / full.state_bytes - 0.5) < 0.01, "claim 'half the slide's 120 GB' broke"
 
@@ -192,13 +199,8 @@ fig = plots.plot_memory_breakdown(rows10, unit="GB", title="10B parameters, 1 ×
                                   reference_lines={"slide: 120 GB": 120, "slide: ~40 GB": 40})
 
 # %%
-assert round(full.state_bytes / GB) == 120 and full.state_bytes - 120 * GB < 1e-6 * full.state_bytes, \
-    "claim 'the 120 GB is exactly the three persistent terms' broke"
 assert 10 < full.activations / GB < 12, f"claim 'about 11 GB of activations' broke: {full.activations / GB:.1f}"
 mixed = rows10[1]
-assert mixed.master_weights == 4 * mixed.n_params and mixed.total - full.total == 4 * mixed.n_params, \
-    "claim 'an FP32 master copy adds 4 bytes per parameter' broke"
-assert f"{8 * nf4_nbytes(10_000_000_000) / 1e10:.3f}" == "4.127", "claim '4.127 bits per weight' broke"
 totals = [b.total for b in (full, *rows10[2:])]
 assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals), \
     f"claim 'full > LoRA > QLoRA > QLoRA + checkpointing' broke: {totals}"
@@ -206,10 +208,11 @@ assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals
 # %% [markdown]
 # ### Where does "~40 GB" come from?
 #
-# Weights, adapters and optimizer state alone come to **less than 40 GB for both: about 22 GB for LoRA and
-# 7.5 GB for QLoRA** (table above). The slide's figure holds once activations are counted, and activations grow with the number of
-# tokens in flight (batch × sequence length). Activations are linear in the batch, so two estimates give the
-# bytes per token, and from it the tokens at which each recipe reaches 40 GB:
+# The picture is LoRA's: an FP16 base, an FP16 adapter, FP32 optimizer state. Those parts come to **about 22 GB
+# for LoRA** (and 7.5 GB for QLoRA, table above) — less than 40 GB. The slide's figure holds once activations are
+# counted, and activations grow with the number of tokens in flight (batch × sequence length). Activations are
+# linear in the batch, so two estimates give the bytes per token, and from it the tokens at which each recipe
+# reaches 40 GB:
 
 # %%
 budget = {}
@@ -266,8 +269,7 @@ fig = plots.plot_memory_breakdown(rows65, unit="GB", title="65B parameters, 1 ×
 # %%
 assert full65.total > 780 * GB, f"claim '16-bit full fine-tuning above 780 GB' broke: {full65.total / GB:.0f} GB"
 assert q65.total < 48 * GB, f"claim 'QLoRA with checkpointing under 48 GB' broke: {q65.total / GB:.1f} GB"
-assert paged65.total < q65.total and paged65.total + paged65.offloaded == q65.total, \
-    "claim 'paging lowers the device total by exactly the bytes it moves off' broke"
+assert paged65.total < q65.total, "claim 'paging lowers the device total' broke"
 
 # %% [markdown]
 # ### The paper's own recipe, on LLaMA-65B's architecture
@@ -277,12 +279,11 @@ assert paged65.total < q65.total and paged65.total + paged65.offloaded == q65.to
 # state), 4 sequences per device of up to 16 + 512 tokens (× 4 accumulation steps = the paper's batch of 16).
 # `minilora.Llama` has LLaMA-65B's architecture (80 layers of width 8192, a SwiGLU MLP of 22,016, 32,000 tokens:
 # **exactly 65,285,660,672 parameters**), so `estimate` runs on the model itself, its lm_head kept in BF16 as
-# bitsandbytes keeps it. *Paper-only figures*: "< 48 GB" for the 65B fine-tune, and Guanaco 65B listed at 41 GB in
-# its Table 1 (the "size" column; the paper does not break that figure down).
+# bitsandbytes keeps it. *Paper-only figure*: "< 48 GB" for the 65B fine-tune.
 #
 # With the Adam state on the device the estimate is **over 53 GB**: paged AdamW exists for exactly this case, and
-# the step fits in 48 GB only with **most of the Adam state (over 80 %)** paged to the host. With all of it paged
-# out the device holds **47 GB, under 48 GB and within 15 % of the paper's 41 GB**.
+# the step fits in 48 GB only with **most of the Adam state (over 80 %)** paged to the host; with all of it paged
+# out the device holds **47 GB**.
 
 # %%
 def llama_like(n_layer: int, n_embd: int, n_head: int) -> GPTConfig:
@@ -301,16 +302,28 @@ to_host = resident.total - 48 * GB  # the bytes paging has to move for the step 
 print(f"LLaMA-65B: {resident.n_params:,} parameters")
 print(format_table([resident, paged_all], unit="GB"))
 print(f"to fit in 48 GB, page {format_bytes(to_host, 'GB')} of the {format_bytes(resident.adapter_optimizer_state, 'GB')} "
-      f"of Adam state to the host; all of it paged out: {format_bytes(paged_all.total, 'GB')} on the device "
-      f"({paged_all.total / (41 * GB) - 1:+.1%} against the paper's 41 GB)")
+      f"of Adam state to the host; all of it paged out: {format_bytes(paged_all.total, 'GB')} on the device")
 
 # %%
 assert resident.n_params == 65_285_660_672, "claim 'exactly 65,285,660,672 parameters' broke"
 assert resident.total > 53 * GB, f"claim 'over 53 GB' broke: {resident.total / GB:.1f} GB"
 assert 0.8 < to_host / resident.adapter_optimizer_state < 1, "claim 'over 80 % of the state paged' broke"
 assert paged_all.total + paged_all.offloaded == resident.total
-assert f"{paged_all.total / GB:.0f}" == "47" and paged_all.total < 48 * GB, "claim '47 GB, under 48 GB' broke"
-assert abs(paged_all.total / (41 * GB) - 1) < 0.15, "claim 'within 15 % of the paper's 41 GB' broke"
+assert f"{paged_all.total / GB:.0f}" == "47" and paged_all.total < 48 * GB, "claim '47 GB' broke"
+
+# %% [markdown]
+# The same paper lists Guanaco 65B at **41 GB** in its Table 1 (the "size" column, *paper only*). That is the
+# model's **memory footprint** — the 4-bit model with its adapters, as it is held to generate — not a training
+# step, so it is compared here with the bytes the model **stores**, with no gradients, optimizer state or
+# activations: NF4 weights and constants, the 16-bit embeddings, output layer and norms, the BF16 adapters. They
+# come to **between 80 and 90 % of the paper's 41 GB**; the paper does not break its figure down.
+
+# %%
+stored = resident.quantized_weights + resident.weights + resident.adapters
+print(f"stored: NF4 {format_bytes(resident.quantized_weights, 'GB')} + 16-bit weights {format_bytes(resident.weights, 'GB')}"
+      f" + adapters {format_bytes(resident.adapters, 'GB')} = {format_bytes(stored, 'GB')} "
+      f"({stored / (41 * GB):.0%} of the paper's 41 GB)")
+assert 0.8 < stored / (41 * GB) < 0.9, f"claim 'between 80 and 90 % of 41 GB' broke: {stored / GB:.1f} GB"
 
 # %% [markdown]
 # ## 5 · Several GPUs: the 4-bit base sharded by FSDP
@@ -381,7 +394,7 @@ assert f"{2 * off70.offloaded / GB:.0f}" == "46", "claim 'about 46 GB of host me
 # shard leaves too little room for 2048-token activations; with it, a 24 GB card has room to spare.
 
 # %%
-assert off70b2.total < 14.92 * GIB and f"{14.92 * GIB / GB:.1f}" == "16.0", "claim '8 GB is below 14.92 GiB (16.0 GB)' broke"
+assert off70b2.total < 14.92 * GIB, "claim '8.5 GB is below 14.92 GiB (16.0 GB)' broke"
 assert f"{l70.hidden_size * l70.intermediate_size * 2 / GB:.1f}" == "0.5", "claim 'the largest layer is 0.5 GB in BF16' broke"
 
 # %% [markdown]
@@ -457,6 +470,10 @@ assert 43 * GB < host[NAMES[SIZES.index(c70)]] < 47 * GB and host[NAMES[-1]] > 2
 #    BF16, 512-token sequences, Adam state on the device): how many sequences fit in one batch at most?
 # 5. The 70B stand-in of section 5 on **four 24 GB GPUs** with FSDP, no CPU offload (QLoRA r = 64, BF16,
 #    checkpointing, 2048-token sequences): how many sequences per GPU fit at most?
+# 6. *Code it:* write the lecture's memory bill in `my_bill(n_params, n_adapter, mode)`: the bytes of weights,
+#    gradients and AdamW's two moments (no activations) for `mode="full"` (FP16 weights and gradients, FP32
+#    moments, every parameter trained) and `mode="lora"` (FP16 frozen base, `n_adapter` FP16 adapter parameters
+#    with FP16 gradients and FP32 moments). The check compares it with `estimate` at 10B once it returns something.
 
 # %%
 answer_1 = None  # bytes per parameter
@@ -464,6 +481,11 @@ answer_2 = None  # GB
 answer_3 = None  # an int
 answer_4 = None  # an int
 answer_5 = None  # an int
+
+
+def my_bill(n_params: int, n_adapter: int, mode: str):
+    """Exercise 6: bytes of weights + gradients + AdamW moments (replace the `return None`)."""
+    return None
 
 
 def check(name, answer, is_right):
@@ -491,3 +513,13 @@ def _fits_70b_on_4(per_gpu_batch: int) -> bool:
 
 
 check("exercise 5", answer_5, lambda a: _fits_70b_on_4(a) and not _fits_70b_on_4(a + 1))
+
+_lora10 = estimate(c10, "lora", **LECTURE, r=64, **act)
+_n_adapter = _lora10.adapters // 2                       # FP16 adapters: 2 bytes each
+_mine = {mode: my_bill(full.n_params, _n_adapter, mode) for mode in ("full", "lora")}
+if any(v is None for v in _mine.values()):
+    print("exercise 6: fill in my_bill and run this cell again")
+else:
+    for mode, want in (("full", full.state_bytes), ("lora", _lora10.state_bytes)):
+        assert abs(_mine[mode] - want) <= 1e-6 * want, f"exercise 6: my_bill(..., {mode!r}) is not right, try again"
+    print("exercise 6: right (estimate also counts AdamW's step counters, a few bytes per tensor)")

@@ -7,7 +7,10 @@ must fit the architecture's per-block limit.
 
 Covered here (to keep CI short): the bf16 tuned configurations (even K, one scale per row,
 bias on, LoRA epilogue on and off) for sm_80 and sm_90, and the fp32 and per-element
-configurations for sm_80. `python benchmarks/kernel_report.py` compiles every dtype for both.
+configurations for sm_80; of the decode kernels (nf4_gemv.py), every bf16 tile configuration (bias,
+LoRA and split-K on) and the smallest and largest fp32 one (LoRA on and off), per-block scales on
+both architectures and per-word scales on sm_90. `python benchmarks/kernel_report.py` compiles every
+configuration for both.
 """
 import os
 
@@ -29,6 +32,12 @@ def _cases():
         for plan, dtype in configs.all_plans(dtypes=(torch.bfloat16, torch.float32), flags="heavy",
                                              capability=arch):
             c = plan.constexprs
+            if plan.kernel.startswith("gemv"):
+                if _decode_case(plan, dtype, arch):
+                    cases.append(pytest.param(plan, dtype, arch, id=f"{plan.kernel}-{str(dtype)[6:]}-sm{arch}-m"
+                                              f"{c['BLOCK_M']}-g{c['GROUP']}" + ("-mma" if c["USE_DOT"] else "")
+                                              + ("-lora" if c.get("HAS_LORA") else "")))
+                continue
             tuned = dtype == torch.bfloat16 and c.get("PAIRED", True) and c.get("SCALE_PER_ROW", True)
             if arch == 90 and not tuned:
                 continue
@@ -37,6 +46,15 @@ def _cases():
                 "" if c.get("PAIRED", True) else "-oddK") + ("-lora" if c.get("HAS_LORA") else "")
             cases.append(pytest.param(plan, dtype, arch, id=tag))
     return cases
+
+
+def _decode_case(plan, dtype, arch) -> bool:
+    c = plan.constexprs
+    if c["GROUP"] == 8 and arch == 80:
+        return False
+    if dtype == torch.float32:               # the smallest and largest fp32 tiles, LoRA on and off
+        return c["BLOCK_M"] in (1, 16)
+    return c.get("HAS_LORA") is not False
 
 
 def test_every_selectable_tile_configuration_is_covered():
@@ -57,6 +75,11 @@ def _covered(arch):
                 assert (p.tile_key, torch.bfloat16) in listed, p
             d = configs.plan_matmul_dx(M, N, K, **gpu)
             assert (d.tile_key, torch.bfloat16) in listed, d
+            if configs.decode_supported(M, K):
+                dec = {k: v for k, v in gpu.items() if k != "capability"}
+                for p in (configs.plan_gemv(M, N, K, has_bias=True, has_lora=True, **dec),
+                          configs.plan_gemv_dx(M, N, K, **dec)):
+                    assert (p.tile_key, torch.bfloat16) in listed, p
 
 
 @pytest.mark.parametrize("plan,dtype,arch", _cases())

@@ -137,8 +137,8 @@ def test_matmul_forward_and_dx(device, M, N, K):
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(M, K, generator=g).to(dtype)
         dy = torch.randn(M, N, generator=g).to(dtype)
-        y = nf4_matmul(x.to(device), **q, N=N, K=K)
-        dx = nf4_matmul_dx(dy.to(device), **q, N=N, K=K)
+        y = nf4_matmul(x.to(device), **q, N=N, K=K, kernel="tiles")   # decode: test_kernels_decode.py
+        dx = nf4_matmul_dx(dy.to(device), **q, N=N, K=K, kernel="tiles")
         assert y.shape == (M, N) and y.dtype == dtype
         assert dx.shape == (M, K) and dx.dtype == dtype
         assert rel_err(y, x.double() @ W.T) <= TOL[dtype], f"forward {dtype}"
@@ -171,7 +171,7 @@ def test_bias_and_lora_epilogue(device, M):
         A, B = torch.randn(R, K, generator=g).to(dtype), torch.randn(N, R, generator=g).to(dtype)
         xa = x @ A.T
         y = nf4_matmul(x.to(device), **q, N=N, K=K, bias=bias.to(device), lora_xa=xa.to(device),
-                       lora_B=B.to(device), lora_scaling=0.25)
+                       lora_B=B.to(device), lora_scaling=0.25, kernel="tiles")
         ref = x.double() @ W.T + bias.double() + 0.25 * (xa.double() @ B.double().T)
         assert y.shape == (2, M, N)
         assert rel_err(y, ref) <= TOL[dtype], dtype

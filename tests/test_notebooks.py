@@ -9,13 +9,15 @@ No wall-clock limit: a busy machine only makes the run slower. The cell timeout 
 cell). The notebooks that need a pretrained base share the demo's cache (minilora.demos.get_base), which
 tests/conftest.py points at one directory for the whole session, so the base is built at most once.
 
-With MINILORA_NOTEBOOK_OUT=DIR (what `make notebooks` sets) each executed notebook is also written there as
-NN_name.ipynb, outputs and figures included, and rendered to NN_name.html when nbconvert is installed.
+Each executed notebook is kept as NN_name.ipynb, outputs and figures included (also when a cell failed), in
+site/executed/ (git-ignored; MINILORA_NOTEBOOK_OUT=DIR moves it), with the hash of the .py it came from and
+whether every cell ran. tests/test_site.py renders those copies into the static site and opens each page in a
+browser, so `make test` executes every notebook once and `make site` is this run plus the rendering.
 """
 from __future__ import annotations
 
 import ast
-import html
+import hashlib
 import os
 import subprocess
 import time
@@ -42,39 +44,34 @@ def execute(nb, cwd: Path, timeout: int = HANG_GUARD_S):
     return client.execute()
 
 
-def plain_html(nb, title: str) -> str:
-    """A self-contained HTML page of an executed notebook: markdown as text, code, and its outputs (printed text,
-    figures as embedded PNGs). nbconvert renders it better when it is installed."""
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{max-width:60em;margin:auto;font-family:sans-serif} pre{background:#f6f6f6;padding:.5em;"
-             "white-space:pre-wrap} pre.out{background:#fff;border-left:3px solid #ccc}</style>"]
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            parts.append(f"<pre style='background:none'>{html.escape(cell.source)}</pre>")
-            continue
-        parts.append(f"<pre><code>{html.escape(cell.source)}</code></pre>")
-        for out in cell.get("outputs", []):
-            data = out.get("data", {})
-            if "image/png" in data:
-                parts.append(f"<img src='data:image/png;base64,{data['image/png'].strip()}'>")
-            text = out.get("text") or data.get("text/plain") or "\n".join(out.get("traceback", []))
-            if text and "image/png" not in data:
-                parts.append(f"<pre class='out'>{html.escape(text)}</pre>")
-    return "\n".join(parts) + "\n"
+def executed_dir() -> Path:
+    """Where executed copies are kept: $MINILORA_NOTEBOOK_OUT, or site/executed in this checkout."""
+    return Path(os.environ.get("MINILORA_NOTEBOOK_OUT") or NOTEBOOK_DIR.parent / "site" / "executed")
 
 
-def write_executed(nb, name: str, out: Path) -> list[Path]:
-    """NN_name.ipynb (with outputs) and NN_name.html into out (nbconvert's HTML if it is installed, else
-    plain_html); atomic writes."""
+def write_executed(nb, src: Path, out: Path, ok: bool, seconds: float) -> Path:
+    """out/NN_name.ipynb: the executed notebook, with the sha256 of the .py it ran (so a stale copy is never
+    published), whether every cell ran, and how long it took; an atomic write."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [atomic_write_text(out / f"{name}.ipynb", nbformat.writes(nb))]
+    nb.metadata["minilora"] = {"source_sha256": hashlib.sha256(src.read_bytes()).hexdigest(), "ok": ok,
+                               "seconds": round(seconds, 1)}
+    return atomic_write_text(out / f"{src.stem}.ipynb", nbformat.writes(nb))
+
+
+def run_and_keep(src: Path, out: Path, cwd: Path):
+    """Execute notebook src in a fresh kernel (cwd: its working directory) and keep the executed copy in out,
+    also when a cell failed (the error stays in its outputs); returns (notebook, seconds); raises what
+    execute raises."""
+    nb = jupytext.read(src)
+    start, ok = time.perf_counter(), False
     try:
-        import nbconvert
-        page, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
-    except ImportError:
-        page = plain_html(nb, name)
-    written.append(atomic_write_text(out / f"{name}.html", page))
-    return written
+        execute(nb, cwd)
+        ok = True
+    finally:
+        elapsed = time.perf_counter() - start
+        print(f"{src.name}: {elapsed:.0f} s")  # shown with -s or -rP; informative, never asserted
+        write_executed(nb, src, out, ok, elapsed)
+    return nb, elapsed
 
 
 def test_there_are_notebooks():
@@ -83,16 +80,8 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path, tmp_path, record_property):
-    nb = jupytext.read(path)
-    start = time.perf_counter()
-    try:
-        execute(nb, tmp_path)
-    finally:
-        elapsed = time.perf_counter() - start
-        record_property("seconds", round(elapsed, 1))
-        print(f"{path.name}: {elapsed:.0f} s")  # shown with -s or -rP; informative, never asserted
-        if os.environ.get("MINILORA_NOTEBOOK_OUT"):  # the executed copy, also when a cell failed
-            write_executed(nb, path.stem, Path(os.environ["MINILORA_NOTEBOOK_OUT"]))
+    nb, elapsed = run_and_keep(path, executed_dir(), tmp_path)
+    record_property("seconds", round(elapsed, 1))
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code), "a code cell did not run"
     errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -116,15 +105,25 @@ def test_notebook_kernels_share_the_session_cache(tmp_path):
 
 
 def test_executed_copies_are_written(tmp_path):
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    execute(nb, tmp_path, timeout=600)
-    written = write_executed(nb, "00_check", tmp_path / "executed")
-    back = nbformat.read(written[0], as_version=4)
-    assert back.cells[0].outputs[0]["text"].strip() == "42"
-    page = written[1].read_text(encoding="utf-8")
-    assert written[1].suffix == ".html" and "print(6 * 7)" in page and "42" in page
+    src = tmp_path / "00_check.py"
+    src.write_text("# %% [markdown]\n# # A check\n\n# %%\nprint(6 * 7)\n", encoding="utf-8")
+    run_and_keep(src, tmp_path / "executed", tmp_path)
+    back = nbformat.read(tmp_path / "executed" / "00_check.ipynb", as_version=4)
+    assert back.cells[1].outputs[0]["text"].strip() == "42"
+    meta = back.metadata["minilora"]
+    assert meta["ok"] is True and meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert not list((tmp_path / "executed").glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_a_failed_run_is_kept_and_marked(tmp_path):
+    """The copy of a failing notebook keeps the error and says it failed, so the site refuses to publish it."""
+    src = tmp_path / "00_fails.py"
+    src.write_text("# %%\nraise ValueError('this cell fails')\n", encoding="utf-8")
+    with pytest.raises(nbclient.exceptions.CellExecutionError):
+        run_and_keep(src, tmp_path, tmp_path)
+    back = nbformat.read(tmp_path / "00_fails.ipynb", as_version=4)
+    assert back.metadata["minilora"]["ok"] is False
+    assert back.cells[0].outputs[-1]["output_type"] == "error"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

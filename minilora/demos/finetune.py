@@ -47,12 +47,17 @@ class DemoConfig:
     # the instruction task and fine-tuning
     n_train: int = 2000
     n_val: int = 200
-    steps: int = 400
+    # The recipe holds its result on every seed measured (notebook 05 shows the spread): at rank 8 and 400 steps
+    # LoRA and QLoRA were still far from converged on some seeds (seed 2: 44 % / 36 % exact match against 98 %
+    # for full fine-tuning); a higher learning rate, a longer warm-up or a constant rate made it worse, while
+    # rank 16 and 600 steps converge on each.
+    steps: int = 600
     batch_size: int = 16
     lr_full: float = 1e-3
     lr_lora: float = 5e-3
-    r: int = 8
-    alpha: float = 32.0
+    warmup_steps: int = 10
+    r: int = 16
+    alpha: float = 64.0            # alpha / r = 4, as before
     # every linear layer, the output projection (lm_head) included: without it, LoRA on this small base
     # learns the new word order far more slowly than full fine-tuning (the lm_head adapter is 9,216 params)
     targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc", "lm_head")
@@ -73,6 +78,15 @@ class DemoConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"DemoConfig.{name} must be an int >= 1, got {v!r}")
+
+
+    def train_config(self, mode: str, **overrides) -> TrainConfig:
+        """The fine-tuning recipe for one mode: what the demo (and notebook 05) pass to the trainer."""
+        kw = dict(mode=mode, r=self.r, alpha=self.alpha, targets=self.targets, steps=self.steps,
+                  lr=self.lr_full if mode == "full" else self.lr_lora, warmup_steps=self.warmup_steps,
+                  batch_size=self.batch_size, seed=self.seed, progress=self.progress,
+                  eval_every=max(1, self.steps // 4))
+        return TrainConfig(**{**kw, **overrides})
 
 
 def cache_dir(cfg: DemoConfig) -> Path | None:
@@ -217,11 +231,8 @@ def _run_demo(cfg: DemoConfig, out: Path, log) -> dict:
     results: dict[str, TrainResult] = {}
     for mode in cfg.modes:
         log(f"fine-tuning: {mode} ({cfg.steps} steps)")
-        tc = TrainConfig(mode=mode, r=cfg.r, alpha=cfg.alpha, targets=cfg.targets, steps=cfg.steps,
-                         lr=cfg.lr_full if mode == "full" else cfg.lr_lora, warmup_steps=10,
-                         batch_size=cfg.batch_size, seed=cfg.seed, out_dir=str(out / mode), progress=cfg.progress,
-                         eval_every=max(1, cfg.steps // 4))
-        res = train(GPT.from_pretrained(base_dir), tc, train_set, val_set, measure_memory=True)
+        res = train(GPT.from_pretrained(base_dir), cfg.train_config(mode, out_dir=str(out / mode)), train_set, val_set,
+                    measure_memory=True)
         results[mode] = res
         rows.append(_row(mode, res))
         answers[mode] = [respond(res.model, tok, e.instruction, e.context) for e in shown]
