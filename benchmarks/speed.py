@@ -3,11 +3,13 @@
     quant    NF4 quantize and dequantize vs bitsandbytes           (benchmarks/quant_speed.py's measurement)
     lora     a LoRA training step vs PEFT on transformers' GPT2LMHeadModel
     qlora    a QLoRA training step vs PEFT + bitsandbytes 4-bit (nf4, double quant, bf16 compute)
+    llama    the same two steps on a Llama (8 layers x 512, GQA 8/2 heads, all seven linears adapted) vs
+             transformers' LlamaForCausalLM with PEFT (and bitsandbytes for QLoRA)
     ckpt     minilora's gradient checkpointing vs torch.utils.checkpoint (benchmarks/checkpointing.py's models)
     kernels  CUDA only: fused NF4 dequant-matmul vs bf16 (benchmarks/kernel_speed.py)
 
-A training step is zero_grad + forward + backward + AdamW step, on the same weights (minilora's GPT saved
-in GPT-2's layout and loaded by transformers), the same GPT-2-shaped config, the same LoRA targets, rank,
+A training step is zero_grad + forward + backward + AdamW step, on the same weights (minilora's model saved
+in Hugging Face's layout and loaded by transformers), the same config, the same LoRA targets, rank,
 alpha and batch; both losses at the first step are printed to show the models are the same. Times are
 medians of --reps repetitions, interleaved (ABBA order) so that load changes hit both sides alike, after a
 warm-up step each. ratio = reference time / minilora time: > 1 means minilora is faster. A comparison whose
@@ -35,10 +37,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from minilora import GPT, GPTConfig, add_lora  # noqa: E402
+from minilora.llama import Llama, LlamaConfig  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ["c_attn", "c_proj", "c_fc"]  # both c_proj (attention and MLP) match, in minilora and in PEFT
-SECTIONS = ("quant", "lora", "qlora", "ckpt", "kernels")
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SECTIONS = ("quant", "lora", "qlora", "llama", "ckpt", "kernels")
 
 
 def load_sibling(name: str):
@@ -80,21 +84,26 @@ def adam(model) -> torch.optim.AdamW:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 
-def gpt_pair(args, quantized: bool):
-    """minilora's GPT (LoRA or QLoRA) and transformers' GPT-2 + PEFT holding the same weights."""
+def reference_pair(args, quantized: bool, llama: bool):
+    """minilora's model (LoRA or QLoRA) and transformers' (GPT2LMHeadModel or LlamaForCausalLM) + PEFT holding
+    the same weights and the same adapters' targets, rank and alpha."""
     from peft import LoraConfig, get_peft_model
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
-    config = GPTConfig(block_size=args.seq, vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
-                       n_embd=args.width)
-    mine = GPT(config)
+    if llama:
+        mine = Llama(LlamaConfig(vocab_size=args.vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=args.seq))
+        targets, kw = LLAMA_TARGETS, {}
+    else:
+        mine = GPT(GPTConfig(block_size=args.seq, vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
+                             n_embd=args.width))
+        targets, kw = TARGETS, dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     with tempfile.TemporaryDirectory() as d:
         mine.save_pretrained(d)
-        kw = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         if quantized:
             from transformers import BitsAndBytesConfig
             kw.update(quantization_config=BitsAndBytesConfig(
@@ -102,18 +111,18 @@ def gpt_pair(args, quantized: bool):
                 bnb_4bit_compute_dtype=torch.bfloat16), device_map="cpu")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ref = GPT2LMHeadModel.from_pretrained(d, **kw)
+            ref = AutoModelForCausalLM.from_pretrained(d, **kw)
     ref = get_peft_model(ref, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
-                                         target_modules=TARGETS, fan_in_fan_out=True))
+                                         target_modules=targets, fan_in_fan_out=not llama))
     if quantized:
         from minilora.qlora import quantize_model
-        quantize_model(mine, TARGETS, compute_dtype=torch.bfloat16)
-    add_lora(mine, TARGETS, r=args.r, alpha=2 * args.r)
+        quantize_model(mine, targets, compute_dtype=torch.bfloat16)
+    add_lora(mine, targets, r=args.r, alpha=2 * args.r)
     return mine.train(), ref.train()
 
 
-def step_ratio(args, quantized: bool, rows: list) -> None:
-    name = "QLoRA step" if quantized else "LoRA step"
+def step_ratio(args, quantized: bool, rows: list, llama: bool = False) -> None:
+    name = ("Llama " if llama else "") + ("QLoRA step" if quantized else "LoRA step")
     ref_name = "PEFT + bitsandbytes" if quantized else "PEFT"
     try:
         import peft  # noqa: F401
@@ -124,7 +133,7 @@ def step_ratio(args, quantized: bool, rows: list) -> None:
         print(f"{name}: skipped, reference not installed ({e})")
         return
     try:
-        mine, ref = gpt_pair(args, quantized)
+        mine, ref = reference_pair(args, quantized, llama)
     except Exception as e:  # noqa: BLE001 - e.g. a bitsandbytes build without CPU 4-bit support
         print(f"{name}: skipped, the reference cannot be built here ({type(e).__name__}: {e})")
         return
@@ -227,6 +236,9 @@ def main() -> None:
         step_ratio(args, False, rows)
     if "qlora" in args.only:
         step_ratio(args, True, rows)
+    if "llama" in args.only:
+        step_ratio(args, False, rows, llama=True)
+        step_ratio(args, True, rows, llama=True)
     if "ckpt" in args.only:
         ckpt_ratio(args, rows)
     if "kernels" in args.only:

@@ -3,6 +3,7 @@
 Public API (everything a lecture notebook needs is importable from here).
 """
 from .gpt import GPT, GPTConfig
+from .llama import Llama, LlamaConfig
 from .lora import LoRALinear
 from .inject import add_lora, find_targets, lora_layers, mark_only_lora_trainable, merge_lora
 from .adapters import adapter_state_dict, load_adapter, save_adapter
@@ -24,5 +25,31 @@ from .evaluate import evaluate
 from .train import TrainConfig, TrainResult  # the loop itself: minilora.train.train
 from .runs import CheckpointError
 from . import demos  # the end-to-end and paging demonstrations: minilora.demos.run_demo, ...
+
+
+def model_config(path, caller: str = "from_pretrained"):
+    """The GPTConfig or LlamaConfig a model directory's (or Hub id's) config.json describes, by its model_type
+    (gpt2; llama, mistral, qwen2); no weights are read."""
+    from .gpt import ACTIVATIONS
+    from .hf import gpt2, hub
+    from .hf import llama as hf_llama
+    path, hf = hub.read_config(path, caller)
+    kind = hf.get("model_type", "gpt2")
+    if kind == "gpt2":
+        return GPTConfig(**gpt2.config_from_hf(hf, path / "config.json", ACTIVATIONS))
+    if kind not in hf_llama.ARCHITECTURES:
+        raise ValueError(f"{caller}: {path / 'config.json'} has model_type {kind!r}; minilora loads gpt2, "
+                         f"{', '.join(hf_llama.ARCHITECTURES)}")
+    return LlamaConfig(**hf_llama.config_fields(hf, f"{caller}: {path / 'config.json'}"))
+
+
+def from_pretrained(path, **overrides) -> GPT | Llama:
+    """A GPT or a Llama from a transformers directory (or a Hub id in huggingface_hub's cache), whichever its
+    config.json's model_type names."""
+    from .hf.hub import resolve
+    path = resolve(path)
+    cls = Llama if isinstance(model_config(path), LlamaConfig) else GPT
+    return cls.from_pretrained(path, **overrides)
+
 
 __version__ = "0.1.0"

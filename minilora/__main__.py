@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 -m minilora finetune --base runs/base --out runs/lora   # data parallel
     python -m minilora generate --model runs/base --adapter runs/lora/adapter --context "You must learn patience."
     python -m minilora memory --mode full lora qlora --n-layer 32 --n-embd 4096 --seq-len 512
+    python -m minilora memory --model-preset llama-2-70b --mode qlora --r 64 --dtype bfloat16 --fsdp 2
 
 Bad input (an argument, a file, a directory) ends with one line `error: ...` and exit status 2, before any
 work starts where it can be known then; a failure of the machine (a full disk, a lost rank) with one line
@@ -28,12 +29,14 @@ from .runs.cli_args import Parser, above_zero, at_least_zero, count, device, fra
 from .inject import find_targets
 from .parallel import AnotherRankFailed, DistributedError, decide, init_from_env, is_main, shutdown
 from .generate import generate_text
-from .gpt import GPT, GPTConfig
-from .memory import estimate, format_table
+from . import from_pretrained, model_config
+from .hf.hub import resolve
+from .memory.command import cmd_memory, default_targets
+from .memory.llama import PRESETS
 from .qlora import load_qlora_adapter
 from .runs import check_run_dir, find_checkpoint, read_state
-from .train import TrainConfig, measure_step_memory, prepare_model, train
-from .train_config import MODES, OPTIMIZERS
+from .train import TrainConfig, train
+from .train_config import DEFAULT_TARGETS, LLAMA_TARGETS, MODES, OPTIMIZERS
 
 
 def _model_args(p: argparse.ArgumentParser, d) -> None:
@@ -47,7 +50,9 @@ def _model_args(p: argparse.ArgumentParser, d) -> None:
 def _lora_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--r", "--lora-r", dest="r", type=positive, default=d.r, help="LoRA rank (--lora-r under torchrun)")
     p.add_argument("--alpha", type=above_zero, default=d.alpha, help="LoRA alpha (scaling = alpha / r)")
-    p.add_argument("--targets", nargs="+", default=list(d.targets), help="module name patterns for LoRA")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="module name patterns for LoRA (default: every linear layer inside the blocks: "
+                        f"{' '.join(DEFAULT_TARGETS)} for a GPT, {' '.join(LLAMA_TARGETS)} for a Llama)")
 
 
 def _run_args(p: argparse.ArgumentParser, d) -> None:
@@ -83,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p, dc)
 
     p = sub.add_parser("finetune", help="fine-tune a base model on instruction data (full, LoRA or QLoRA)")
-    p.add_argument("--base", required=True, help="base model directory (pretrain's --out, or a GPT-2 directory)")
+    p.add_argument("--base", required=True, help="base model directory (pretrain's --out, a GPT-2 or Llama-family "
+                                                 "transformers directory) or a Hugging Face model id")
     p.add_argument("--out", required=True, help="run directory: checkpoint/, adapter/ or model/, metrics.json")
     p.add_argument("--mode", choices=MODES, default=tc.mode)
     p.add_argument("--data", default=None, help="JSONL of instruction/context/output (default: the Yoda task)")
@@ -107,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p, dc)
 
     p = sub.add_parser("generate", help="greedy (or sampled) answer of a model, optionally with an adapter")
-    p.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
+    p.add_argument("--model", required=True, help="model directory (config.json + safetensors; GPT-2 or Llama "
+                                                  "family) or a Hugging Face model id")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT layout)")
     p.add_argument("--qlora", action="store_true", help="quantize the base to NF4 before loading the adapter")
     p.add_argument("--instruction", default="Say it like Yoda.")
@@ -118,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=count, default=0)
 
     p = sub.add_parser("memory", help="training-memory breakdown per mode (analytic; --measure runs one step)")
-    p.add_argument("--model", default=None, help="take the shape from this model directory")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--model", "--config", dest="model", default=None,
+                       help="take the shape from this directory's config.json (GPT-2 or Llama family; no weights read)")
+    shape.add_argument("--model-preset", choices=sorted(PRESETS), default=None,
+                       help="a released Llama's shape (exact parameter count)")
     _model_args(p, dc)
     p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--batch-size", type=positive, default=dc.batch_size)
@@ -156,8 +167,10 @@ def cmd_pretrain(a) -> None:
 def cmd_finetune(a) -> None:
     init_from_env()  # under torchrun: join the process group first, so the ranks agree on any refusal below
     dc = DemoConfig()
+    base_dir = resolve(a.base, "finetune")
     lr = a.lr if a.lr is not None else (dc.lr_full if a.mode == "full" else dc.lr_lora)
-    cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=tuple(a.targets), lr=lr,
+    cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout,
+                      targets=default_targets(a.targets, model_config(base_dir, "finetune")), lr=lr,
                       warmup_steps=a.warmup_steps, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                       gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,
                       optimizer=a.optimizer or "adamw", fsdp=a.fsdp, device=a.device, eval_every=a.eval_every,
@@ -168,10 +181,10 @@ def cmd_finetune(a) -> None:
             check_run_dir(a.out, "finetune", a.overwrite, a.resume)
         data = load_jsonl(a.data) if a.data else None  # a bad file fails here, before the model is read
         examples = split_examples(data, 0.1, seed=a.seed) if data else yoda_dataset(a.n_train, a.n_val, seed=a.seed)
-        base = GPT.from_pretrained(a.base)
+        base = from_pretrained(base_dir)
         if a.mode != "full":
-            find_targets(base, a.targets)  # every --targets pattern names a layer of this model
-        tok = load_tokenizer(a.base, vocab_size=base.config.vocab_size)
+            find_targets(base, cfg.targets)  # every --targets pattern names a layer of this model
+        tok = load_tokenizer(base_dir, vocab_size=base.config.vocab_size)
         return base, [InstructionSet(ex, tok, base.config.block_size) for ex in examples]
     base, (train_set, val_set) = decide(prepare)
     res = train(base, cfg, train_set, val_set, resume=a.resume)
@@ -188,50 +201,15 @@ def cmd_generate(a) -> None:
         raise ValueError("--qlora needs --adapter")
     if a.prompt is not None and a.context is not None:
         raise ValueError("give either --prompt or --context, not both")
-    model = GPT.from_pretrained(a.model)
-    tok = load_tokenizer(a.model, vocab_size=model.config.vocab_size)
+    model_dir = resolve(a.model, "generate")
+    model = from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir, vocab_size=model.config.vocab_size)
     if a.adapter and a.qlora:
         load_qlora_adapter(model, a.adapter, compute_dtype=torch.float32)
     elif a.adapter:
         load_adapter(model, a.adapter)
     text = a.prompt if a.prompt is not None else prompt(a.instruction, a.context or "")
     print(generate_text(model, tok, text, a.max_new_tokens, temperature=a.temperature, seed=a.seed))
-
-
-def cmd_memory(a) -> None:
-    if a.measure and a.fsdp > 1:
-        raise ValueError("--measure runs one process; measure FSDP under torchrun (see tests/test_fsdp.py)")
-    cfg = GPT.from_pretrained(a.model).config if a.model else GPTConfig(
-        block_size=a.block_size, vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
-    seq, rows = a.seq_len or cfg.block_size, []
-    opt = TrainConfig(optimizer=a.optimizer or "adamw", paged=a.paged).optimizer  # --paged alone: "paged"
-    for mode in a.mode:
-        rows.append(estimate(cfg, mode, batch_size=a.batch_size, seq_len=seq, r=a.r, targets=tuple(a.targets),
-                             dtype=a.dtype, compute_dtype=a.dtype, state_dtype="float32", optimizer=opt,
-                             checkpointing=a.gradient_checkpointing, fsdp=a.fsdp, cpu_offload=a.cpu_offload,
-                             device="cpu", label=f"{mode} (estimate)"))
-        if a.measure:
-            rows.append(_measure(cfg, mode, a, seq))
-    fsdp = f"; per process of {a.fsdp} (FSDP{', CPU offload' if a.cpu_offload else ''})" if a.fsdp > 1 else ""
-    print(f"GPT: {cfg.n_layer} layers x {cfg.n_embd} wide, vocab {cfg.vocab_size}, {rows[0].n_params:,} parameters; "
-          f"batch {a.batch_size} x {seq} tokens; {a.dtype} weights, optimizer {opt}"
-          f"{', gradient checkpointing' if a.gradient_checkpointing else ''}{fsdp}")
-    print(format_table(rows))
-
-
-def _measure(cfg, mode: str, a, seq: int):
-    if a.dtype != "float32":
-        raise ValueError("--measure trains a float32 model; leave --dtype at float32 to measure")
-    if (n_params := 12 * cfg.n_layer * cfg.n_embd ** 2) > 50_000_000:
-        raise ValueError(f"--measure runs a real step; {n_params:,} parameters is too large for it here")
-    tc = TrainConfig(mode=mode, r=a.r, targets=tuple(a.targets), gradient_checkpointing=a.gradient_checkpointing,
-                     paged=a.paged, optimizer=a.optimizer or "adamw", batch_size=a.batch_size)
-    torch.manual_seed(0)
-    model = prepare_model(GPT(cfg), tc)
-    x = torch.randint(cfg.vocab_size, (a.batch_size, seq))
-    m = measure_step_memory(model, tc, (x, x))
-    m.label = f"{mode} (measured)"
-    return m
 
 
 COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "finetune": cmd_finetune, "generate": cmd_generate,

@@ -9,7 +9,6 @@ reads them: the first key k with the module name matching (.*\\.)?(k)$ gives tha
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .runs.files import atomic_write, atomic_write_json, read_safetensors, safetensors_bytes
+from .runs.files import atomic_write, atomic_write_json, read_json_object, read_safetensors, safetensors_bytes
 from .inject import add_lora, all_or_nothing, find_targets, lora_layers
 
 PREFIX = "base_model.model."
@@ -85,14 +84,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
 def read_adapter_config(path: str | os.PathLike) -> dict:
     """<path>/adapter_config.json, checked: a JSON object describing a plain LoRA adapter minilora can build."""
     f = Path(path) / "adapter_config.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"load_adapter: {f} not found")
-    try:
-        config = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"load_adapter: {f} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"load_adapter: {f} must hold a JSON object, got {type(config).__name__}")
+    config = read_json_object(f, "load_adapter")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"load_adapter: {f} has peft_type {config.get('peft_type')!r}, expected 'LORA'")
     for key in ("target_modules", "r", "lora_alpha"):

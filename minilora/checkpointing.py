@@ -107,9 +107,24 @@ def checkpoint(blocks: nn.Module, x: torch.Tensor, preserve_rng_state: bool = Tr
     return CheckpointSegment.apply(blocks, preserve_rng_state, x, *params)
 
 
-def checkpoint_sequential(modules: Sequence[nn.Module] | nn.Sequential | nn.ModuleList, x: torch.Tensor,
+class Segment(nn.Sequential):
+    """Machinery: modules run in order, each called as m(x, *args), with args the same constant inputs for every
+    module (a Llama layer's rotary cos and sin); they are not differentiated, and a replay reuses them."""
+
+    def __init__(self, modules: Sequence[nn.Module], args: tuple = ()):
+        super().__init__(*modules)
+        self.args = args
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self:
+            x = m(x, *self.args)
+        return x
+
+
+def checkpoint_sequential(modules: Sequence[nn.Module] | nn.Sequential | nn.ModuleList, x: torch.Tensor, *args,
                           segments: int | None = None, preserve_rng_state: bool = True) -> torch.Tensor:
-    """Run x through modules in order, checkpointed in `segments` segments (None: ⌈√n⌉ for n modules).
+    """Run x through modules in order (each as m(x, *args)), checkpointed in `segments` segments (None: ⌈√n⌉
+    for n modules).
 
     Only the input of each segment is kept for backward; every segment is recomputed once in backward, so the
     saved activations peak at about s segment inputs + one segment's activations instead of all n modules'.
@@ -126,9 +141,7 @@ def checkpoint_sequential(modules: Sequence[nn.Module] | nn.Sequential | nn.Modu
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     bounds = segment_bounds(len(modules), segments)
     if not torch.is_grad_enabled():
-        for m in modules:
-            x = m(x)
-        return x
+        return Segment(modules, args)(x)
     for start, end in bounds:
-        x = checkpoint(nn.Sequential(*modules[start:end]), x, preserve_rng_state)
+        x = checkpoint(Segment(modules[start:end], args), x, preserve_rng_state)
     return x

@@ -11,6 +11,7 @@ from dataclasses import InitVar, asdict, dataclass
 MODES = ("full", "lora", "qlora")                       # what trains: every weight, adapters, adapters on NF4
 OPTIMIZERS = ("adamw", "paged", "adamw8bit", "paged8bit")  # minilora.optim: how AdamW's m and v are stored
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")           # LoRA on every linear layer inside the blocks
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama's (PEFT's)
 
 # Settings that do not change the trajectory of a run; every other TrainConfig field must match on resume.
 NOT_TRAJECTORY = ("eval_every", "eval_batch_size", "eval_max_batches", "save_every", "out_dir", "overwrite",

@@ -127,8 +127,8 @@ def test_demo_at_tiny_size_prints_one_table_and_a_png(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["finetune", "--base", "/nonexistent/base", "--out", "x"], "config.json not found"),
-    (["generate", "--model", "/nonexistent/base"], "not found"),
+    (["finetune", "--base", "/nonexistent/base", "--out", "x"], "/nonexistent/base is not a directory"),
+    (["generate", "--model", "/nonexistent/base"], "/nonexistent/base is not a directory"),
     (["generate", "--model", "{base}", "--adapter", "{tmp}"], "adapter_config.json not found"),
     (["pretrain", "--out", "{tmp}", "--vocab-size", "100", "--steps", "1"], "vocab_size"),
 ])

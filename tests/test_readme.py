@@ -46,7 +46,7 @@ def test_layout_maps_the_tree_in_twelve_lines_and_the_root_stays_small():
     for folder in folders:
         assert f"{folder}/" in "\n".join(block), f"the layout does not name minilora/{folder}/"
     root = sorted(p.name for p in (ROOT / "minilora").glob("*.py"))
-    assert len(root) <= 15, f"{len(root)} modules at the package root (at most 16 with a second model): {root}"
+    assert len(root) <= 16, f"{len(root)} modules at the package root (at most 16 with the second model): {root}"
 
 
 def test_no_library_file_is_over_300_lines():

@@ -31,6 +31,7 @@ backward begins).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,32 @@ def _union(*dicts: dict[str, int]) -> int:
     return sum(merged.values())
 
 
+def record_linear(s: ActivationSetup, saved: dict, name: str, x: str, numel: int, x_rg: bool, kind: str,
+                  n_in: int, n_out: int) -> bool:
+    """Record what a linear layer `name` of kind `kind` saves (its input x has numel elements and requires grad
+    if x_rg); return whether its output requires grad."""
+    BT, mask = s.batch_size * s.seq_len, 1 if s.device == "cuda" else s.act
+    if kind == "trained":
+        saved[x] = numel * s.act
+        return True
+    if kind == "frozen":
+        return x_rg
+    if kind not in ("lora", "qlora"):
+        raise ValueError(f"kind of {name} must be one of {KINDS}, got {kind!r}")
+    item = s.adapter if kind == "lora" else s.compute
+    if s.lora_dropout > 0:
+        if x_rg:  # the mask is kept only if the dropout's input can receive a gradient
+            saved[name + ".lora_dropout_mask"] = numel * mask
+        x = name + ".lora_dropout_out"
+    if item != s.act:  # x.to(adapter / compute dtype): each layer's own cast copy is what its matmul keeps
+        x = f"{name}.x@{item}"
+    saved[x] = numel * item
+    saved[name + ".xA"] = BT * s.r * item
+    if kind == "qlora" and s.adapter_cast:
+        saved[name + ".A,B@compute"] = s.r * (n_in + n_out) * s.compute
+    return True
+
+
 def saved_activations(n_layer: int, n_head: int, n_embd: int, vocab_size: int, s: ActivationSetup,
                       checkpoint_segments: int | None | bool = False) -> SavedActivations:
     """Walk minilora's GPT forward and list the tensors autograd saves (see the module docstring).
@@ -118,28 +145,7 @@ def saved_activations(n_layer: int, n_head: int, n_embd: int, vocab_size: int, s
     BT, BTC = B * T, B * T * C
     mask = 1 if s.device == "cuda" else s.act
     stats = 4 if (s.act == 4 or s.device == "cuda") else s.act
-
-    def linear(saved: dict, name: str, x: str, numel: int, x_rg: bool, kind: str, n_in: int, n_out: int) -> bool:
-        """Record what a linear layer saves; return whether its output requires grad."""
-        if kind == "trained":
-            saved[x] = numel * s.act
-            return True
-        if kind == "frozen":
-            return x_rg
-        if kind not in ("lora", "qlora"):
-            raise ValueError(f"kind of {name} must be one of {KINDS}, got {kind!r}")
-        item = s.adapter if kind == "lora" else s.compute
-        if s.lora_dropout > 0:
-            if x_rg:  # the mask is kept only if the dropout's input can receive a gradient
-                saved[name + ".lora_dropout_mask"] = numel * mask
-            x = name + ".lora_dropout_out"
-        if item != s.act:  # x.to(adapter / compute dtype): the cast copy is what the matmul keeps
-            x = x + f"@{item}"
-        saved[x] = numel * item
-        saved[name + ".xA"] = BT * s.r * item
-        if kind == "qlora" and s.adapter_cast:
-            saved[name + ".A,B@compute"] = s.r * (n_in + n_out) * s.compute
-        return True
+    linear = functools.partial(record_linear, s)
 
     pre: dict[str, int] = {}
     if s.embeddings_trained:

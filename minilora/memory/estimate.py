@@ -1,4 +1,4 @@
-"""The analytic side: bytes of a training step from a GPTConfig and a recipe, without running anything.
+"""The analytic side: bytes of a training step from a GPTConfig or LlamaConfig and a recipe, without running anything.
 
 Per parameter of the base model (full fine-tuning, AdamW, torch's defaults):
 
@@ -14,13 +14,15 @@ gradient and AdamW state. QLoRA stores the base linears as NF4 with double quant
     = 4.127 bits per weight (+ 4 bytes of offset per tensor)
 
 while the embeddings, norms, biases and the tied lm_head stay in the model's dtype. Activations come from
-minilora.memory.activations. The parameter inventory is taken from a GPT built on the "meta" device:
+minilora.memory.activations (minilora.memory.llama for a Llama). The parameter inventory is taken from the
+model (GPT or Llama) built on the "meta" device:
 shapes only, no memory, so a 65B model costs nothing to describe. With fsdp=N every byte is that of one
 process of N sharding the model (minilora.memory.sharded states the sharded and gathered terms).
 """
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -30,6 +32,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from ..gpt import GPT, GPTConfig
+from ..llama import Llama, LlamaConfig
 from ..inject import find_targets
 from ..qlora import untied_linears
 from ..quant.format import nf4_nbytes  # the NF4 byte count, stated once (re-exported by minilora.memory)
@@ -39,7 +42,8 @@ from ..optim.adamw8bit import MIN_8BIT_SIZE
 from ..optim.paged8bit import BLOCK_BYTES
 from ..quant.format import BLOCKSIZE_8BIT as BLOCK
 from .breakdown import MemoryBreakdown
-from ..train_config import DEFAULT_TARGETS, MODES, OPTIMIZERS
+from ..train_config import DEFAULT_TARGETS, LLAMA_TARGETS, MODES, OPTIMIZERS
+from .llama import LLAMA_LINEARS, saved_activations_llama
 from .sharded import Sharding, check_fsdp, offload, shard_numel
 
 STEP_BYTES = 4  # AdamW's step counter: one fp32 scalar tensor per parameter tensor
@@ -93,14 +97,21 @@ class _SkipRandomInit(TorchFunctionMode):
 
 
 @functools.lru_cache(maxsize=8)
-def _meta_gpt_cached(config_items: tuple) -> GPT:
+def _meta_model_cached(kind: str, config_json: str) -> nn.Module:
+    cls, config_cls = (Llama, LlamaConfig) if kind == "llama" else (GPT, GPTConfig)
     with torch.device("meta"), _SkipRandomInit():
-        return GPT(GPTConfig(**dict(config_items)))
+        return cls(config_cls(**json.loads(config_json)))
 
 
-def _meta_gpt(config: GPTConfig) -> GPT:
-    """The GPT's module tree and parameter shapes, no memory behind them (read-only: the model is cached)."""
-    return _meta_gpt_cached(tuple(sorted(asdict(config).items())))
+def _meta_model(config: GPTConfig | LlamaConfig) -> nn.Module:
+    """The model's module tree and parameter shapes, no memory behind them (read-only: the model is cached)."""
+    kind = "llama" if isinstance(config, LlamaConfig) else "gpt"
+    return _meta_model_cached(kind, json.dumps(asdict(config), sort_keys=True))
+
+
+def n_layers(config: GPTConfig | LlamaConfig) -> int:
+    """The number of transformer blocks (GPT-2's n_layer, Llama's num_hidden_layers)."""
+    return config.num_hidden_layers if isinstance(config, LlamaConfig) else config.n_layer
 
 
 def _check_positive_int(value, name: str) -> int:
@@ -109,8 +120,8 @@ def _check_positive_int(value, name: str) -> int:
     return value
 
 
-def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_len: int | None = None,
-             r: int = 8, targets: str | Iterable[str] = DEFAULT_TARGETS, lora_dropout: float = 0.0,
+def estimate(config: GPTConfig | LlamaConfig, mode: str = "full", *, batch_size: int = 1, seq_len: int | None = None,
+             r: int = 8, targets: str | Iterable[str] | None = None, lora_dropout: float = 0.0,
              dtype: torch.dtype | str = torch.float32, adapter_dtype: torch.dtype | str | None = None,
              compute_dtype: torch.dtype | str = torch.bfloat16, grad_dtype: torch.dtype | str | None = None,
              state_dtype: torch.dtype | str | None = None, master_weights: bool = False,
@@ -118,10 +129,12 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
              checkpointing: bool | None = None, checkpoint_segments: int | None = None,
              quant_targets: str | Iterable[str] | None = None, blocksize: int = 64, double_quant: bool = True,
              fsdp: int = 1, cpu_offload: bool = False, device: str = "cuda", label: str = "") -> MemoryBreakdown:
-    """Analytic training memory of minilora's GPT for one step (see the module docstring for the formulas).
+    """Analytic training memory of minilora's GPT or Llama for one step (the module docstring has the formulas).
 
-    mode: "full" (every parameter trained), "lora" (frozen base + adapters on `targets`, rank r) or "qlora"
-    (the `quant_targets` linears in NF4 — default every untied nn.Linear — plus adapters).
+    mode: "full" (every parameter trained), "lora" (frozen base + adapters on `targets`, rank r; default every
+    linear layer inside the blocks) or "qlora" (the `quant_targets` linears in NF4 — default every untied
+    nn.Linear of a GPT, every linear inside a Llama's layers: its lm_head stays 16-bit, as bitsandbytes
+    leaves it — plus adapters).
     dtype: the model's weights and activations. adapter_dtype: LoRA's A and B (default: dtype for LoRA,
     compute_dtype for QLoRA, as minilora creates them). grad_dtype, state_dtype: gradients and AdamW state
     (default: each parameter's own dtype, as torch does; the lecture's recipe is dtype=fp16, state_dtype=fp32).
@@ -139,8 +152,10 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     device: "cuda" or "cpu", the kernels whose saved tensors are modelled (they differ only under dropout,
     and in the dtype of LayerNorm statistics of 16-bit models).
     """
-    if not isinstance(config, GPTConfig):
-        raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+    if not isinstance(config, (GPTConfig, LlamaConfig)):
+        raise TypeError(f"config must be a GPTConfig or a LlamaConfig, got {type(config).__name__}")
+    llama, L = isinstance(config, LlamaConfig), n_layers(config)
+    targets = (LLAMA_TARGETS if llama else DEFAULT_TARGETS) if targets is None else targets
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if optimizer not in OPTIMIZERS:
@@ -164,17 +179,17 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     state_dtype = None if state_dtype is None else as_dtype(state_dtype, "state_dtype")
     if checkpointing is None:
         checkpointing = config.gradient_checkpointing
-    if fsdp > 1 and checkpoint_segments not in (None, config.n_layer):
-        raise ValueError(f"checkpoint_segments: with fsdp > 1 every block is its own segment ({config.n_layer}), "
-                         f"got {checkpoint_segments}")
+    if fsdp > 1 and checkpoint_segments not in (None, L):
+        raise ValueError(f"checkpoint_segments must be {L} with fsdp > 1 (one per block), got {checkpoint_segments}")
     if checkpoint_segments is None:  # minilora.parallel.fsdp checkpoints block by block
-        checkpoint_segments = config.checkpoint_segments if fsdp == 1 else config.n_layer
+        checkpoint_segments = config.checkpoint_segments if fsdp == 1 else L
 
-    model = _meta_gpt(config)
+    model = _meta_model(config)
     lora_names = set(find_targets(model, targets)) if mode != "full" else set()
     quant_names: set[str] = set()
     if mode == "qlora":
-        quant_names = set(untied_linears(model) if quant_targets is None else find_targets(model, quant_targets))
+        quant_names = set(find_targets(model, quant_targets) if quant_targets is not None else
+                          untied_linears(model, find_targets(model, LLAMA_TARGETS) if llama else None))
     for name in lora_names | quant_names:
         if not isinstance(model.get_submodule(name), nn.Linear):
             raise ValueError(f"target {name!r} is a {type(model.get_submodule(name)).__name__}, not a linear layer")
@@ -250,7 +265,7 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     return out
 
 
-def activation_model(config: GPTConfig, mode: str, *, batch_size: int, seq_len: int, r: int,
+def activation_model(config: GPTConfig | LlamaConfig, mode: str, *, batch_size: int, seq_len: int, r: int,
                      lora_names: set[str], quant_names: set[str], lora_dropout: float, dtype: torch.dtype,
                      adapter_dtype: torch.dtype, compute_dtype: torch.dtype,
                      checkpoint_segments: int | None | bool, device: str) -> SavedActivations:
@@ -262,17 +277,21 @@ def activation_model(config: GPTConfig, mode: str, *, batch_size: int, seq_len: 
             return "qlora" if name in quant_names else "lora"
         return "frozen"
 
-    kinds = [{lin: kind(f"transformer.h.{i}.{lin}") for lin in LINEARS} for i in range(config.n_layer)]
+    llama = isinstance(config, LlamaConfig)
+    prefix, linears = ("model.layers", LLAMA_LINEARS) if llama else ("transformer.h", LINEARS)
+    kinds = [{lin: kind(f"{prefix}.{i}.{lin}") for lin in linears} for i in range(n_layers(config))]
     setup = ActivationSetup(batch_size=batch_size, seq_len=seq_len, kinds=kinds, head_kind=kind("lm_head"),
                             embeddings_trained=mode == "full", norms_trained=mode == "full",
                             act=itemsize(dtype), adapter=itemsize(adapter_dtype), compute=itemsize(compute_dtype),
                             adapter_cast=mode == "qlora" and adapter_dtype != compute_dtype, r=r,
-                            dropout=config.dropout, lora_dropout=lora_dropout, device=device)
+                            dropout=getattr(config, "dropout", 0.0), lora_dropout=lora_dropout, device=device)
+    if llama:
+        return saved_activations_llama(config, setup, checkpoint_segments)
     return saved_activations(config.n_layer, config.n_head, config.n_embd, config.vocab_size, setup,
                              checkpoint_segments)
 
 
-def activation_bytes_per_token(config: GPTConfig, mode: str = "full", **kwargs) -> dict[str, float]:
+def activation_bytes_per_token(config: GPTConfig | LlamaConfig, mode: str = "full", **kwargs) -> dict[str, float]:
     """Saved-activation bytes per token, without checkpointing: per transformer block ('per_block', the last
     block), for embeddings + head + loss ('outside') and in all ('total'). kwargs as for estimate()."""
     acts = estimate(config, mode, **{**kwargs, "checkpointing": False}).saved

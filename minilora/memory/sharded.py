@@ -32,7 +32,7 @@ from ..quant.format import NESTED_BLOCKSIZE
 from .breakdown import MemoryBreakdown
 
 NF4_OFFSET_BYTES = 4  # double quantization's fp32 offset: a 0-dim buffer, not sharded
-_BLOCK = re.compile(r"^transformer\.h\.(\d+)\.")
+_BLOCK = re.compile(r"^(?:transformer\.h|model\.layers)\.(\d+)\.")  # a GPT block or a Llama decoder layer
 _SHARDED_PARTS = ("weights", "quantized_weights", "master_weights", "gradients", "optimizer_state", "adapters",
                   "adapter_gradients", "adapter_optimizer_state")
 
@@ -73,7 +73,7 @@ def check_fsdp(fsdp, cpu_offload, optimizer: str, batch_size: int) -> None:
 
 class Sharding:
     """Per-process bytes of the parameters on `world` processes, and the gathered bytes of each FSDP unit
-    (a block 'transformer.h.<i>', or '' for the root). world=1: no sharding, nothing gathered."""
+    (a block 'transformer.h.<i>' or 'model.layers.<i>', or '' for the root). world=1: no sharding, nothing gathered."""
 
     def __init__(self, world: int):
         self.world, self.units, self.replicated = world, {}, 0

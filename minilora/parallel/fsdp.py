@@ -66,19 +66,24 @@ def frozen_as_parameters(model: nn.Module) -> list[str]:
 
 
 def blocks_of(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks (model.transformer.h): one FSDP unit each."""
-    blocks = getattr(getattr(model, "transformer", None), "h", None)
-    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
-        raise ValueError(f"fsdp shards a minilora GPT block by block; {type(model).__name__} has no transformer.h")
-    return blocks
+    """The transformer blocks (a GPT's transformer.h, a Llama's model.layers): one FSDP unit each."""
+    for outer, inner in (("transformer", "h"), ("model", "layers")):
+        blocks = getattr(getattr(model, outer, None), inner, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks):
+            return blocks
+    raise ValueError(f"fsdp shards a minilora GPT or Llama block by block; {type(model).__name__} has neither "
+                     f"transformer.h nor model.layers")
 
 
 def _run_blocks_replayed(model: nn.Module):
-    """GPT.run_blocks with every block its own checkpoint segment, replayed by torch.utils.checkpoint."""
-    def run_blocks(x: torch.Tensor) -> torch.Tensor:
+    """model.run_blocks with every block its own checkpoint segment, replayed by torch.utils.checkpoint (a
+    Llama's blocks also take the rotary tables: *args, passed to each)."""
+    blocks = blocks_of(model)
+
+    def run_blocks(x: torch.Tensor, *args) -> torch.Tensor:
         replay = model.config.gradient_checkpointing and model.training and torch.is_grad_enabled()
-        for block in model.transformer.h:
-            x = checkpoint(block, x, use_reentrant=False) if replay else block(x)
+        for block in blocks:
+            x = checkpoint(block, x, *args, use_reentrant=False) if replay else block(x, *args)
         return x
     return run_blocks
 

@@ -144,6 +144,20 @@ def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
     return save(tensors, metadata=metadata or {"format": "pt"})
 
 
+def read_json_object(path: str | os.PathLike, caller: str) -> dict:
+    """The JSON object in the file `path`; a missing file, bad JSON or another JSON value is one error line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{caller}: {path} not found")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{caller}: {path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{caller}: {path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     import ctypes
