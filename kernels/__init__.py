@@ -57,8 +57,8 @@ if __name__ != "minilora.kernels":      # the repository root is on sys.path and
 
 import torch as _torch
 
-from .ops import (nf4_dequantize, nf4_dequantize_state, nf4_matmul, nf4_matmul_dx,
-                  nf4_matmul_dx_state, nf4_matmul_state)
+from .ops import nf4_dequantize, nf4_matmul, nf4_matmul_dx
+from .state_ops import nf4_dequantize_state, nf4_matmul_dx_state, nf4_matmul_state
 
 
 def kernels_available(device=None) -> bool:

@@ -1,9 +1,7 @@
 """Which kernel and tile sizes run for a given problem: one deterministic choice per shape.
 
-No autotuning: the configuration is a pure function of (M, N, K, blocksize, dtype, number of
-SMs, flags), so a run is reproducible, the Triton interpreter can run it, and every
-configuration that can be chosen is listed by `all_plans()` and compiled ahead of time in
-the tests.
+No autotuning: the configuration is a pure function of (M, N, K, blocksize, dtype, number of SMs, flags),
+so a run is reproducible, the interpreter can run it, and `all_plans()` lists every choice for the AOT tests.
 
 Decode kernels (nf4_gemv.py), M <= 16 and K % 8 == 0 (plan_gemv, plan_gemv_dx):
     M <= 2        fp32 multiply-adds, 8 rows of W per program (fp32 operands: any M <= 16)
@@ -16,14 +14,12 @@ Forward, Y = X · Wᵀ with X (M, K) and W (N, K), nf4_matmul_kernel (the tile k
 Backward, dX = dY · W with dY (M, N), nf4_matmul_dx_kernel:
     M <= 64       BLOCK_M = 16, 32 or 64, 128-row reduction steps, split over N
     M > 64        128 x 64 tiles, 4 warps, 3 stages, no split
-These are for bf16/fp16 with even K and blocksize | K; fp32 and the per-element path (odd
-K, or blocks that cross rows) use narrower tiles and fewer stages (see _tiles).
-The tile kernels' sizes were picked by timing candidates on an H100 (bf16, 4096 x 4096 and
-11008 x 4096 weights); the decode kernels' by registers (ptxas, no spills) and the roofline
-model (roofline.py), to be checked by benchmarks/gpu_check.sh.
-BLOCK_K is 64: when the blocksize (>= 64) divides K, a K tile never crosses a quantization
-block and each row of the tile has one scale (SCALE_PER_ROW); otherwise every element
-looks its scale up.
+These are for bf16/fp16 with even K and blocksize | K; fp32 and the per-element path (odd K, or blocks
+that cross rows) use narrower tiles and fewer stages (see _tiles). The tile kernels' sizes were picked by
+timing candidates on an H100 (bf16, 4096 x 4096 and 11008 x 4096 weights); the decode kernels' by registers
+(ptxas, no spills) and the roofline model (roofline.py), to be checked by benchmarks/gpu_check.sh.
+BLOCK_K is 64: when the blocksize (>= 64) divides K, a K tile never crosses a quantization block and each
+row of the tile has one scale (SCALE_PER_ROW); otherwise every element looks its scale up.
 """
 from dataclasses import dataclass, field
 
