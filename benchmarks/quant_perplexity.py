@@ -25,7 +25,7 @@ import torch.nn as nn  # noqa: E402
 from minilora import GPT, GPTConfig, evaluate  # noqa: E402
 from minilora.data import TokenStream, english_documents, load_tokenizer, split_documents  # noqa: E402
 from minilora.demos import DemoConfig, get_base  # noqa: E402
-from minilora.files import atomic_write  # noqa: E402
+from minilora.runs.files import atomic_write  # noqa: E402
 from minilora.llm_int8 import Int8Linear  # noqa: E402
 from minilora.quant import (dequantize_4bit, dequantize_int8, fp4_code, int4_code, quantize_4bit,  # noqa: E402
                             quantize_int8, quantize_nf4)

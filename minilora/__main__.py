@@ -21,13 +21,14 @@ import torch
 from .adapters import load_adapter
 from .data import InstructionSet, load_jsonl, load_tokenizer, prompt, split_examples, yoda_dataset
 from .demos.finetune import DemoConfig, pretrain_base, print_report, run_demo
-from .distributed import is_main
+from .parallel import is_main
 from .generate import generate_text
 from .gpt import GPT, GPTConfig
-from .memory import MODES, OPTIMIZERS, estimate, format_table
+from .memory import estimate, format_table
 from .qlora import load_qlora_adapter
 from .runs import check_run_dir
 from .train import TrainConfig, measure_step_memory, prepare_model, train
+from .train_config import MODES, OPTIMIZERS
 
 
 class _Parser(argparse.ArgumentParser):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .files import atomic_write, atomic_write_json
+from .runs.files import atomic_write, atomic_write_json
 from .inject import add_lora, all_or_nothing, find_targets, lora_layers
 
 PREFIX = "base_model.model."

@@ -2,19 +2,20 @@
 
 Module paths are the ones Hugging Face's GPT2LMHeadModel uses (transformer.wte, transformer.h.0.attn.c_attn,
 ...), so a GPT-2 checkpoint loads by name and LoRA adapter keys line up with PEFT's. Reading and writing
-Hugging Face's GPT-2 directories (config.json + model.safetensors) lives in gpt2_checkpoint.py.
+Hugging Face's GPT-2 directories (config.json + model.safetensors) lives in hf/gpt2.py.
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpointing import checkpoint_sequential
+from .hf import gpt2 as hf_gpt2
 
 
 @dataclass
@@ -219,16 +220,23 @@ class GPT(nn.Module):
         self.train(was_training)
         return idx
 
-    # ----- GPT-2 checkpoints (Hugging Face layout: config.json + model.safetensors), see gpt2_checkpoint.py -----
+    # ----- GPT-2 checkpoints (Hugging Face layout: config.json + model.safetensors), read and written by hf/gpt2.py -----
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "GPT":
         """Load a local Hugging Face GPT-2 directory; config.json fields minilora does not implement are refused."""
-        from .gpt2_checkpoint import load_gpt2
-        return load_gpt2(cls, path, **overrides)
+        unknown = sorted(set(overrides) - {f.name for f in fields(GPTConfig)})
+        if unknown:
+            raise TypeError(f"from_pretrained: unknown GPTConfig field {unknown[0]!r}")
+        config, sd = hf_gpt2.read_gpt2(path, ACTIVATIONS)
+        model = cls(GPTConfig(**(config | overrides)))
+        hf_gpt2.copy_into(model.state_dict(), sd, path, model.config.tie_word_embeddings)
+        return model
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write config.json + model.safetensors in GPT-2's layout, each atomically (a plain GPT only: a model
-        with LoRA or NF4 layers is refused, merge_lora / merge_qlora first)."""
-        from .gpt2_checkpoint import save_gpt2
-        save_gpt2(self, path)
+        with LoRA or NF4 layers is refused, merge_lora / merge_qlora first). The model is not changed."""
+        tied = self.lm_head.weight is self.transformer.wte.weight  # what the model does, whatever was recorded
+        # by attribute, not state_dict(): a sharded model (minilora.parallel.fsdp) holds its gathered tensors there
+        tensors = dict([*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)])
+        hf_gpt2.save_gpt2(asdict(self.config) | {"tie_word_embeddings": tied}, tensors, path)

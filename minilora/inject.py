@@ -49,7 +49,7 @@ def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     return chosen
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -65,7 +65,7 @@ def all_or_nothing(model: nn.Module, names: Iterable[str]):
         yield
     except BaseException:
         for n, m in modules.items():
-            _set_submodule(model, n, m)
+            set_submodule(model, n, m)
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
@@ -88,7 +88,7 @@ def add_lora(model: nn.Module, targets: str | Iterable[str], r: int = 8, alpha: 
                 raise TypeError(f"target {name!r} is a {type(module).__name__}; LoRA wraps only {kinds}")
             wrapped[name] = wrapper(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
     for name, layer in wrapped.items():
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     mark_only_lora_trainable(model)
     return model
 
@@ -129,5 +129,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
     An adapter on a tied lm_head gets its own merged matrix (the embedding keeps W0): the head is untied."""
     untie_lora_bases(model)
     for name, layer in lora_layers(model).items():
-        _set_submodule(model, name, layer.merged_layer())
+        set_submodule(model, name, layer.merged_layer())
     return model

@@ -65,7 +65,6 @@ class NF4Linear(nn.Module):
             value = getattr(state, name, None)
             self.register_buffer(name, value if isinstance(value, torch.Tensor) else None)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.n_quantized_params = self.out_features * self.in_features
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .nf4_linear import NF4Linear
+
 SLIDE_MODELS = {"7B": 7e9, "13B": 13e9, "70B": 70e9, "180B": 180e9}
 SLIDE_RANKS = (1, 2, 8, 16, 512, 1024, 8192)
 
@@ -31,11 +33,11 @@ class ParamCount:
 def count_parameters(model: nn.Module) -> ParamCount:
     """Trainable and total parameters, each shared (tied) tensor counted once.
 
-    A layer that stores a frozen weight in packed form declares its logical size in an integer attribute
-    `n_quantized_params`; it counts toward the total, as the weights it stands for. The packed tensors are not
-    parameters themselves, even where they are held as frozen ones (minilora.fsdp shards them so)."""
-    seen = {id(t) for m in model.modules() if hasattr(m, "n_quantized_params")
-            for n, t in m.named_parameters(recurse=False) if n != "bias"}
+    An NF4Linear counts its out × in weights toward the total, the weights its packed codes stand for; the
+    packed tensors are not parameters themselves, even where they are held as frozen ones (minilora.parallel.fsdp
+    shards them so)."""
+    nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    seen = {id(t) for m in nf4 for n, t in m.named_parameters(recurse=False) if n != "bias"}
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
@@ -43,7 +45,7 @@ def count_parameters(model: nn.Module) -> ParamCount:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    total += sum(int(getattr(m, "n_quantized_params", 0)) for m in model.modules())
+    total += sum(m.out_features * m.in_features for m in nf4)
     return ParamCount(trainable, total)
 
 

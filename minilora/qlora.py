@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 
 from .adapters import load_adapter, read_adapter_config
-from .inject import (_set_submodule, add_lora, all_or_nothing, find_targets, lora_layers, parameter_uses,
+from .inject import (set_submodule, add_lora, all_or_nothing, find_targets, lora_layers, parameter_uses,
                      register_lora_wrapper, untie_lora_bases)
 from .lora import LoRALinear
-from .nf4_linear import BACKENDS, FUSED_MAX_M, NF4Linear, qlora_linear, resolve_backend  # noqa: F401
+from .nf4_linear import NF4Linear, qlora_linear
 
 
 class QLoRALinear(LoRALinear):
@@ -104,7 +104,7 @@ def quantize_model(model: nn.Module, targets: str | list[str] | None = None, blo
             raise TypeError(f"quantize_model: target {name!r} is a {type(module).__name__}, not an nn.Linear")
     for name in names:
         module = model.get_submodule(name)
-        _set_submodule(model, name, NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant,
+        set_submodule(model, name, NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant,
                                                           compute_dtype=compute_dtype, backend=backend))
     return model
 
@@ -155,14 +155,14 @@ def merge_qlora(model: nn.Module, requantize: bool = False) -> tuple[nn.Module, 
     if not requantize:  # a dequantized model: quantized layers without an adapter become dense too
         for name, module in list(model.named_modules()):
             if isinstance(module, NF4Linear) and not name.endswith(".base_layer"):
-                _set_submodule(model, name, module.to_linear())
+                set_submodule(model, name, module.to_linear())
     for name, layer in lora_layers(model).items():
         if not isinstance(layer, QLoRALinear):
-            _set_submodule(model, name, layer.merged_layer())
+            set_submodule(model, name, layer.merged_layer())
             continue
         merged = layer.merged_layer(requantize=requantize)
         if requantize:
             w = layer.merged_weight()
             report[name] = ((merged.dequantized_weight(torch.float32) - w).norm() / w.norm()).item()
-        _set_submodule(model, name, merged)
+        set_submodule(model, name, merged)
     return model, report

@@ -10,7 +10,7 @@ micro-batch's mean loss by its share of the target tokens (so accumulation equal
 gradient norm, step the optimizer (AdamW, paged or 8-bit: TrainConfig.optimizer) under a warmup + cosine
 learning rate. Evaluation reports the validation loss over response tokens and the exact-match rate of greedy
 answers. With out_dir, the run
-writes atomic checkpoints (minilora.train_state) and `train(..., resume=True)` continues from the last one,
+writes atomic checkpoints (minilora.runs.train_state) and `train(..., resume=True)` continues from the last one,
 bit for bit on the CPU.
 """
 from __future__ import annotations
@@ -28,18 +28,15 @@ import torch.nn as nn
 
 from .adapters import save_adapter
 from .data import IGNORE, InstructionSet, TokenStream
-from .distributed import SingleProcess, init_from_env, is_main, replicas, world_size
-from .evaluate import evaluate, greedy_matches  # noqa: F401  (minilora.train.greedy_matches, as before)
-from .files import atomic_write_json
-from .generate import respond  # noqa: F401  (minilora.train.respond, as before)
+from .parallel import SingleProcess, init_from_env, is_main, replicas, world_size
+from .evaluate import evaluate
+from .runs.files import atomic_write_json
 from .inject import add_lora
-from .adamw8bit import AdamW8bit
-from .paged import PagedAdamW
-from .paged8bit import PagedAdamW8bit
+from .optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
 from .params import ParamCount, count_parameters
 from .runs import RunDir, identity
 from .train_config import TrainConfig
-from .train_state import RunCheckpoints, TrainingDiverged
+from .runs import RunCheckpoints, TrainingDiverged
 
 @dataclass
 class TrainResult:
@@ -148,12 +145,12 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
     one or another run's) and runs the remaining steps. callback(step, loss) is called after every step (and
     its checkpoint). A loss, gradient or weight that becomes inf / NaN raises TrainingDiverged. At the end:
     a checkpoint, <out>/adapter (PEFT layout) or <out>/model (full mode), and <out>/metrics.json. Under
-    torchrun with cfg.fsdp the returned model is sharded (minilora.fsdp); the files hold whole tensors."""
+    torchrun with cfg.fsdp the returned model is sharded (minilora.parallel.fsdp); the files hold whole tensors."""
     if resume and not cfg.out_dir:
         raise ValueError("resume=True needs TrainConfig.out_dir (where the checkpoint is)")
     if resume and not Path(cfg.out_dir).is_dir():
         raise FileNotFoundError(f"no checkpoint to resume from: {cfg.out_dir} does not exist")
-    init_from_env()  # under torchrun: join the process group (minilora.distributed); otherwise nothing
+    init_from_env()  # under torchrun: join the process group (minilora.parallel); otherwise nothing
     if measure_memory and cfg.fsdp and world_size() > 1:  # it measures a step on a copy of the whole model
         raise ValueError("measure_memory: a sharded run is measured per rank by FullyShardedDataParallel.measure")
     with RunDir(cfg.out_dir, "finetune", cfg.overwrite, lock=is_main()) if cfg.out_dir else nullcontext() as run_dir:
@@ -166,7 +163,7 @@ def _train(model, cfg, train_data, val_data, resume, measure_memory, callback, r
     params = count_parameters(model)
     # one process: the model itself; several: DDP over the trainable parameters, or FSDP's shards of every tensor
     if cfg.fsdp:
-        from .fsdp import FullyShardedDataParallel  # torch.distributed.fsdp: imported only when asked for
+        from .parallel.fsdp import FullyShardedDataParallel  # torch.distributed.fsdp: imported only when asked for
         rep = FullyShardedDataParallel(model)
     else:
         rep = replicas(model)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import InitVar, asdict, dataclass
 
-from .memory.estimate import MODES, OPTIMIZERS
+MODES = ("full", "lora", "qlora")                       # what trains: every weight, adapters, adapters on NF4
+OPTIMIZERS = ("adamw", "paged", "adamw8bit", "paged8bit")  # minilora.optim: how AdamW's m and v are stored
+DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")           # LoRA on every linear layer inside the blocks
 
 # Settings that do not change the trajectory of a run; every other TrainConfig field must match on resume.
 NOT_TRAJECTORY = ("eval_every", "eval_batch_size", "eval_max_batches", "save_every", "out_dir", "overwrite",
@@ -21,7 +23,7 @@ class TrainConfig:
     r: int = 8                            # LoRA rank
     alpha: float = 16.0                   # LoRA scaling = alpha / r
     dropout: float = 0.0                  # dropout on the adapter input
-    targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")  # every linear layer inside the blocks
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     lr: float = 1e-3
     min_lr_ratio: float = 0.1             # cosine decays lr to lr · min_lr_ratio at the last step
     warmup_steps: int = 0                 # linear warmup from lr / warmup_steps
@@ -33,15 +35,15 @@ class TrainConfig:
     batch_size: int = 16                  # examples per micro-batch
     grad_accum: int = 1                   # micro-batches per optimizer step
     gradient_checkpointing: bool = False  # recompute block activations in backward (minilora.checkpointing)
-    optimizer: str = "adamw"              # "adamw" | "paged" | "adamw8bit" | "paged8bit" (minilora.memory.OPTIMIZERS)
-    paged: bool = False                   # the same as optimizer="paged" (kept for existing callers)
+    optimizer: str = "adamw"              # one of OPTIMIZERS
+    paged: InitVar[bool] = False          # a spelling of optimizer="paged" (with a paged optimizer: allowed); not stored
     page_size: int = 2**16                # paged AdamW: bytes per page
     device_budget: int | None = None      # paged AdamW: bytes of pages kept on the device (None: all)
     compute_dtype: str = "float32"        # qlora: dtype of the dequantized matmul and adapters
     blocksize: int = 64                   # qlora: NF4 block size
     seed: int = 0
     device: str = "cpu"
-    fsdp: bool = False                    # under torchrun: shard the model across the ranks (minilora.fsdp), not DDP
+    fsdp: bool = False                    # under torchrun: shard the model across the ranks (minilora.parallel.fsdp), not DDP
     eval_every: int = 0                   # evaluate every n steps (0: only at the end)
     eval_batch_size: int = 64
     eval_max_batches: int | None = None
@@ -51,12 +53,12 @@ class TrainConfig:
     progress: bool = True                 # tqdm bar with loss and tokens/s
     label: str | None = None              # the progress bar's name (default: mode)
 
-    def __post_init__(self):
+    def __post_init__(self, paged: bool):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.paged and self.optimizer == "adamw":
+        if paged and self.optimizer == "adamw":
             self.optimizer = "paged"
-        if self.optimizer not in OPTIMIZERS or (self.paged and not self.optimizer.startswith("paged")):
+        if self.optimizer not in OPTIMIZERS or (paged and not self.optimizer.startswith("paged")):
             raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS} (a paged one with paged=True), "
                              f"got {self.optimizer!r}")
         if isinstance(self.targets, str):

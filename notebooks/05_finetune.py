@@ -44,7 +44,9 @@ from minilora.data import IGNORE, InstructionSet, TokenStream, english_documents
     split_documents, yoda_dataset
 from minilora.demos import DemoConfig, get_base
 from minilora.memory import estimate as estimate_memory, scaled_config
-from minilora.train import TrainConfig, evaluate, greedy_matches, respond, train
+from minilora.evaluate import evaluate, greedy_matches
+from minilora.generate import respond
+from minilora.train import TrainConfig, train
 
 demo = DemoConfig(progress=False)  # the demo's settings: same base, same task, same fine-tuning budget
 t_start = time.perf_counter()

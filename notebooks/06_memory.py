@@ -313,7 +313,7 @@ assert abs(paged_all.total / (41 * GB) - 1) < 0.10, "claim 'within 10 % of the p
 # ## 5 · Several GPUs: the 4-bit base sharded by FSDP
 #
 # `estimate(..., fsdp=N)` gives the bytes of **one process** of N that shard the model with FSDP, as
-# `minilora.fsdp` trains it (`torchrun --nproc_per_node N -m minilora finetune --fsdp ...`): every parameter
+# `minilora.parallel.fsdp` trains it (`torchrun --nproc_per_node N -m minilora finetune --fsdp ...`): every parameter
 # (the NF4 codes and constants too), every gradient and Adam moment is cut on its first dimension, a process
 # keeps ⌈rows / N⌉ of each; one transformer block at a time, plus the root (embeddings, final norm), is
 # all-gathered while it computes (`gathered`); and each process runs ⌈B / N⌉ of the B sequences of a batch.

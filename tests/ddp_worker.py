@@ -18,7 +18,7 @@ import torch
 
 from minilora import GPT, GPTConfig
 from minilora.data import ByteTokenizer, InstructionSet, yoda_dataset
-from minilora.distributed import trainable_bytes
+from minilora.parallel import trainable_bytes
 from minilora.train import TrainConfig, train
 
 CONFIG = GPTConfig(block_size=192, vocab_size=257, n_layer=2, n_head=2, n_embd=16, dropout=0.0)

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # ddp_worker.py, beside this fil
 from ddp_worker import tiny_data  # noqa: E402
 from minilora import GPT, GPTConfig, nf4_linear  # noqa: E402
 from minilora.data import ByteTokenizer  # noqa: E402,F401  (tests/test_fsdp.py saves it with the base)
-from minilora.distributed import rank  # noqa: E402
-from minilora.fsdp import SHARDED_NF4  # noqa: E402
+from minilora.parallel import rank  # noqa: E402
+from minilora.parallel.fsdp import SHARDED_NF4  # noqa: E402
 from minilora.train import TrainConfig, prepare_model, train  # noqa: E402
 
 CONFIG = GPTConfig(block_size=192, vocab_size=257, n_layer=4, n_head=2, n_embd=16, dropout=0.0)
@@ -91,7 +91,7 @@ def run(name: str, spec: dict, out: Path) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     model = tiny_base()
-    from minilora import fsdp
+    from minilora.parallel import fsdp
     real_init = fsdp.FullyShardedDataParallel.__init__
 
     def init(self, m, *a, **kw):  # measure the model once it is sharded
@@ -119,11 +119,11 @@ PARTS = ("weights", "quantized_weights", "gradients", "optimizer_state", "adapte
 
 
 def measure(name: str, spec: dict, out: Path) -> None:
-    """One step measured on each rank (minilora.fsdp's measure); rank 0 writes OUT/<name>.json with its parts.
+    """One step measured on each rank (minilora.parallel.fsdp's measure); rank 0 writes OUT/<name>.json with its parts.
     The global batch: spec["cfg"]["batch_size"] random sequences of spec["seq"] tokens, rank r takes rows r::N."""
-    from minilora.distributed import init_from_env, world_size
+    from minilora.parallel import init_from_env, world_size
     init_from_env()  # train() joins the process group itself; here it is joined by hand
-    from minilora.fsdp import FullyShardedDataParallel
+    from minilora.parallel.fsdp import FullyShardedDataParallel
     from minilora.train import make_optimizer
     cfg = TrainConfig(**{"progress": False, **spec["cfg"]})
     model = prepare_model(tiny_base(), cfg)

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from minilora import GPT, GPTConfig
-from minilora import train_state
+from minilora.runs import train_state
 from minilora.data import TokenStream
 from minilora.train import TrainConfig, train
-from minilora.train_state import find_checkpoint, read_state
+from minilora.runs.train_state import find_checkpoint, read_state
 
 CALLS = [(os, "replace"), (os, "rename"), (os, "mkdir"), (os, "unlink"), (os, "rmdir"), (os, "fsync"), (os, "write"),
          (shutil, "rmtree"), (safetensors.torch, "save_file")]

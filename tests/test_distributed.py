@@ -23,8 +23,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from minilora import distributed as D
-from minilora.train_state import find_checkpoint, read_state
+from minilora import parallel as D
+from minilora.runs.train_state import find_checkpoint, read_state
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker  # noqa: E402  (tests/ddp_worker.py: the same base model and data in every process)

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from minilora import distributed as D
-from minilora.train_state import find_checkpoint, read_state
+from minilora import parallel as D
+from minilora.runs.train_state import find_checkpoint, read_state
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_worker  # noqa: E402

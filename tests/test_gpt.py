@@ -102,3 +102,18 @@ def test_generate_text_greedy_sampled_and_a_prompt_without_room(tiny_config):
         generate_text(model, tok, "abc", 5, temperature=-1.0)
     with pytest.raises(ValueError, match="block_size 24"):
         respond(model, tok, "z" * 40)
+
+
+def test_save_pretrained_writes_what_the_model_does_and_leaves_the_model_unchanged(tmp_path):
+    import dataclasses
+    import json
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 1)  # untied, config still says tied
+    before = dataclasses.asdict(model.config)
+    model.save_pretrained(tmp_path)
+    assert dataclasses.asdict(model.config) == before
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    back = GPT.from_pretrained(tmp_path)
+    assert back.lm_head.weight is not back.transformer.wte.weight
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from minilora.files import atomic_write_text
+from minilora.runs.files import atomic_write_text
 
 nbformat = pytest.importorskip("nbformat", reason="the notebooks extra (nbformat) runs the notebooks")
 nbclient = pytest.importorskip("nbclient", reason="the notebooks extra (nbclient) runs the notebooks")

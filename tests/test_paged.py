@@ -204,7 +204,7 @@ def test_cuda_pages_pinned_prefetched_and_equal_to_adamw():
 
 
 def test_pager_pages_any_dtype_and_reports_its_bytes():
-    from minilora.pager import Pager
+    from minilora.optim.pager import Pager
 
     pager = Pager((3, 5), torch.uint8, "cpu", device_budget=40)  # 15-byte pages, room for 2
     assert (pager.page_size, pager.capacity, pager.capacity_bytes) == (15, 2, 30)

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from minilora import GPT, GPTConfig, LoRALinear, QLoRALinear, add_lora, count_parameters, lora_layers
-from minilora.qlora import FUSED_MAX_M, NF4Linear, merge_qlora, quantize_model, resolve_backend
+from minilora.nf4_linear import FUSED_MAX_M, NF4Linear, resolve_backend
+from minilora.qlora import merge_qlora, quantize_model
 
 
 def rel(a, b):

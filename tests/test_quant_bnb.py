@@ -127,7 +127,7 @@ def test_every_finite_input_quantizes_equal_to_bitsandbytes_where_it_is_finite(s
 def test_nested_8bit_codes_of_tiny_groups_equal_bitsandbytes(c):
     # 1/c has no floor in bitsandbytes' 8-bit rule: inf below 2.9e-39, where y · inf clamps to ±1 and 0 · inf -> 0
     from minilora.quant import dynamic_code
-    from minilora.quant.double import quantize_blockwise_8bit
+    from minilora.quant.blockwise8bit import quantize_groups as quantize_blockwise_8bit
     y = torch.tensor([-c, 0.0, c / 2, c, c / 3, -c / 7] + [0.0] * 250 + [c, -c / 2])
     q, state = F.quantize_blockwise(y, code=dynamic_code(), blocksize=256)
     ours, c2 = quantize_blockwise_8bit(y, dynamic_code(), 256)

@@ -16,8 +16,8 @@ from minilora.quant import (dequantize_4bit, dequantize_nf4, fp4_code, int4_code
                             quantize_4bit)
 from minilora.quant import fast
 from minilora.quant.codebooks import midpoints, dynamic_code
-from minilora.quant.double import dequantize_blockwise_8bit, quantize_blockwise_8bit
-from minilora.quant.fast import blockwise as fast_blockwise, chunks, double as fast_double
+from minilora.quant.blockwise8bit import dequantize_groups as dequantize_blockwise_8bit, quantize_groups as quantize_blockwise_8bit
+from minilora.quant.fast import blockwise as fast_blockwise, chunks, blockwise8bit as fast_double
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]

@@ -8,9 +8,11 @@ import torch
 
 from minilora import GPT, GPTConfig
 from minilora.data import BPETokenizer, InstructionSet, TokenStream, prompt, yoda_dataset
-from minilora.train import TrainConfig, evaluate, greedy_matches, lr_at, respond, train
-from minilora import train_state
-from minilora.train_state import CheckpointError, find_checkpoint
+from minilora.evaluate import evaluate, greedy_matches
+from minilora.generate import respond
+from minilora.train import TrainConfig, lr_at, train
+from minilora.runs import train_state
+from minilora.runs.train_state import CheckpointError, find_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +300,7 @@ def test_non_finite_or_negative_settings_are_refused_by_name(field, value):
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
-    from minilora.train import TrainingDiverged
+    from minilora.runs import TrainingDiverged
     _, _, _, data = setup
     good = {}
 

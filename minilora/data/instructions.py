@@ -16,7 +16,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..files import atomic_write_text
+from ..runs.files import atomic_write_text
 
 # The words come from the pretraining corpus (Python's documentation), so the base model knows them all:
 # fine-tuning has to teach a new word order, not new words.

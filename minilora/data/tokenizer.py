@@ -23,7 +23,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Protocol
 
-from ..files import atomic_write, atomic_write_text
+from ..runs.files import atomic_write, atomic_write_text
 
 MINILORA_TOKENIZER = "minilora_tokenizer.json"  # how a model directory names its byte tokenizer
 EOT = "<|endoftext|>"

@@ -24,11 +24,13 @@ import torch
 
 from ..data import (BPETokenizer, InstructionSet, TokenStream, english_documents, load_tokenizer, save_jsonl,
                    split_documents, yoda_dataset)
-from ..files import atomic_write, atomic_write_json
+from ..runs.files import atomic_write, atomic_write_json
 from ..gpt import GPT, GPTConfig
-from ..memory.estimate import MODES
+from ..train_config import MODES
 from ..runs import RunDir, RunLockedError
-from ..train import TrainConfig, TrainResult, evaluate, respond, train
+from ..evaluate import evaluate
+from ..generate import respond
+from ..train import TrainConfig, TrainResult, train
 
 
 @dataclass

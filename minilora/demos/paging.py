@@ -28,7 +28,7 @@ import torch
 
 from ..memory import SavedTensorMeter, measure_saved_activations
 from ..gpt import GPT, GPTConfig
-from ..paged import PagedAdamW
+from ..optim import PagedAdamW
 
 
 class SimulatedOutOfMemory(RuntimeError):

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..checkpointing import segment_bounds
+from ..hf.gpt2 import LINEARS  # GPT-2's four linear layers per block
 
-LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 KINDS = ("trained", "frozen", "lora", "qlora")
 
 

@@ -34,15 +34,14 @@ from ..inject import find_targets
 from ..qlora import untied_linears
 from ..quant.format import nf4_nbytes  # the NF4 byte count, stated once (re-exported by minilora.memory)
 from .activations import LINEARS, ActivationSetup, SavedActivations, itemsize, saved_activations
-from ..adamw8bit import MIN_8BIT_SIZE
-from ..paged8bit import BLOCK, BLOCK_BYTES
+from ..optim.adamw import STATE_BYTES
+from ..optim.adamw8bit import MIN_8BIT_SIZE
+from ..optim.paged8bit import BLOCK_BYTES
+from ..quant.format import BLOCKSIZE_8BIT as BLOCK
 from .breakdown import MemoryBreakdown
+from ..train_config import DEFAULT_TARGETS, MODES, OPTIMIZERS
 from .sharded import Sharding, check_fsdp, offload, shard_numel
 
-MODES = ("full", "lora", "qlora")
-OPTIMIZERS = ("adamw", "paged", "adamw8bit", "paged8bit")
-DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer of every block
-PAGED_STATE_BYTES = 8  # PagedAdamW: exp_avg + exp_avg_sq in fp32 per element
 STEP_BYTES = 4  # AdamW's step counter: one fp32 scalar tensor per parameter tensor
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -132,7 +131,7 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     `offloaded`), "adamw8bit" (AdamW8bit: 2 bytes per element + 8 per block of 256; tensors under 4,096
     elements keep fp32 state) or "paged8bit" (PagedAdamW8bit: that state in pages).
     checkpointing / checkpoint_segments: default to the config's gradient_checkpointing / checkpoint_segments
-    (with fsdp > 1: every block its own segment, as minilora.fsdp replays them).
+    (with fsdp > 1: every block its own segment, as minilora.parallel.fsdp replays them).
     fsdp: the bytes of one process (rank 0) of fsdp sharding the model (minilora.memory.sharded): every
     parameter, gradient and AdamW state on ⌈dim 0 / fsdp⌉ rows, + `gathered` (root unit + largest block),
     activations of ⌈batch_size / fsdp⌉ sequences (batch_size: the global micro-batch, at least fsdp).
@@ -168,7 +167,7 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
     if fsdp > 1 and checkpoint_segments not in (None, config.n_layer):
         raise ValueError(f"checkpoint_segments: with fsdp > 1 every block is its own segment ({config.n_layer}), "
                          f"got {checkpoint_segments}")
-    if checkpoint_segments is None:  # minilora.fsdp checkpoints block by block
+    if checkpoint_segments is None:  # minilora.parallel.fsdp checkpoints block by block
         checkpoint_segments = config.checkpoint_segments if fsdp == 1 else config.n_layer
 
     model = _meta_gpt(config)
@@ -194,7 +193,7 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
         state = 2 * numel * st + STEP_BYTES
         eight_bit = optimizer.endswith("8bit") and numel >= MIN_8BIT_SIZE
         if optimizer.endswith("8bit"):  # 1 byte each for m and v + two fp32 absmax per block; small: fp32
-            state = (2 * numel + 8 * math.ceil(numel / BLOCK) if eight_bit else 8 * numel) + STEP_BYTES
+            state = (2 * numel + 8 * math.ceil(numel / BLOCK) if eight_bit else STATE_BYTES * numel) + STEP_BYTES
         if optimizer == "paged" or (optimizer == "paged8bit" and eight_bit):
             paged_elems.append(math.ceil(numel / BLOCK) * BLOCK if eight_bit else numel)
             state = STEP_BYTES
@@ -232,7 +231,7 @@ def estimate(config: GPTConfig, mode: str = "full", *, batch_size: int = 1, seq_
 
     if optimizer in ("paged", "paged8bit"):  # the paged tensors laid end to end, cut into pages
         if optimizer == "paged":
-            page_bytes, page_elems = page_size, page_size // PAGED_STATE_BYTES
+            page_bytes, page_elems = page_size, page_size // STATE_BYTES
         else:  # whole blocks of 256 elements per page, 520 bytes each
             page_bytes, page_elems = BLOCK_BYTES * (page_size // BLOCK_BYTES), BLOCK * (page_size // BLOCK_BYTES)
         pages = math.ceil(sum(paged_elems) / page_elems) * page_bytes

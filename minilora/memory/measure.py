@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..nf4_linear import NF4Linear
 from ..params import count_parameters
 from .breakdown import MemoryBreakdown
 from .estimate import dtype_name
@@ -115,7 +116,7 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
     by_dtype: Counter[str] = Counter()
     seen: set[int] = set()
     for module in model.modules():  # a quantized layer's codes and constants: buffers, or under FSDP parameters
-        if not hasattr(module, "n_quantized_params"):
+        if not isinstance(module, NF4Linear):
             continue  # plain buffers are counted below
         own = [t for n, t in module.named_parameters(recurse=False) if n != "bias"] + list(module.buffers(recurse=False))
         b = sum(_nbytes(t) for t in own if _local(t).data_ptr() not in seen)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from ..files import atomic_write
+from ..runs.files import atomic_write
 
 MiB = 2**20
 

@@ -14,8 +14,9 @@
 
 The format facts they share (float dtypes, the blocksize rule, NESTED_BLOCKSIZE, TINY, nf4_nbytes) are in
 format.py. Each file states its format as the lecture does; the CPU speed work (chunks, a thread pool, scratch
-buffers, lookup tables, huge-page outputs) is the subpackage quant/fast/, which the public functions import on
-first use and hand their work to; it produces the same bytes (tests/test_quant_fast.py).
+buffers, lookup tables, huge-page outputs) is the subpackage quant/fast/, which no file here imports: the package
+root (minilora/__init__.py) plugs it into dispatch.py, and the public functions hand it their work through
+dispatch.fast_path(); it produces the same bytes (tests/test_quant_fast.py).
 """
 from .codebooks import dynamic_code, fp4_code, get_code, int4_code, max_gap, nf4_code
 from .int8 import dequantize_int8, quantize_int8

@@ -23,13 +23,8 @@ import math
 import torch
 
 from .codebooks import check_code, midpoints
+from .dispatch import fast_path
 from .format import FLOAT_DTYPES, TINY, check_blocksize, check_float_tensor
-
-
-def fast_path():
-    """minilora.quant.fast, imported on first use, or None when it is switched off (fast.ENABLED = False)."""
-    from . import fast
-    return fast if fast.ENABLED else None
 
 
 def check_finite(absmax: torch.Tensor) -> None:

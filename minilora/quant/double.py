@@ -24,89 +24,14 @@ The lecture's simpler variant, int8 absmax applied twice, is `double_quantize_in
 """
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 
 import torch
 
-from .blockwise import fast_path
+from .blockwise8bit import dequantize_groups, quantize_groups
 from .codebooks import dynamic_code
-from .format import NESTED_BLOCKSIZE, check_blocksize
+from .format import NESTED_BLOCKSIZE
 from .int8 import dequantize_int8, quantize_int8
-
-GRID = 65535  # the 8-bit grid has GRID + 1 points, 2/GRID apart
-
-
-@functools.lru_cache(maxsize=4)
-def grid_table(code_values: tuple[float, ...]) -> torch.Tensor:
-    """(GRID + 1,) uint8: for grid point g_k = 2k/GRID - 1 (float32), the number of code midpoints below it."""
-    code = torch.tensor(code_values, dtype=torch.float32)
-    mids = (code[:-1] + code[1:]) * 0.5
-    k = torch.arange(GRID + 1, dtype=torch.float32)
-    g = (k + k) / torch.full_like(k, GRID) - 1  # element-wise IEEE division, then the shift
-    return torch.bucketize(g, mids).to(torch.uint8)
-
-
-def quantize_rows(rows: torch.Tensor, table: torch.Tensor, q_out: torch.Tensor, c_out: torch.Tensor) -> None:
-    """One group per row: c = max |row|, q = table[trunc((clamp(row · (1/c), -1, 1) + 1)/2 · GRID + 0.5)]."""
-    c = torch.amax(rows.abs(), 1, out=c_out)                                 # (groups,)
-    inv = torch.where(c > 0, 1 / c, 0.0)[:, None]                           # no floor: inf for c < 2.9e-39
-    t = (rows * inv).clamp_(-1, 1).nan_to_num_(nan=-1.0)                    # 0 · inf = NaN gets index 0
-    t = t.add_(1).mul_(0.5)                                                  # float32, as the reference
-    # t · GRID + 0.5 with one rounding (a fused multiply-add): exact in float64 since t is a multiple of
-    # 2^-25 below 1, then rounded once to float32; float -> int truncates.
-    k = t.double().mul_(GRID).add_(0.5).float().to(torch.int32)
-    torch.index_select(table, 0, k.view(-1), out=q_out.view(-1))
-    q_out[c == 0] = 0                                                        # all-zero group: codes 0
-
-
-def dequantize_rows(q_rows: torch.Tensor, c_rows: torch.Tensor, code: torch.Tensor, offset: torch.Tensor,
-                    out_rows: torch.Tensor) -> None:
-    """One group per row: out = code[q] · c + offset (float32, rounded after the product and after the sum)."""
-    torch.index_select(code, 0, q_rows.reshape(-1).int(), out=out_rows.view(-1))
-    out_rows.mul_(c_rows[:, None]).add_(offset)
-
-
-def quantize_blockwise_8bit(y: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q_i = table[trunc((s_i + 1)/2 · GRID + 0.5)], s_i = clamp(y_i · (1/c_g), -1, 1), c_g = max |y| in group g.
-
-    Returns (q uint8 (n,), c float32 (groups,)); code is a sorted 256-value map; blocksize the blocksize rule.
-    """
-    check_blocksize(blocksize)
-    y = y.reshape(-1).float()
-    table = grid_table(tuple(code.float().tolist())).to(y.device)
-    fast = fast_path()
-    if fast is not None:
-        return fast.quantize_blockwise_8bit(y, table, blocksize)
-    n = y.numel()
-    q = torch.empty(n, dtype=torch.uint8, device=y.device)
-    c = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=y.device)
-    full = n - n % blocksize
-    quantize_rows(y[:full].view(-1, blocksize), table, q[:full].view(-1, blocksize), c[:full // blocksize])
-    if full < n:  # ragged last group
-        quantize_rows(y[full:].view(1, -1), table, q[full:].view(1, -1), c[-1:])
-    return q, c
-
-
-def dequantize_blockwise_8bit(q: torch.Tensor, c: torch.Tensor, code: torch.Tensor,
-                              blocksize: int = NESTED_BLOCKSIZE, offset: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """y'_i = code[q_i] · c_{i // blocksize} + offset (float32, rounded after the product and after the sum)."""
-    check_blocksize(blocksize)
-    q, code = q.reshape(-1), code.float().to(q.device)
-    offset = torch.as_tensor(offset, dtype=torch.float32, device=q.device)
-    fast = fast_path()
-    if fast is not None:
-        return fast.dequantize_blockwise_8bit(q, c, code, blocksize, offset)
-    n = q.numel()
-    out = torch.empty(n, dtype=torch.float32, device=q.device)
-    full = n - n % blocksize
-    dequantize_rows(q[:full].view(-1, blocksize), c[:full // blocksize], code, offset, out[:full].view(-1, blocksize))
-    if full < n:
-        dequantize_rows(q[full:].view(1, -1), c[-1:], code, offset, out[full:].view(1, -1))
-    return out
-
 
 def quantize_absmax(absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,14 +46,14 @@ def quantize_absmax(absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
     if not torch.isfinite(offset):
         offset = absmax.double().mean().float()
     nested_code = dynamic_code(absmax.device)
-    a8, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, blocksize)
+    a8, nested_absmax = quantize_groups(absmax - offset, nested_code, blocksize)
     return a8, offset, nested_absmax, nested_code
 
 
 def dequantize_absmax_8bit(a8: torch.Tensor, offset: torch.Tensor | float, nested_absmax: torch.Tensor,
                            nested_code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
     """a'_i = nested_code[a8_i] · nested_absmax[i // blocksize] + offset (float32)."""
-    return dequantize_blockwise_8bit(a8, nested_absmax, nested_code, blocksize, offset)
+    return dequantize_groups(a8, nested_absmax, nested_code, blocksize, offset)
 
 
 # ---- teaching mode: the lecture's int8 double quantization ---------------------------------------

@@ -3,8 +3,10 @@
     FLOAT_DTYPES      what a quantized tensor may come from and dequantize to: float32, float16, bfloat16
     blocksize rule    a 4-bit blocksize is a power of two from 32 to 4096 (the block of element j is j // blocksize)
     NESTED_BLOCKSIZE  double quantization: 256 block absmax values share one float32 nested absmax
+    BLOCKSIZE_8BIT    8-bit optimizer state: blocks of 256 values, one float32 absmax each
     TINY              absmax is clamped to this before 1/absmax, as bitsandbytes does (all-zero blocks give s = 0)
     nf4_nbytes        bytes of n weights in NF4:  ⌈n/2⌉ codes + absmax (+ nested absmax + offset)
+    ceil_div          ⌈n / k⌉ in integers: the blocks (pages, chunks) n elements fill
 
 kernels/, the double quantization, int8 absmax and the memory estimate import these names.
 """
@@ -18,7 +20,14 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 MIN_BLOCKSIZE, MAX_BLOCKSIZE = 32, 4096
 NESTED_BLOCKSIZE = 256
+BLOCKSIZE_8BIT = 256  # 8-bit optimizer state: one float32 absmax per block of 256 values
 TINY = 1e-38
+
+
+
+def ceil_div(n: int, k: int) -> int:
+    """⌈n / k⌉ for ints n >= 0, k > 0, exactly (no float division): the blocks of k that n elements fill."""
+    return -(-n // k)
 
 
 def is_blocksize(blocksize) -> bool:

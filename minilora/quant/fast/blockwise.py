@@ -24,7 +24,7 @@ from . import hugepages
 from .chunks import CHUNK, run_chunked
 from .nearest import nearest_table
 from .. import blockwise as reference
-from ..format import TINY
+from ..format import TINY, ceil_div
 
 DEQUANT_CHUNK = 1 << 19  # elements per dequantize step: 2^16 ... 2^21 measured, 2^19 ... 2^21 alike and best
 
@@ -140,7 +140,7 @@ def quantize_blockwise_4bit(flat: torch.Tensor, code: torch.Tensor, blocksize: i
     n = flat.numel()
     full = n - n % blocksize
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
-    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    absmax = torch.empty(ceil_div(n, blocksize), dtype=torch.float32, device=flat.device)
     quantize_full_blocks(flat, code, blocksize, packed, absmax)
     if full < n:
         packed[full // 2:], absmax[-1:] = reference.quantize_blocks(flat[full:], code, blocksize)

@@ -11,12 +11,9 @@ Two ideas, both about the CPU:
    OpenMP teams that would fight the other slices for the same cores. PyTorch ops release the GIL, so the
    slices really run side by side. The caller's grad / inference mode is carried into the pool threads.
 
-Measured on the 2-core machine this project is checked on (dequantizing 4096×4096 to float32): with the pool
-5.7-12.8 ms, and no slow process in 20; inline, 8-9 ms in most processes but 27-35 ms on every call in about
-one process in nine (11 of ~95), where torch's idle OpenMP thread spins on the other core while the caller
-runs the single-threaded lookup. Quantizing 4096×4096 went from 4.3-6.4x to 6.9-7.3x bitsandbytes' speed.
-For GPT-2-sized weights (2.4 M elements and less) the pool was slower than the inline loop (6.6-7.8 ms
-against 4.8-5.3 ms for four weights), hence MIN_SLICE.
+Note: the pool is for large ranges. For small ones (GPT-2-sized weights, a few million elements) starting
+the slices costs more than it saves, hence MIN_SLICE; for large ones it also keeps torch's idle OpenMP thread
+from spinning on the core the single-threaded lookup needs (benchmarks/speed.py measures the speed).
 
 Small ranges (under two chunks or 2·MIN_SLICE elements), one-core machines and GPU tensors skip the pool:
 work(0, n) runs inline.
@@ -29,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable
 
 import torch
+
+from ..format import ceil_div
 
 CHUNK = 8 * 7 * 4096  # elements per step: a multiple of every allowed blocksize (32 ... 4096)
 MIN_SLICE = 1 << 21   # elements; below two of these per thread, handing work over costs more than it gains
@@ -70,7 +69,7 @@ def run_chunked(n: int, work: Callable[[int, int], None], device: torch.device, 
     global _pool, _pool_size, _pool_pid
     if not n:
         return
-    chunks = -(-n // chunk)
+    chunks = ceil_div(n, chunk)
     k = min(workers(), chunks, n // MIN_SLICE)  # slices, each at least one chunk and MIN_SLICE elements
     if torch.device(device).type != "cpu" or k < 2:
         work(0, n)

@@ -27,6 +27,8 @@ import threading
 
 import torch
 
+from ..format import ceil_div
+
 HUGE_PAGE = 2 << 20          # bytes in a transparent huge page (x86-64, arm64 with 4 KiB base pages)
 MIN_BYTES = 32 << 20         # below this, torch.empty's memory comes recycled from malloc: no gain
 CACHE_BYTES = 512 << 20      # free mappings kept for reuse, at most
@@ -88,7 +90,7 @@ def empty(n: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> tor
     """An uninitialised 1-D tensor of n elements; from the huge-page cache when on the CPU and >= MIN_BYTES."""
     nbytes = n * torch.empty((), dtype=dtype).element_size()
     if torch.device(device).type == "cpu" and nbytes >= MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
-        m = _take(-(-nbytes // HUGE_PAGE) * HUGE_PAGE)
+        m = _take(ceil_div(nbytes, HUGE_PAGE) * HUGE_PAGE)
         if m is not None:
             return torch.frombuffer(m, dtype=dtype, count=n)
     return torch.empty(n, dtype=dtype, device=device)

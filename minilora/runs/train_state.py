@@ -5,7 +5,7 @@
         optimizer.safetensors   the optimizer's tensors (AdamW: step, exp_avg, exp_avg_sq per parameter)
         rng.safetensors         torch's CPU (and CUDA) random state and the data sampler's generator state
         state.json              step, history, the optimizer's non-tensor state, the sha256 of each file above,
-                                what a resumed run may not change (run settings; minilora.runs.identity: data,
+                                what a resumed run may not change (run settings; minilora.runs.rundir.identity: data,
                                 model and adapter config, tokenizer, frozen base), its own integrity hash
 
 No pickle anywhere. At every instant at least one complete checkpoint is reachable: a save writes a fresh
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .tensor_tree import flatten, unflatten
-from .runs import fingerprint, first_difference, remove_dead_temps, temp_name  # noqa: F401 (fingerprint)
+from .rundir import first_difference, remove_dead_temps, temp_name
 
 FORMAT = "minilora-train-state"
 VERSION = 2
@@ -188,7 +188,7 @@ def load_train_state(out_dir: str | os.PathLike, *, model: nn.Module, optimizer:
                      generator: torch.Generator, run: dict, identity: dict, replica=None) -> dict:
     """Restore trainable weights, optimizer, RNG states; return state.json (step, history). Nothing is
     modified unless every check passes: state.json, hashes, run settings, identity, names and shapes.
-    replica (minilora.distributed.SingleProcess or a sharded one) keeps this process's part of each tensor."""
+    replica (minilora.parallel.replica.SingleProcess or a sharded one) keeps this process's part of each tensor."""
     from safetensors.torch import load_file
 
     path = find_checkpoint(out_dir)

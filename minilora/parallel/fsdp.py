@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node N -m minilora finetune --fsdp ...        (DDP stays the default)
 
-DataParallel (minilora.distributed) gives every rank a whole model: N processes train faster, not bigger.
+DataParallel (minilora.parallel) gives every rank a whole model: N processes train faster, not bigger.
 Here every tensor of the model is cut on dim 0 into N shards (torch.chunk: ⌈rows/N⌉ rows each, the last
 shorter or empty) and rank r keeps shard r. A transformer block is all-gathered into whole tensors just
 before it runs, in forward and again in backward (for dX = dY·W, and for the replay of gradient
@@ -16,7 +16,7 @@ absmax) are turned into frozen parameters (frozen_as_parameters), so they are sh
 weight: the bytes that cross the wire are the 0.52 bytes per weight of the 4-bit format, and the dequantized
 weight exists only inside the matmul, as in one process. The adapters are ordinary sharded parameters. Their
 gradients are reduce-scattered (rank r receives Σ_ranks of its shard) and *summed*, not averaged: the loss of
-each rank is already divided by the global batch's token count (see minilora.distributed). AdamW updates
+each rank is already divided by the global batch's token count (see minilora.parallel). AdamW updates
 each shard with its shard of the state, element by element, so the numbers are those of one process.
 
 Built on PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard, one unit per block plus the root; gloo on
@@ -41,8 +41,10 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from .distributed import DataParallel, SingleProcess, rank, world_size
-from .nf4_linear import NF4Linear
+from .ddp import DataParallel
+from .process_group import rank, world_size
+from .replica import SingleProcess
+from ..nf4_linear import NF4Linear
 
 SHARDED_NF4 = ("packed", "absmax", "nested_absmax")  # the per-layer NF4 tensors FSDP shards (offset is 0-dim)
 
@@ -159,7 +161,7 @@ class FullyShardedDataParallel(DataParallel):
         """minilora.memory.measure of one training step of this rank on its batch, with `gathered` measured as
         well: the bytes of the root unit and of the largest block while each is gathered, sampled as it starts
         its forward (the root's blocks are still sharded then). Without FSDP's padding: the bytes the layers use."""
-        from .memory import measure
+        from ..memory import measure
         if not self.sharded:
             return measure(self.module, optimizer, batch, label=label)
         units, sizes = [self.module, *blocks_of(self.module)], {}

@@ -1,4 +1,4 @@
-"""The 8-bit blockwise (de)quantization of double quantization, fast: ../double.py's rows, walked in chunks.
+"""The 8-bit blockwise groups, fast: ../blockwise8bit.py's rows, walked in chunks.
 
 Each group of blocksize values is one row of the reference's per-row functions (quantize_rows /
 dequantize_rows); here the full groups are cut into chunks of CHUNK elements and the chunks into slices on
@@ -11,12 +11,12 @@ import math
 import torch
 
 from .chunks import CHUNK, run_chunked
-from ..double import dequantize_rows, quantize_rows
+from ..blockwise8bit import dequantize_rows, quantize_rows
 
 
-def quantize_blockwise_8bit(y: torch.Tensor, table: torch.Tensor, blocksize: int
+def quantize_groups(y: torch.Tensor, table: torch.Tensor, blocksize: int
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """double.quantize_blockwise_8bit for a flat float32 y, given the grid table: (q uint8 (n,), c fp32 (groups,))."""
+    """blockwise8bit.quantize_groups for a flat float32 y, given the grid table: (q uint8 (n,), c fp32 (groups,))."""
     n = y.numel()
     q = torch.empty(n, dtype=torch.uint8, device=y.device)
     c = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=y.device)
@@ -35,9 +35,9 @@ def quantize_blockwise_8bit(y: torch.Tensor, table: torch.Tensor, blocksize: int
     return q, c
 
 
-def dequantize_blockwise_8bit(q: torch.Tensor, c: torch.Tensor, code: torch.Tensor, blocksize: int,
+def dequantize_groups(q: torch.Tensor, c: torch.Tensor, code: torch.Tensor, blocksize: int,
                               offset: torch.Tensor) -> torch.Tensor:
-    """double.dequantize_blockwise_8bit for a flat q, float32 code and 0-dim float32 offset on q's device."""
+    """blockwise8bit.dequantize_groups for a flat q, float32 code and 0-dim float32 offset on q's device."""
     n = q.numel()
     out = torch.empty(n, dtype=torch.float32, device=q.device)
     full = n - n % blocksize

@@ -17,7 +17,7 @@ Only what trains is communicated: DistributedDataParallel registers the paramete
 for LoRA and QLoRA the all-reduce (sum_hook, which counts its bytes) carries lora_A and lora_B only. The
 frozen base (fp32 weights, or NF4 codes and constants kept as buffers) is kept out of DDP's broadcasts;
 instead the ranks check, with one 32-byte all-gather, that their frozen bases have rank 0's sha256.
-(minilora.fsdp, the other replicas, shards the base itself across the ranks.)
+(minilora.parallel.fsdp, the other replicas, shards the base itself across the ranks.)
 
 Rank 0 alone writes checkpoints, the adapter and metrics, and shows the progress bar; every rank resumes
 from the same checkpoint. A rank that dies makes the others fail instead of waiting forever: torchrun
@@ -27,118 +27,16 @@ evaluates the whole validation set; tokens/s counts every rank's tokens; with dr
 their masks from the same seed (no longer the single-process run), and a resumed run gives every rank rank
 0's random state.
 """
-import atexit
 import contextlib
 import inspect
-import os
-from dataclasses import asdict, dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-TIMEOUT_ENV = "MINILORA_DIST_TIMEOUT"
-DEFAULT_TIMEOUT = 300.0  # seconds a collective may wait for the other ranks
-_timeout: float | None = None  # the timeout init_from_env gave the process group
-
-
-class DistributedError(RuntimeError):
-    """A collective failed: another rank died or did not answer within the timeout."""
-
-
-def lost_message(what: str, cause: BaseException) -> str:  # what a rank reports when a collective fails
-    waited = f"{_timeout:g} s (${TIMEOUT_ENV})" if _timeout else "the process group's timeout"
-    return (f"minilora.distributed: rank {rank()} of {world_size()}: {what} failed: another rank has stopped, or "
-            f"has not answered within {waited}. Checkpoints already written are intact; rerun with --resume "
-            f"(train(..., resume=True)) to continue from the last one. Cause: {str(cause).strip()[:300]}")
-
-
-def launched() -> bool:
-    """True when this process was started by torchrun (or another launcher) as one of several ranks."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def active() -> bool:
-    """True when a process group with more than one rank is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    """This process's rank (0 without a process group)."""
-    return dist.get_rank() if active() else 0
-
-
-def world_size() -> int:
-    """Number of ranks (1 without a process group)."""
-    return dist.get_world_size() if active() else 1
-
-
-def is_main() -> bool:
-    """True on rank 0, the one that writes files and prints; True in a single process."""
-    return rank() == 0
-
-
-def timeout_seconds(timeout: float | None = None) -> float:
-    """timeout, else $MINILORA_DIST_TIMEOUT, else DEFAULT_TIMEOUT; must be > 0."""
-    raw = os.environ.get(TIMEOUT_ENV, "")
-    try:
-        timeout = timeout if timeout is not None else float(raw) if raw else DEFAULT_TIMEOUT
-    except ValueError:
-        raise ValueError(f"${TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
-    if not timeout > 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-    return float(timeout)
-
-
-def init_from_env(backend: str | None = None, timeout: float | None = None) -> bool:
-    """Join the process group of torchrun's environment (RANK, WORLD_SIZE, ...); False in a single process or
-    when a group exists. backend: NCCL with CUDA (each rank then takes GPU LOCAL_RANK as "cuda"), else gloo.
-    A collective that waits longer than `timeout` seconds (default: timeout_seconds()) raises."""
-    if not launched() or (dist.is_available() and dist.is_initialized()):
-        return False
-    if not dist.is_available():
-        raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    seconds = timeout_seconds(timeout)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
-    global _timeout
-    _timeout = seconds
-    atexit.register(_destroy)
-    return True
-
-
-def _destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
-    """This rank's share of a batch's example indices: indices[rank::world_size].
-
-    Together the ranks hold every index exactly once, so N ranks see the examples one process sees."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    if len(indices) < world_size:
-        raise ValueError(f"a batch of {len(indices)} examples cannot give each of {world_size} ranks one; "
-                         f"use batch_size >= {world_size}")
-    return list(indices)[rank::world_size]
-
-
-@dataclass
-class CommStats:
-    """Bytes this rank has sent into all-reduces: gradients (through DDP's hook) and the per-step scalars."""
-    grad_bytes: int = 0                   # bytes of gradient buckets all-reduced
-    grad_buckets: int = 0                 # hook calls (one per bucket per step)
-    scalar_bytes: int = 0                 # bytes of the per-step scalars (token count, loss, tokens)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
+from ..runs.rundir import fingerprint
+from .process_group import DistributedError, lost_message, rank, shard, world_size
+from .replica import CommStats, SingleProcess
 
 def sum_hook(stats: CommStats, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: all-reduce the bucket's flat gradient with SUM (Σ_r ∇L_r, see the module
@@ -165,58 +63,6 @@ def frozen_names(model: nn.Module) -> list[str]:
 def trainable_bytes(model: nn.Module) -> int:
     """Bytes of the gradients of the trainable parameters: what one step all-reduces."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
-class SingleProcess:
-    """What the training loop needs from its replicas, for one process: every method is the identity, so
-    the loop written against this interface is the plain single-process loop.
-
-        model           what to call forward on
-        shard(idx)      this replica's part of a micro-batch's example indices
-        total(*values)  each value summed over the replicas
-        sync(now)       context for a micro-batch's backward: combine the gradients at its end if now
-        barrier()       wait for every replica;   is_main: the one replica that writes files
-        gathered(), optimizer_state(opt), load_optimizer_state, local: whole tensors for checkpoints and this
-                        replica's part of them, where a `sharded` replica holds a part (minilora.fsdp)"""
-    sharded = False
-
-    def __init__(self, model: nn.Module):
-        self.module, self.model = model, model
-        self.rank, self.world_size = 0, 1
-        self.stats = CommStats()
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, indices: list[int]) -> list[int]:
-        return list(indices)
-
-    def total(self, *values: float) -> float | tuple[float, ...]:
-        return values[0] if len(values) == 1 else values
-
-    def sync(self, now: bool):
-        return contextlib.nullcontext()
-
-    def barrier(self) -> None:
-        pass
-
-    def gathered(self):  # the module attributes hold whole tensors inside (here: always)
-        return contextlib.nullcontext()
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:  # with whole tensors
-        return optimizer.state_dict()
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
-
-    def local(self, whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # this replica's part (here: all)
-        return whole
-
-    def report(self) -> dict:
-        """{"world_size", "rank", "comm": CommStats as a dict} for TrainResult.extra."""
-        return {"world_size": self.world_size, "rank": self.rank, "comm": self.stats.as_dict()}
-
 
 def replicas(model: nn.Module) -> SingleProcess:
     """The trainer's replicas: DataParallel under a process group of several ranks, else SingleProcess."""
@@ -286,7 +132,6 @@ class DataParallel(SingleProcess):
 
     def check_same_frozen(self) -> None:
         """Raise ValueError unless every rank's frozen weights have rank 0's sha256 (a 32-byte all-gather)."""
-        from .runs import fingerprint
         digest = torch.tensor(list(bytes.fromhex(fingerprint(self.module))), dtype=torch.uint8,
                               device=self._comm_device())
         gathered = [torch.empty_like(digest) for _ in range(self.world_size)]

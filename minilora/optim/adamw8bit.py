@@ -7,7 +7,7 @@ Quantization", 2021) store them in 8 bits instead, each block of 256 values with
 
     m, v ← dequantize(m8), dequantize(v8)                      fp32, only this parameter's
     p ← p(1 − lr·λ);  m ← β1 m + (1 − β1) g;  v ← β2 v + (1 − β2) g²
-    p ← p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε)         AdamW (minilora.paged.adamw_update_)
+    p ← p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε)         AdamW (adamw.py: adamw_update_)
     m8, v8 ← quantize(m, signed map), quantize(v, unsigned map)
 
 2 bytes of state per parameter plus 8 bytes per block of 256 instead of 8. Tensors under `min_8bit_size`
@@ -16,12 +16,11 @@ state_dict() holds only tensors (codes, absmax, step), so a checkpoint is safete
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .paged import adamw_update_, check_adamw_args
-from .quant.blockwise8bit import Blockwise8bitState, dequantize_blockwise_8bit, quantize_blockwise_8bit
+from ..quant.blockwise8bit import Blockwise8bitState, dequantize_blockwise_8bit, quantize_blockwise_8bit
+from ..quant.format import BLOCKSIZE_8BIT, ceil_div
+from .adamw import AdamWBase, adamw_update_
 
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 state (as bitsandbytes does)
 KEYS_8BIT = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
@@ -41,13 +40,12 @@ def new_state(p: torch.Tensor, blocksize: int, min_8bit_size: int) -> dict:
     return state
 
 
-class AdamW8bit(torch.optim.Optimizer):
+class AdamW8bit(AdamWBase):
     """torch.optim.AdamW's update with m and v kept in blockwise 8-bit (signed map for m, unsigned for v)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, blocksize: int = 256, min_8bit_size: int = MIN_8BIT_SIZE):
-        check_adamw_args(lr, betas, eps, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+                 weight_decay: float = 1e-2, blocksize: int = BLOCKSIZE_8BIT, min_8bit_size: int = MIN_8BIT_SIZE):
+        super().__init__(params, lr, betas, eps, weight_decay)
         self.blocksize, self.min_8bit_size = blocksize, min_8bit_size
 
     def _init_state(self, p: torch.Tensor) -> dict:
@@ -100,7 +98,7 @@ class AdamW8bit(torch.optim.Optimizer):
         each checked against its parameter's shape."""
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._params()
         for i, p in zip(ids, params):
             saved = state_dict["state"].get(i)
             if saved is None:
@@ -109,7 +107,7 @@ class AdamW8bit(torch.optim.Optimizer):
             missing = [k for k in (*keys, "step") if k not in saved]
             if missing:
                 raise ValueError(f"AdamW8bit state of parameter {i} lacks {missing}")
-            n_blocks = math.ceil(p.numel() / self.blocksize)
+            n_blocks = ceil_div(p.numel(), self.blocksize)
             for k in keys:
                 want = (n_blocks,) if k.endswith("absmax") else tuple(p.shape)
                 if tuple(saved[k].shape) != want:

@@ -9,7 +9,7 @@ full the least recently used page is evicted to the host:
     victim          =  the least recently used resident page not in use
 
 A page never touched yet is 'unborn': it is all zeros and lives nowhere until first use. The pager knows
-nothing of what the pages hold; PagedAdamW (minilora.paged) stores AdamW's two moments in them.
+nothing of what the pages hold; PagedAdamW (minilora.optim.paged) stores AdamW's two moments in them.
 
 On CUDA, host pages are pinned (page-locked) so copies run asynchronously on two side streams, one per
 direction (PCIe moves both ways at once); per-page events tell each stream when it may touch a page, so the
@@ -59,6 +59,17 @@ def check_budget(device_budget, page_size: int) -> int | None:
         raise ValueError(f"device_budget={device_budget} bytes is smaller than one page (page_size={page_size}); "
                          f"use 0 to keep no page resident, or a budget of at least one page")
     return device_budget
+
+
+
+def page_spans(offset: int, n: int, page_elems: int) -> list[tuple[int, slice, slice]]:
+    """Where the elements [offset, offset + n) of a state laid end to end lie, page by page (pages of
+    page_elems elements): (page id, the range's slice in that page, the page's slice of the range)."""
+    spans = []
+    for pid in range(offset // page_elems, (offset + n - 1) // page_elems + 1):
+        a, b = max(pid * page_elems, offset), min((pid + 1) * page_elems, offset + n)
+        spans.append((pid, slice(a - offset, b - offset), slice(a - pid * page_elems, b - pid * page_elems)))
+    return spans
 
 
 class Pager:
