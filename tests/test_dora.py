@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from adapter_checks import perturb, rel_err
 from minilora import GPT, add_lora, add_qlora, load_adapter, load_qlora_adapter, lora_layers, save_adapter
-from minilora.dora import DoRALinear, QDoRALinear
+from minilora import DoRALinear, QDoRALinear
 
 peft = pytest.importorskip("peft", reason="peft (dev extra) is the reference for DoRA")
 
@@ -105,13 +105,22 @@ def bnb_copy(hf, names):
     return model
 
 
-def test_dora_on_nf4_base_equals_peft_on_bitsandbytes(hf_gpt2_dir, tmp_path):
-    path, hf = hf_gpt2_dir
-    plain = GPT.from_pretrained(path).eval()
+def test_dora_on_nf4_base_equals_peft_on_bitsandbytes(tmp_path):
+    # Two things about bitsandbytes 0.50 on a CPU decide this test's shape. Its dequantization is wrong for a
+    # weight whose rows are not a whole number of 64-blocks (48 wide: up to 0.03 off where minilora's error is
+    # 0.009), so the widths are multiples of 64. And a Linear4bit that has been put in eval mode gives outputs
+    # about 1e-3 off its own dequantized weight from then on, so PEFT's model stays in train mode, dropout 0.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=101, n_positions=40, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0))
+    hf.save_pretrained(tmp_path / "base", safe_serialization=True)
+    plain = GPT.from_pretrained(tmp_path / "base").eval()
     ours = copy.deepcopy(plain)
     add_qlora(ours, TARGETS, r=4, alpha=8, compute_dtype=torch.float32, use_dora=True)
     layers = lora_layers(ours)
-    assert all(isinstance(l, QDoRALinear) for l in layers.values()) and len(layers) == 9
+    assert all(isinstance(l, QDoRALinear) for l in layers.values()) and len(layers) == 6
     perturb(ours, seed=2)
     save_adapter(ours, tmp_path / "q")
     theirs_base = bnb_copy(hf, list(layers))
@@ -120,7 +129,7 @@ def test_dora_on_nf4_base_equals_peft_on_bitsandbytes(hf_gpt2_dir, tmp_path):
         bnb_w = theirs_base.get_submodule(name).weight
         deq = bnb.functional.dequantize_4bit(bnb_w.data, bnb_w.quant_state)
         assert torch.equal(deq.float(), layer.base_layer.dequantized_weight(torch.float32))
-    theirs = peft.PeftModel.from_pretrained(theirs_base, tmp_path / "q").eval()
+    theirs = peft.PeftModel.from_pretrained(theirs_base, tmp_path / "q").train()
     idx = torch.randint(0, 101, (2, 15))
     with torch.no_grad():
         a, b = ours.eval()(idx), theirs(input_ids=idx).logits

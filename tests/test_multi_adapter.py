@@ -86,17 +86,22 @@ def test_mixed_batch_equals_peft_and_each_example_alone(hf_gpt2_dir):
 
 
 def test_mixed_batch_with_dora_on_an_nf4_base(tiny_gpt):
-    add_qlora(tiny_gpt, ["c_attn", "c_fc"], r=2, compute_dtype=torch.float32)
-    add_lora(tiny_gpt, ["c_attn", "c_fc"], r=2, adapter_name="dora", use_dora=True)
+    add_qlora(tiny_gpt, ["c_attn", "c_fc"], r=2, compute_dtype=torch.float32, use_dora=True)
+    add_lora(tiny_gpt, ["c_attn"], r=4, adapter_name="other", use_dora=True)
+    with pytest.raises(ValueError, match="must use DoRA or none does"):
+        add_lora(tiny_gpt, ["c_fc"], r=2, adapter_name="plain")
+    assert adapter_names(tiny_gpt) == ["default", "other"]  # the refused one left nothing behind
     perturb(tiny_gpt, seed=4)
     tiny_gpt.eval()
-    idx = torch.randint(0, 97, (3, 8))
-    names = ["dora", "default", "dora"]
+    idx = torch.randint(0, 97, (4, 8))
+    names = ["other", "default", "other", "__base__"]
     with torch.no_grad():
         mixed = tiny_gpt(idx, adapter_names=names)
-        for i, name in enumerate(names):
+        for i, name in enumerate(names[:3]):
             set_adapter(tiny_gpt, name)
             assert rel_err(mixed[i:i + 1], tiny_gpt(idx[i:i + 1])) < 1e-5
+        with disable_adapters(tiny_gpt):
+            assert rel_err(mixed[3:], tiny_gpt(idx[3:])) < 1e-5
 
 
 def test_set_disable_delete_and_training_only_the_active_adapter(tiny_gpt):

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .inject import register_lora_wrapper
-from .lora import LoRALinear
-from .nf4_linear import NF4Linear
-from .qlora import QLoRALinear
+from ..inject import register_lora_wrapper
+from ..lora import LoRALinear
+from ..nf4_linear import NF4Linear
+from ..qlora import QLoRALinear
 
 
 class DoRA:
@@ -37,10 +37,13 @@ class DoRA:
             return base.dequantized_weight(torch.float32)
         return base.weight.float()
 
-    def weight_norm(self) -> torch.Tensor:
-        """‖W0 + s·B A‖ per output row, fp32, detached (a constant for backward)."""
+    def weight_norm(self, adapter=None) -> torch.Tensor:
+        """‖W0 + s·B A‖ per output row, fp32, detached (a constant for backward), for the mounted adapter or for
+        `adapter` (a record with A, B and scaling, as multi.named.adapter_view gives)."""
         with torch.no_grad():
-            return torch.linalg.vector_norm(self.dense_base_weight() + super().delta_weight(), dim=1)
+            delta = (super().delta_weight() if adapter is None
+                     else adapter.scaling * (adapter.B.float() @ adapter.A.float()))
+            return torch.linalg.vector_norm(self.dense_base_weight() + delta, dim=1)
 
     def magnitude_scale(self) -> torch.Tensor:
         """g = m / ‖W0 + s·B A‖, one factor per output."""
@@ -48,7 +51,7 @@ class DoRA:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)                      # W0 x + b + s·B A x (or, merged, the merged layer)
-        if self.merged or getattr(self, "disabled", False) or getattr(self, "row_adapters", None) is not None:
+        if self.merged or self.disabled or self.row_adapters is not None:  # (a mixed batch rescales its own rows)
             return y
         g, b = self.magnitude_scale().to(y.dtype), self.base_layer.bias
         return g * y if b is None else g * (y - b.to(y.dtype)) + b.to(y.dtype)

@@ -5,25 +5,14 @@
 
 The base matmul runs once for the whole batch; each adapter adds its two thin matmuls on its own rows only,
 so the batch costs about one base forward plus one adapter's worth of work, not one forward per adapter.
-Machinery: a LoRA layer's forward calls mixed_batch_forward while layer.row_adapters holds the names.
+Machinery: a LoRA layer's forward calls mixed_batch_forward while layer.row_adapters holds the names
+(set by model(idx, adapter_names=...) or switch.adapter_batch).
 """
 from __future__ import annotations
 
 import torch
 
-BASE = "__base__"
-
-
-def adapter_parts(layer, name: str):
-    """(A, B, scaling, dropout, magnitude or None) of the adapter `name` on this layer, or None if it has none."""
-    if name == getattr(layer, "adapter_name", "default"):
-        return (layer.lora_A, layer.lora_B, layer.scaling, layer.lora_dropout,
-                getattr(layer, "lora_magnitude_vector", None))
-    parked = getattr(layer, "parked_adapters", {})
-    if name in parked:
-        p = parked[name]
-        return p.A, p.B, p.settings["scaling"], p.lora_dropout, p.magnitude
-    return None
+from .named import BASE, adapter_view
 
 
 def mixed_batch_forward(layer, x: torch.Tensor) -> torch.Tensor:
@@ -35,19 +24,16 @@ def mixed_batch_forward(layer, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"adapter_names has {len(names)} names for a batch of {x.shape[0]} examples")
     y = layer.base_layer(x)
     bias = layer.base_layer.bias
-    out = y.clone()
+    out = y.clone()  # one copy, rows overwritten in place group by group
     for name in dict.fromkeys(names):
-        parts = adapter_parts(layer, name) if name != BASE else None
-        if parts is None:
+        ad = adapter_view(layer, name) if name != BASE else None
+        if ad is None:  # "__base__", or an adapter this layer does not carry
             continue
-        a, b, s, dropout, magnitude = parts
         rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-        xr = dropout(x[rows]).to(a.dtype)
-        yr = y[rows] + (s * (xr @ a.t() @ b.t())).to(y.dtype)
-        if magnitude is not None:
-            with torch.no_grad():
-                norm = torch.linalg.vector_norm(layer.dense_base_weight() + s * (b.float() @ a.float()), dim=1)
-            g = (magnitude / norm.to(magnitude.dtype)).to(y.dtype)
+        xr = ad.lora_dropout(x[rows]).to(ad.A.dtype)
+        yr = y[rows] + (ad.scaling * (xr @ ad.A.t() @ ad.B.t())).to(y.dtype)
+        if ad.magnitude is not None:
+            g = (ad.magnitude / layer.weight_norm(ad).to(ad.magnitude.dtype)).to(y.dtype)
             yr = g * yr if bias is None else g * (yr - bias.to(y.dtype)) + bias.to(y.dtype)
-        out = out.index_copy(0, rows, yr)
+        out.index_copy_(0, rows, yr)
     return out
