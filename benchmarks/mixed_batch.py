@@ -6,7 +6,7 @@ The same GPT carries two LoRA adapters (r = 8 on every linear layer of the block
   two      the two halves as two separate forwards (what a mixed batch saves)
 as the median of --reps interleaved runs, and prints each as a ratio to `one`, measured in this run.
 
-    python benchmarks/mixed_batch.py [--batch 16] [--seq 128] [--width 256] [--layers 4] [--reps 15]
+    python benchmarks/mixed_batch.py [--batch 16] [--seq 128] [--width 256] [--layers 4] [--reps 15] [--threads N]
 """
 from __future__ import annotations
 
@@ -40,7 +40,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build(args)
     idx = torch.randint(0, 1024, (args.batch, args.seq))
     names = ["a", "b"] * (args.batch // 2) + ["a"] * (args.batch % 2)
