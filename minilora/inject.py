@@ -132,7 +132,7 @@ def activate(model: nn.Module, name: str | None) -> None:
     """Mount adapter `name` wherever it is parked and switch it on (and trainable); every other layer runs its
     base (name None: all of them)."""
     for layer in lora_layers(model).values():
-        if name in parked(layer):
+        if name != layer.adapter_name and name in names_on(layer):
             mount(layer, name)
         layer.disabled = layer.adapter_name != name
         set_trainable(layer)

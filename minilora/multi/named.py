@@ -46,7 +46,7 @@ def parked(layer: nn.Module) -> nn.ModuleDict:
 
 def names_on(layer: nn.Module) -> list[str]:
     """The adapters this layer carries: the mounted one first."""
-    return [layer.adapter_name, *parked(layer).keys()]
+    return [layer.adapter_name, *getattr(layer, "parked_adapters", {}).keys()]
 
 
 def adapter_view(layer: nn.Module, name: str) -> SimpleNamespace | None:
@@ -56,9 +56,9 @@ def adapter_view(layer: nn.Module, name: str) -> SimpleNamespace | None:
         return SimpleNamespace(name=name, A=layer.lora_A, B=layer.lora_B, lora_dropout=layer.lora_dropout,
                                magnitude=getattr(layer, "lora_magnitude_vector", None),
                                **{k: getattr(layer, k, None) for k in SETTINGS})
-    p = parked(layer)[name] if name in parked(layer) else None
-    if p is None:
+    if name not in names_on(layer):
         return None
+    p = parked(layer)[name]
     return SimpleNamespace(name=name, A=p.A, B=p.B, magnitude=p.magnitude, lora_dropout=p.lora_dropout, **p.settings)
 
 
