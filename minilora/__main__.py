@@ -20,23 +20,20 @@ import argparse
 import errno
 import sys
 
-import torch
 
-from .adapters import load_adapter
 from .data import InstructionSet, load_jsonl, load_tokenizer, prompt, split_examples, yoda_dataset
 from .demos.finetune import DemoConfig, pretrain_base, print_report, run_demo
 from .runs.cli_args import Parser, above_zero, at_least_zero, count, device, fraction, positive
 from .inject import find_targets
 from .parallel import AnotherRankFailed, DistributedError, decide, init_from_env, is_main, shutdown
-from .generate import generate_text
+from .generate import generate_per_adapter, generate_text, load_named_adapters, named_adapter_dirs
 from . import from_pretrained, model_config
 from .hf.hub import resolve
 from .memory.command import cmd_memory, default_targets
 from .memory.llama import PRESETS
-from .qlora import load_qlora_adapter
 from .runs import check_run_dir, find_checkpoint, read_state
 from .train import TrainConfig, train
-from .train_config import DEFAULT_TARGETS, LLAMA_TARGETS, MODES, OPTIMIZERS
+from .train_config import DEFAULT_TARGETS, INITS, LLAMA_TARGETS, MODES, OPTIMIZERS
 
 
 def _model_args(p: argparse.ArgumentParser, d) -> None:
@@ -102,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=count, default=10)
     _lora_args(p, dc)
     p.add_argument("--dropout", type=fraction, default=tc.dropout, help="LoRA dropout")
+    p.add_argument("--dora", action="store_true", help="DoRA: a trained magnitude per output beside the direction")
+    p.add_argument("--init", choices=INITS, default=tc.init, help="how A and B start (loftq: --mode qlora)")
+    p.add_argument("--loftq-iter", type=positive, default=tc.loftq_iter, help="--init loftq: NF4 + SVD rounds")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="adamw (default), paged, adamw8bit, paged8bit")
     p.add_argument("--paged", action="store_true", help="the same as --optimizer paged")
@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy (or sampled) answer of a model, optionally with an adapter")
     p.add_argument("--model", required=True, help="model directory (config.json + safetensors; GPT-2 or Llama "
                                                   "family) or a Hugging Face model id")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT layout)")
+    p.add_argument("--adapter", action="append", metavar="[NAME=]DIR", help="adapter directory (PEFT layout); "
+                   "repeat as NAME=DIR to answer through several adapters in one mixed batch")
     p.add_argument("--qlora", action="store_true", help="quantize the base to NF4 before loading the adapter")
     p.add_argument("--instruction", default="Say it like Yoda.")
     p.add_argument("--context", default=None, help="context of the instruction prompt")
@@ -169,8 +170,9 @@ def cmd_finetune(a) -> None:
     dc = DemoConfig()
     base_dir = resolve(a.base, "finetune")
     lr = a.lr if a.lr is not None else (dc.lr_full if a.mode == "full" else dc.lr_lora)
-    cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout,
-                      targets=default_targets(a.targets, model_config(base_dir, "finetune")), lr=lr,
+    cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout, use_dora=a.dora, init=a.init,
+                      loftq_iter=a.loftq_iter, lr=lr,
+                      targets=default_targets(a.targets, model_config(base_dir, "finetune")),
                       warmup_steps=a.warmup_steps, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                       gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,
                       optimizer=a.optimizer or "adamw", fsdp=a.fsdp, device=a.device, eval_every=a.eval_every,
@@ -190,25 +192,22 @@ def cmd_finetune(a) -> None:
     res = train(base, cfg, train_set, val_set, resume=a.resume)
     if not is_main():  # under torchrun, rank 0 alone reports (train wrote <out>/model with its tokenizer)
         return
-    ev = res.final
     print(f"{a.mode}: {res.params}")
-    print(f"step {len(res.losses)}: train loss {res.losses[-1]:.4f}, validation loss {ev['loss']:.4f}, "
-          f"exact match {100 * ev['exact_match']:.1f}% -> {a.out}")
+    print(f"step {len(res.losses)}: train loss {res.losses[-1]:.4f}, validation loss {res.final['loss']:.4f}, "
+          f"exact match {100 * res.final['exact_match']:.1f}% -> {a.out}")
 
 
 def cmd_generate(a) -> None:
-    if a.qlora and not a.adapter:
-        raise ValueError("--qlora needs --adapter")
     if a.prompt is not None and a.context is not None:
         raise ValueError("give either --prompt or --context, not both")
+    adapters = named_adapter_dirs(a.adapter or [], qlora=a.qlora)  # several: NAME=DIR each, one mixed batch
     model_dir = resolve(a.model, "generate")
-    model = from_pretrained(model_dir)
+    model = load_named_adapters(from_pretrained(model_dir), adapters, qlora=a.qlora)
     tok = load_tokenizer(model_dir, vocab_size=model.config.vocab_size)
-    if a.adapter and a.qlora:
-        load_qlora_adapter(model, a.adapter, compute_dtype=torch.float32)
-    elif a.adapter:
-        load_adapter(model, a.adapter)
     text = a.prompt if a.prompt is not None else prompt(a.instruction, a.context or "")
+    if len(adapters) > 1:
+        answers = generate_per_adapter(model, tok, text, list(adapters), a.max_new_tokens, a.temperature, a.seed)
+        return print("\n".join(f"{name}: {answer}" for name, answer in answers.items()))
     print(generate_text(model, tok, text, a.max_new_tokens, temperature=a.temperature, seed=a.seed))
 
 

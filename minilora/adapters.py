@@ -2,36 +2,60 @@
 
     <dir>/adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  (r, in)
                                       base_model.model.<module path>.lora_B.weight  (out, r)
-    <dir>/adapter_config.json         peft_type, r, lora_alpha, lora_dropout, target_modules, ...
+                                      base_model.model.<module path>.lora_magnitude_vector  (out,)  DoRA only
+    <dir>/adapter_config.json         peft_type, r, lora_alpha, lora_dropout, target_modules, use_dora, ...
+    <dir>/<name>/...                  the same for every other named adapter ("default" lives in <dir>)
+
+PiSSA and LoftQ adapters say so in init_lora_weights ("pissa", "loftq" with loftq_config): as in PEFT, the base
+they load onto is the original model, and loading repeats the (deterministic) split of its weights.
 
 Layers whose rank or alpha differ from r / lora_alpha are listed in rank_pattern / alpha_pattern, read as PEFT
 reads them: the first key k with the module name matching (.*\\.)?(k)$ gives that layer's value.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .runs.files import atomic_write, atomic_write_json, read_json_object, read_safetensors, safetensors_bytes
-from .inject import add_lora, all_or_nothing, find_targets, lora_layers
+from .runs.files import atomic_write, atomic_write_json, read_safetensors, safetensors_bytes
+from .inject import active_adapter, adapter_names, add_lora, all_or_nothing, find_targets, lora_layers
+from .hf.peft_config import read_adapter_config
+from .multi.named import adapter_view
+from .multi.switch import delete_adapter
 
 PREFIX = "base_model.model."
-# PEFT settings that change what the adapter computes and that minilora does not implement: each must be unset
-UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "layers_to_transform", "layer_replication", "modules_to_save",
-               "trainable_token_indices", "target_parameters", "exclude_modules", "alora_invocation_tokens")
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's key names."""
+INITS = ("pissa", "loftq")  # the inits that init_lora_weights names (any other is saved as true)
+
+
+def views(model: nn.Module, adapter_name: str | None = None) -> dict:
+    """Module name -> adapter record (multi.named.adapter_view) of one adapter: adapter_name, else the active
+    one (else the only one)."""
+    names = adapter_names(model)
+    if adapter_name is None:
+        adapter_name = active_adapter(model) or (names[0] if len(names) == 1 else None)
+        if adapter_name is None:
+            raise ValueError(f"the model has adapters {names} and none is active: name one (adapter_name=)")
+    if adapter_name not in names:
+        raise ValueError(f"no adapter named {adapter_name!r}; the model has {names}")
+    found = {n: adapter_view(layer, adapter_name) for n, layer in lora_layers(model).items()}
+    return {n: v for n, v in found.items() if v is not None}
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """One adapter's tensors under PEFT's key names (default: the active adapter)."""
     sd = {}
-    for name, layer in lora_layers(model).items():
-        sd[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
-        sd[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+    for name, v in views(model, adapter_name).items():
+        sd[f"{PREFIX}{name}.lora_A.weight"] = v.A.detach().cpu().contiguous()
+        sd[f"{PREFIX}{name}.lora_B.weight"] = v.B.detach().cpu().contiguous()
+        if v.magnitude is not None:
+            sd[f"{PREFIX}{name}.lora_magnitude_vector"] = v.magnitude.detach().cpu().contiguous()
     return sd
 
 
@@ -52,16 +76,29 @@ def pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
-    """Write adapter_model.safetensors + adapter_config.json (each atomically). task_type is CAUSAL_LM for a
-    model with an lm_head (a causal language model), else null."""
-
-    layers = lora_layers(model)
-    if not layers:
+def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 adapter_name: str | None = None) -> None:
+    """Write adapter_model.safetensors + adapter_config.json (each atomically) for every adapter of the model
+    (or only adapter_name), in PEFT's layout: "default" in path, any other name in path/<name>. task_type is
+    CAUSAL_LM for a model with an lm_head (a causal language model), else null."""
+    if not lora_layers(model):
         raise ValueError("save_adapter: model has no LoRA layers (call add_lora first)")
+    for name in adapter_names(model) if adapter_name is None else [adapter_name]:
+        folder = Path(path) if name == "default" else Path(path) / name
+        _save_one(model, folder, name, base_model_name_or_path)
+
+
+def _save_one(model: nn.Module, path: Path, adapter_name: str, base_model_name_or_path: str | None) -> None:
+    layers = views(model, adapter_name)
     first = next(iter(layers.values()))
-    if len({l.use_rslora for l in layers.values()}) > 1:
-        raise ValueError("save_adapter: the layers mix use_rslora True and False; PEFT's format has one setting")
+    special = {(v.init, v.loftq_iter) for v in layers.values() if v.init in INITS}  # a tied head may start plain
+    if len({v.use_rslora for v in layers.values()}) > 1 or len(special) > 1:
+        raise ValueError(f"save_adapter: the layers of {adapter_name!r} mix use_rslora or init settings; PEFT's "
+                         f"format has one of each")
+    init, loftq_iter = special.pop() if special else (True, None)
+    if len({v.magnitude is None for v in layers.values()}) > 1:
+        raise ValueError(f"save_adapter: {adapter_name!r} uses DoRA on some layers only; PEFT's format has one "
+                         f"use_dora")
     causal = isinstance(getattr(model, "lm_head", None), nn.Module)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM" if causal else None,
@@ -69,111 +106,103 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         "r": first.r, "lora_alpha": first.alpha, "use_rslora": first.use_rslora,
         "lora_dropout": getattr(first.lora_dropout, "p", 0.0), "bias": "none",
         "target_modules": _target_modules(model, set(layers)),
-        "rank_pattern": {re.escape(n): l.r for n, l in layers.items() if l.r != first.r},
-        "alpha_pattern": {re.escape(n): l.alpha for n, l in layers.items() if l.alpha != first.alpha},
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "layers_to_transform": None, "modules_to_save": None,
+        "rank_pattern": {re.escape(n): v.r for n, v in layers.items() if v.r != first.r},
+        "alpha_pattern": {re.escape(n): v.alpha for n, v in layers.items() if v.alpha != first.alpha},
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": init,
+        "loftq_config": {"loftq_bits": 4, "loftq_iter": loftq_iter} if init == "loftq" else {},
+        "use_dora": first.magnitude is not None, "layers_to_transform": None, "modules_to_save": None,
     }
-    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    sd = adapter_state_dict(model)
+    sd = adapter_state_dict(model, adapter_name)
     atomic_write(path / "adapter_model.safetensors", safetensors_bytes(sd))
     atomic_write_json(path / "adapter_config.json", config)
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict:
-    """<path>/adapter_config.json, checked: a JSON object describing a plain LoRA adapter minilora can build."""
-    f = Path(path) / "adapter_config.json"
-    config = read_json_object(f, "load_adapter")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"load_adapter: {f} has peft_type {config.get('peft_type')!r}, expected 'LORA'")
-    for key in ("target_modules", "r", "lora_alpha"):
-        if key not in config:
-            raise ValueError(f"load_adapter: {f} lacks {key!r}")
-    tm = config["target_modules"]
-    if not ((isinstance(tm, str) and tm) or (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm))):
-        raise ValueError(f"load_adapter: {f}: target_modules must be a pattern or a non-empty list of module "
-                         f"names, got {tm!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise ValueError(f"load_adapter: {f}: {key} must be an object (module pattern -> value)")
-    ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
-    if any(isinstance(r, bool) or not isinstance(r, int) or r <= 0 for r in ranks):
-        raise ValueError(f"load_adapter: {f}: r / rank_pattern values must be positive ints, got {ranks}")
-    alphas = [config["lora_alpha"], *(config.get("alpha_pattern") or {}).values()]
-    if any(isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0 for a in alphas):
-        raise ValueError(f"load_adapter: {f}: lora_alpha / alpha_pattern values must be finite numbers > 0, "
-                         f"got {alphas}")
-    d = config.get("lora_dropout", 0.0)
-    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
-        raise ValueError(f"load_adapter: {f}: lora_dropout must be a number in [0, 1), got {d!r}")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise ValueError(f"load_adapter: {f}: use_rslora must be true or false, got {config['use_rslora']!r}")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"load_adapter: {f} has bias {config['bias']!r}; minilora adapters train no biases")
-    for key in UNSUPPORTED:
-        if config.get(key):
-            raise ValueError(f"load_adapter: {f} sets {key}={config[key]!r}, which minilora does not implement")
-    return config
-
-
 def _check_settings(layers: dict, config: dict, where: Path) -> None:
-    """Each LoRA layer already in the model must have the r, lora_alpha and use_rslora the adapter was made with."""
+    """Each layer's adapter must have the r, lora_alpha, use_rslora and use_dora the adapter was made with."""
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    for name, layer in layers.items():
-        if getattr(layer, "merged", False):
-            raise ValueError(f"load_adapter: {name} has its adapter merged into the weight; unmerge() it first")
+    for name, v in layers.items():
         want = {"r": pattern_value(ranks, name, config["r"]),
                 "lora_alpha": pattern_value(alphas, name, config["lora_alpha"]),
-                "use_rslora": config.get("use_rslora", False)}
-        have = {"r": layer.r, "lora_alpha": layer.alpha, "use_rslora": layer.use_rslora}
+                "use_rslora": config.get("use_rslora", False), "use_dora": bool(config.get("use_dora", False))}
+        have = {"r": v.r, "lora_alpha": v.alpha, "use_rslora": v.use_rslora, "use_dora": v.magnitude is not None}
         for key in want:
             if have[key] != want[key]:
                 raise ValueError(f"load_adapter: {name} has {key}={have[key]!r} but {where} says "
                                  f"{key}={want[key]!r}")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a PEFT-layout adapter into model; every key, shape and setting must fit. A model without LoRA
-    layers gets them first (rank_pattern / alpha_pattern honoured); a model that has them must have the
-    adapter's r, lora_alpha and use_rslora. A weight that is inf or NaN is refused (it would only give
-    garbage). On any error the model is left exactly as it was."""
+def _new_adapter(model: nn.Module, config: dict, adapter_name: str) -> None:
+    """Add the adapter the config describes (rank_pattern / alpha_pattern honoured) under adapter_name."""
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    names = find_targets(model, config["target_modules"])
+    dense = {n: isinstance(getattr(model.get_submodule(n), "weight", None), torch.Tensor) for n in names}
+    if config.get("init_lora_weights") == "loftq" and all(dense.values()):
+        raise ValueError("load_adapter: a LoftQ adapter belongs on the NF4 base it was made with: load_qlora_adapter")
+    groups: dict[tuple, list[str]] = {}
+    for name in names:  # PiSSA splits a dense weight again; an NF4 base was quantized from the split already
+        init = "pissa" if config.get("init_lora_weights") == "pissa" and dense[name] else "kaiming"
+        key = (pattern_value(ranks, name, config["r"]), pattern_value(alphas, name, config["lora_alpha"]), init)
+        groups.setdefault(key, []).append(re.escape(name))
+    for (r, alpha, init), group in groups.items():
+        add_lora(model, group, r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0), init=init,
+                 use_rslora=config.get("use_rslora", False), use_dora=bool(config.get("use_dora", False)),
+                 adapter_name=adapter_name)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+    """Load a PEFT-layout adapter (one folder) into model as adapter_name; every key, shape and setting must fit.
+    If the model has no adapter of that name it gets one first (beside any others, which stay active); if it
+    has, that adapter must have the file's r, lora_alpha, use_rslora and use_dora. A PiSSA adapter loads onto
+    the original weights, split again. A weight that is inf or NaN is refused. On any error the model is left exactly as it was."""
     path = Path(path)
     config = read_adapter_config(path)
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"load_adapter: {weights} not found")
     sd = read_safetensors(weights, "load_adapter")
-    for key, t in sd.items():
+    for key, t in sd.items():  # an inf or NaN weight would only give garbage
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"load_adapter: {weights} holds inf or NaN in {key!r}")
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    new = [] if lora_layers(model) else find_targets(model, config["target_modules"])
-    with all_or_nothing(model, new):
-        groups: dict[tuple, list[str]] = {}
-        for name in new:
-            key = (pattern_value(ranks, name, config["r"]), pattern_value(alphas, name, config["lora_alpha"]))
-            groups.setdefault(key, []).append(re.escape(name))
-        for (r, alpha), names in groups.items():
-            add_lora(model, names, r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),
-                     use_rslora=config.get("use_rslora", False))
-        layers = lora_layers(model)
+    created = adapter_name not in adapter_names(model)
+    new = find_targets(model, config["target_modules"]) if created else []
+    if any(getattr(l, "merged", False) for l in lora_layers(model).values()):
+        raise ValueError("load_adapter: a layer has its adapter merged into the weight; unmerge() it first")
+    with all_or_nothing(model, new), _removed_on_error(model, adapter_name if created else None):
+        if created:
+            _new_adapter(model, config, adapter_name)
+        layers = views(model, adapter_name)
         _check_settings(layers, config, path / "adapter_config.json")
-        pairs = []  # check every key before copying any, so a bad file leaves the model untouched
-        for name, layer in layers.items():
-            for part in ("lora_A", "lora_B"):
-                key = f"{PREFIX}{name}.{part}.weight"
+        pairs, expected = [], set()  # check every key before copying any, so a bad file leaves the model untouched
+        for name, v in layers.items():
+            parts = {"lora_A.weight": v.A, "lora_B.weight": v.B}
+            if v.magnitude is not None:
+                parts["lora_magnitude_vector"] = v.magnitude
+            for part, param in parts.items():
+                key = f"{PREFIX}{name}.{part}"
+                expected.add(key)
                 if key not in sd:
                     raise KeyError(f"load_adapter: {weights} has no tensor {key!r}")
-                param = getattr(layer, part)
                 if sd[key].shape != param.shape:
                     raise ValueError(f"load_adapter: {key} has shape {tuple(sd[key].shape)}, "
                                      f"model expects {tuple(param.shape)}")
                 pairs.append((param, sd[key]))
-        extra = sorted(set(sd) - {f"{PREFIX}{n}.{part}.weight" for n in layers for part in ("lora_A", "lora_B")})
+        extra = sorted(set(sd) - expected)
         if extra:
             raise KeyError(f"load_adapter: {extra[0]!r} in {weights} matches no LoRA layer of the model")
     with torch.no_grad():
         for param, value in pairs:
             param.copy_(value)
     return model
+
+
+@contextmanager
+def _removed_on_error(model: nn.Module, adapter_name: str | None):
+    """On an exception, delete the adapter the block was adding beside others (all_or_nothing puts back the
+    layers that were wrapped; an adapter parked in an existing layer is taken out here)."""
+    try:
+        yield
+    except BaseException:
+        if adapter_name is not None and adapter_name in adapter_names(model):
+            delete_adapter(model, adapter_name)
+        raise

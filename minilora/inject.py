@@ -13,15 +13,20 @@ from contextlib import contextmanager
 import torch.nn as nn
 
 from .lora import LoRALinear
+from .multi.named import (BASE, adapter_records, install_batch_hook, mount, names_on, park_new, parked,
+                          set_trainable)
 
-# Which wrapper turns which kind of layer into a LoRA layer. Layers defined elsewhere (the NF4 linear of
-# minilora.qlora) register themselves here, so this module never needs to know about them.
+# Which wrapper turns which kind of layer into a LoRA layer (and, with use_dora, into a DoRA layer). Layers
+# defined elsewhere (the NF4 linear of minilora.qlora, DoRA in minilora.variants.dora) register themselves here, so this
+# module never needs to know about them.
 LORA_WRAPPERS: dict[type, Callable[..., nn.Module]] = {nn.Linear: LoRALinear}
+DORA_WRAPPERS: dict[type, Callable[..., nn.Module]] = {}
+ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude_vector")  # what trains (the last: DoRA's m)
 
 
-def register_lora_wrapper(base_type: type, wrapper: Callable[..., nn.Module]) -> None:
+def register_lora_wrapper(base_type: type, wrapper: Callable[..., nn.Module], dora: bool = False) -> None:
     """Teach add_lora to wrap modules of base_type with wrapper(module, r=, alpha=, dropout=, ...)."""
-    LORA_WRAPPERS[base_type] = wrapper
+    (DORA_WRAPPERS if dora else LORA_WRAPPERS)[base_type] = wrapper
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -72,25 +77,93 @@ def all_or_nothing(model: nn.Module, names: Iterable[str]):
 
 
 def add_lora(model: nn.Module, targets: str | Iterable[str], r: int = 8, alpha: float = 16.0,
-             dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming") -> nn.Module:
-    """Wrap each target layer W0 as W0 + (alpha/r)·B·A (in place) and leave only lora_A / lora_B trainable.
-    Every target is checked and wrapped before the model changes: on an error the model is as it was."""
+             dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False,
+             adapter_name: str = "default") -> nn.Module:
+    """Wrap each target layer W0 as W0 + (alpha/r)·B·A (in place) and leave only the adapters trainable.
+    use_dora: DoRA's magnitude and direction (variants/dora.py); init="pissa": PiSSA (variants/lora_init.py).
+    A target that already has an adapter gets this one beside it under adapter_name (multi/named.py); the
+    active adapter stays active. Every target is checked and wrapped before the model changes: on an error
+    the model is as it was."""
     names = find_targets(model, targets)
+    check_adapter_name(adapter_name)
+    had, active = adapter_names(model), active_adapter(model)
+    pissa_names = {v.name for layer in lora_layers(model).values() for v in adapter_records(layer) if v.init == "pissa"}
+    if (init == "pissa" and set(had) - {adapter_name}) or pissa_names - {adapter_name}:
+        raise ValueError("a PiSSA adapter changes the base weights, so it must be the model's only adapter")
+    registry = DORA_WRAPPERS if use_dora else LORA_WRAPPERS
     wrapped = {}
     with all_or_nothing(model, names):  # a wrapper freezes its base as it is made
         for name in names:
             module = model.get_submodule(name)
-            if isinstance(module, LoRALinear) or hasattr(module, "lora_A"):
-                raise ValueError(f"target {name!r} already has a LoRA adapter")
-            wrapper = next((w for t, w in LORA_WRAPPERS.items() if type(module) is t), None)
+            if name in lora_layers(model) and adapter_name in names_on(module):
+                raise ValueError(f"target {name!r} already has a LoRA adapter named {adapter_name!r}")
+            base = module.base_layer if name in lora_layers(model) else module
+            wrapper = next((w for t, w in registry.items() if type(base) is t), None)
             if wrapper is None:
-                kinds = ", ".join(t.__name__ for t in LORA_WRAPPERS)
-                raise TypeError(f"target {name!r} is a {type(module).__name__}; LoRA wraps only {kinds}")
-            wrapped[name] = wrapper(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+                kinds = ", ".join(t.__name__ for t in registry)
+                raise TypeError(f"target {name!r} is a {type(base).__name__}; {'DoRA' if use_dora else 'LoRA'} "
+                                f"wraps only {kinds}")
+            if base is not module and module.merged:
+                raise ValueError(f"target {name!r} has its adapter merged into the weight; unmerge() it first")
+            wrapped[name] = layer = wrapper(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                            init="kaiming" if init == "pissa" else init)  # PiSSA: once all are made
+            layer.adapter_name = adapter_name
+            if base is not module and type(layer) is not type(module):
+                raise ValueError(f"target {name!r}: every adapter on one layer must use DoRA or none does (it has "
+                                 f"a {type(module).__name__}, the new adapter would be a {type(layer).__name__})")
     for name, layer in wrapped.items():
-        set_submodule(model, name, layer)
+        module = model.get_submodule(name)
+        if layer.base_layer is module:
+            set_submodule(model, name, layer)
+        else:
+            park_new(module, layer)
+    if init == "pissa":  # W0 -> W_res: a tied lm_head first gets its own copy, so the embedding keeps W0
+        untie_lora_bases(model)
+        for layer in wrapped.values():
+            layer.init = "pissa"
+            layer.pissa_init()
     mark_only_lora_trainable(model)
+    activate(model, active if had else adapter_name)
+    install_batch_hook(model, lora_layers, check_row_names)
     return model
+
+
+def activate(model: nn.Module, name: str | None) -> None:
+    """Mount adapter `name` wherever it is parked and switch it on (and trainable); every other layer runs its
+    base (name None: all of them)."""
+    for layer in lora_layers(model).values():
+        if name != layer.adapter_name and name in names_on(layer):
+            mount(layer, name)
+        layer.disabled = layer.adapter_name != name
+        set_trainable(layer)
+
+
+def check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name == BASE:
+        raise ValueError(f"adapter_name must be letters, digits, '_' or '-' (it names a folder) and not {BASE!r}, "
+                         f"got {name!r}")
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name on the model, in the order first seen."""
+    return list(dict.fromkeys(n for layer in lora_layers(model).values() for n in names_on(layer)))
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter forward uses (None without adapters or inside disable_adapters)."""
+    active = {layer.adapter_name for layer in lora_layers(model).values() if not layer.disabled}
+    return active.pop() if len(active) == 1 else None
+
+
+def check_row_names(model: nn.Module, names) -> list[str]:
+    """adapter_names for a mixed batch: a list of known adapter names or "__base__", one per example."""
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"adapter_names must be a list of adapter names, one per example, got {names!r}")
+    known = adapter_names(model)
+    unknown = sorted({n for n in names if n != BASE and n not in known})
+    if unknown:
+        raise ValueError(f"adapter_names: unknown adapter {unknown[0]!r}; the model has {known} (and {BASE!r})")
+    return list(names)
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -99,9 +172,10 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """requires_grad = True for lora_A / lora_B, False for every other parameter."""
+    """requires_grad = True for lora_A / lora_B (and DoRA's lora_magnitude_vector), False for every other
+    parameter (parked adapters included)."""
     for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith(("lora_A", "lora_B")))
+        p.requires_grad_(name.endswith(ADAPTER_TENSORS))
 
 
 def parameter_uses(model: nn.Module) -> Counter:
@@ -124,10 +198,32 @@ def untie_lora_bases(model: nn.Module) -> bool:
     return untied
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold every adapter into its base weight, W = W0 + scaling·B·A, and put the plain layer back (in place).
-    An adapter on a tied lm_head gets its own merged matrix (the embedding keeps W0): the head is untied."""
+    An adapter on a tied lm_head gets its own merged matrix (the embedding keeps W0): the head is untied.
+    With adapter_name, only that adapter is folded in (and leaves the model); the others stay, on W0 + ΔW."""
     untie_lora_bases(model)
+    if adapter_name is None:
+        for name, layer in lora_layers(model).items():
+            set_submodule(model, name, layer.merged_layer())
+        return model
+    if adapter_name not in adapter_names(model):
+        raise ValueError(f"merge_lora: no adapter named {adapter_name!r}; the model has {adapter_names(model)}")
+    active = active_adapter(model)
     for name, layer in lora_layers(model).items():
-        set_submodule(model, name, layer.merged_layer())
+        if adapter_name not in names_on(layer):
+            continue
+        if not isinstance(getattr(layer.base_layer, "weight", None), nn.Parameter):
+            raise ValueError(f"merge_lora: {name} has a quantized base; merge one adapter of QLoRA with merge_qlora")
+        if adapter_name != layer.adapter_name:
+            mount(layer, adapter_name)
+        layer.merge()  # W0 <- W0 + ΔW; then the adapter goes, and another one (if any) takes its place
+        if not parked(layer):
+            set_submodule(model, name, layer.base_layer)
+            continue
+        layer.merged = False
+        mount(layer, next(iter(parked(layer))))
+        del parked(layer)[adapter_name]
+    rest = adapter_names(model)
+    activate(model, active if active in rest else (rest or [None])[0])
     return model

@@ -3,6 +3,9 @@
 A (r × in) starts random and B (out × r) starts at zero, so at initialisation the wrapped layer is exactly
 the base layer; training moves only A and B. After training, W0 + scaling · B A can be folded into one
 matrix (merge) so inference costs nothing extra.
+
+Variants build on this layer: DoRA (variants/dora.py) rescales its output rows, PiSSA (variants/lora_init.py)
+starts A and B from W0's principal singular directions, and named adapters share one base (multi/).
 """
 from __future__ import annotations
 
@@ -12,12 +15,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .multi.mixed_batch import mixed_batch_forward
+from .variants.lora_init import pissa
+
+INITS = ("kaiming", "gaussian", "pissa")
+
 
 class LoRALinear(nn.Module):
     """y = base(x) + scaling · B (A dropout(x)), scaling = alpha / r (rsLoRA: alpha / sqrt(r)).
 
     base: a frozen nn.Linear (its parameters get requires_grad=False).
-    init: "kaiming" (A ~ Kaiming-uniform, the default) or "gaussian" (A ~ N(0, 1/r²), the slides' normal init).
+    init: "kaiming" (A ~ Kaiming-uniform, the default), "gaussian" (A ~ N(0, 1/r²), the slides' normal init) or
+    "pissa" (A, B from W0's top r singular directions, W0 keeps the rest: variants/lora_init.py).
+    adapter_name names this adapter when several share the base; disabled switches it off (multi/named.py).
     """
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -37,21 +47,27 @@ class LoRALinear(nn.Module):
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if not isinstance(use_rslora, bool):
             raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
-        if init not in ("kaiming", "gaussian"):
-            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.use_rslora, self.init = r, alpha, use_rslora, init
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = self.scaling_for(r, alpha, use_rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dtype = self._adapter_dtype(base)
         device = next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
-        self.reset_lora_parameters()
         self.merged = False
+        self.adapter_name, self.disabled, self.row_adapters = "default", False, None
+        self.reset_lora_parameters()
+
+    @staticmethod
+    def scaling_for(r: int, alpha: float, use_rslora: bool = False) -> float:
+        """s = alpha / r (rsLoRA: alpha / sqrt(r))."""
+        return alpha / math.sqrt(r) if use_rslora else alpha / r
 
     @staticmethod
     def _adapter_dtype(base: nn.Module) -> torch.dtype:
@@ -62,13 +78,27 @@ class LoRALinear(nn.Module):
         return w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
 
     def reset_lora_parameters(self) -> None:
-        """A random, B = 0: the update B A is zero, so the layer starts as the base layer."""
+        """A random, B = 0: the update B A is zero, so the layer starts as the base layer (PiSSA: see pissa_init)."""
+        if self.init == "pissa":
+            return self.pissa_init()
         with torch.no_grad():
             if self.init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # same law nn.Linear uses
             else:
                 nn.init.normal_(self.lora_A, std=1.0 / self.r)
             self.lora_B.zero_()
+
+    @torch.no_grad()
+    def pissa_init(self) -> None:
+        """W0 = W_res + scaling · B A with B A the top-r part of W0's SVD: the layer still computes W0 x."""
+        w = getattr(self.base_layer, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise ValueError(f"init='pissa' needs the base's dense weight, {type(self.base_layer).__name__} has "
+                             f"none: quantize after the split (add_qlora(..., init='pissa'))")
+        a, b, w_res = pissa(w, self.r, self.scaling)
+        self.lora_A.copy_(a)
+        self.lora_B.copy_(b)
+        w.copy_(w_res.to(w.dtype))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -88,8 +118,10 @@ class LoRALinear(nn.Module):
         return (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_adapters is not None:  # a mixed batch: each example names its adapter (multi/)
+            return mixed_batch_forward(self, x)
         y = self.base_layer(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + self.lora_forward(x).to(y.dtype)
 

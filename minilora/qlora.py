@@ -4,8 +4,11 @@
 
 The NF4 layer and its matmul live in nf4_linear.py; here are the adapter layer on top of it (QLoRALinear) and
 the model-level steps: quantize_model, add_qlora (quantize, then add_lora), load_qlora_adapter, merge_qlora.
+add_qlora(..., init="pissa" | "loftq") chooses the 4-bit base and the adapter's start together (variants/lora_init.py).
 """
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn as nn
@@ -14,7 +17,12 @@ from .adapters import load_adapter, read_adapter_config
 from .inject import (set_submodule, add_lora, all_or_nothing, find_targets, lora_layers, parameter_uses,
                      register_lora_wrapper, untie_lora_bases)
 from .lora import LoRALinear
+from .multi.mixed_batch import mixed_batch_forward
 from .nf4_linear import NF4Linear, qlora_linear
+from .variants.lora_init import quantized_start, set_adapter_start
+
+QLORA_INITS = ("kaiming", "gaussian", "pissa", "loftq")
+LATER = ("pissa", "loftq")  # inits that choose the NF4 base too: A and B are set after quantizing
 
 
 class QLoRALinear(LoRALinear):
@@ -40,6 +48,10 @@ class QLoRALinear(LoRALinear):
         return cls(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_adapters is not None:  # a mixed batch: each example names its adapter (multi/)
+            return mixed_batch_forward(self, x)
+        if self.disabled:
+            return self.base_layer(x)
         if self.merged:
             if not x.is_floating_point():
                 raise TypeError(f"input must be a floating-point tensor (as for nn.Linear), got {x.dtype}")
@@ -119,29 +131,73 @@ def _quantizable(model: nn.Module, targets, caller: str) -> list[str]:
     return quantized
 
 
+def quantize_with_init(model: nn.Module, names: list[str], init: str, r: int, scaling: float, loftq_iter: int,
+                       blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """quantize_model as PiSSA or LoftQ choose the 4-bit base (variants/lora_init.py); returns name -> (A, B), the
+    adapter's start."""
+    starts = {}
+    for name in names:
+        nf4, a, b = quantized_start(model.get_submodule(name), init, r, scaling, loftq_iter, blocksize, double_quant,
+                                    compute_dtype)
+        set_submodule(model, name, nf4)
+        starts[name] = a, b
+    return starts
+
+
 def add_qlora(model: nn.Module, targets: str | list[str], r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
               blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
-              use_rslora: bool = False) -> nn.Module:
+              use_rslora: bool = False, use_dora: bool = False, init: str = "kaiming", loftq_iter: int = 1
+              ) -> nn.Module:
     """QLoRA in one call (in place): the untied nn.Linear among targets become frozen NF4 (quantize_model), then
     every target gets rank-r adapters (add_lora); a tied lm_head among them keeps its full-precision weight
-    under a plain LoRA adapter. On an error the model is left as it was."""
+    under a plain LoRA adapter. use_dora: DoRA over the NF4 base. init="pissa": the residual W − s·B A is what
+    gets quantized (QPiSSA); init="loftq": NF4 and the adapter alternate loftq_iter times so that
+    deq(Q) + s·B A ≈ W (LoftQ). On an error the model is left as it was."""
+    if init not in QLORA_INITS:
+        raise ValueError(f"init must be one of {QLORA_INITS}, got {init!r}")
+    if isinstance(loftq_iter, bool) or not isinstance(loftq_iter, int) or loftq_iter < 1:
+        raise ValueError(f"loftq_iter must be an int >= 1, got {loftq_iter!r}")
     names = find_targets(model, targets)
     quantized = _quantizable(model, targets, "add_qlora")
     with all_or_nothing(model, names):
-        quantize_model(model, quantized, blocksize=blocksize, double_quant=double_quant,
-                       compute_dtype=compute_dtype)
-        add_lora(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        if init in LATER:
+            scaling = LoRALinear.scaling_for(r, alpha, use_rslora)
+            starts = quantize_with_init(model, quantized, init, r, scaling, loftq_iter, blocksize, double_quant,
+                                        compute_dtype)
+        else:
+            starts = {}
+            quantize_model(model, quantized, blocksize=blocksize, double_quant=double_quant,
+                           compute_dtype=compute_dtype)
+        kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
+        add_lora(model, [re.escape(n) for n in quantized], init="kaiming" if init in LATER else init, **kw)
+        dense = [re.escape(n) for n in names if n not in quantized]  # a tied lm_head: LoftQ has nothing to fix
+        if dense:
+            add_lora(model, dense, init="kaiming" if init == "loftq" else init, **kw)
+        set_adapter_start(model, starts, init, loftq_iter)
     return model
 
 
-def load_qlora_adapter(model: nn.Module, adapter_dir, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_qlora_adapter(model: nn.Module, adapter_dir, compute_dtype: torch.dtype = torch.float32,
+                       adapter_name: str = "default") -> nn.Module:
     """A saved adapter on an NF4 base (in place): quantize the untied nn.Linear among the adapter's
-    target_modules, then load_adapter. On an error the model is left as it was."""
-    targets = read_adapter_config(adapter_dir)["target_modules"]
-    quantized = _quantizable(model, targets, "load_qlora_adapter")
+    target_modules (as PiSSA or LoftQ did, when its init_lora_weights says so), then load_adapter. On an error
+    the model is left as it was."""
+    config = read_adapter_config(adapter_dir)
+    quantized = _quantizable(model, config["target_modules"], "load_qlora_adapter")
+    init = config.get("init_lora_weights")
     with all_or_nothing(model, quantized):
-        quantize_model(model, quantized, compute_dtype=compute_dtype)
-        load_adapter(model, adapter_dir)
+        if init in ("pissa", "loftq"):
+            r, alpha, rslora = config["r"], config["lora_alpha"], config.get("use_rslora", False)
+            if config.get("rank_pattern") or config.get("alpha_pattern"):
+                raise ValueError(f"load_qlora_adapter: {adapter_dir}: {init} with rank_pattern / alpha_pattern is "
+                                 f"not supported")
+            iters = (config.get("loftq_config") or {}).get("loftq_iter", 1)
+            quantize_with_init(model, quantized, init, r, LoRALinear.scaling_for(r, alpha, rslora), iters,
+                               compute_dtype=compute_dtype)
+        else:
+            quantize_model(model, quantized, compute_dtype=compute_dtype)
+        load_adapter(model, adapter_dir, adapter_name=adapter_name)
     return model
 
 

@@ -73,8 +73,10 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     if cfg.mode == "qlora":
         from .qlora import add_qlora
         return add_qlora(model, list(cfg.targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                         blocksize=cfg.blocksize, compute_dtype=getattr(torch, cfg.compute_dtype))
-    return add_lora(model, list(cfg.targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+                         blocksize=cfg.blocksize, compute_dtype=getattr(torch, cfg.compute_dtype),
+                         use_dora=cfg.use_dora, init=cfg.init, loftq_iter=cfg.loftq_iter)
+    return add_lora(model, list(cfg.targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_dora=cfg.use_dora,
+                    init=cfg.init)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -12,6 +12,7 @@ MODES = ("full", "lora", "qlora")                       # what trains: every wei
 OPTIMIZERS = ("adamw", "paged", "adamw8bit", "paged8bit")  # minilora.optim: how AdamW's m and v are stored
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")           # LoRA on every linear layer inside the blocks
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama's (PEFT's)
+INITS = ("kaiming", "gaussian", "pissa", "loftq")       # how A and B start (pissa, loftq: variants/lora_init.py)
 
 # Settings that do not change the trajectory of a run; every other TrainConfig field must match on resume.
 NOT_TRAJECTORY = ("eval_every", "eval_batch_size", "eval_max_batches", "save_every", "out_dir", "overwrite",
@@ -24,6 +25,9 @@ class TrainConfig:
     r: int = 8                            # LoRA rank
     alpha: float = 16.0                   # LoRA scaling = alpha / r
     dropout: float = 0.0                  # dropout on the adapter input
+    use_dora: bool = False                # DoRA: magnitude and direction (minilora.variants.dora)
+    init: str = "kaiming"                 # one of INITS; "loftq" with mode "qlora" only
+    loftq_iter: int = 1                   # init "loftq": rounds of NF4 + rank-r SVD
     targets: tuple[str, ...] = DEFAULT_TARGETS
     lr: float = 1e-3
     min_lr_ratio: float = 0.1             # cosine decays lr to lr · min_lr_ratio at the last step
@@ -65,7 +69,13 @@ class TrainConfig:
         if isinstance(self.targets, str):
             self.targets = (self.targets,)
         self.targets, self.betas = tuple(self.targets), tuple(self.betas)
-        ints = {"r": 1, "steps": 1, "batch_size": 1, "grad_accum": 1, "page_size": 1, "blocksize": 1,
+        if self.init not in INITS or (self.init == "loftq" and self.mode != "qlora"):
+            raise ValueError(f"TrainConfig.init must be one of {INITS} ('loftq' with mode 'qlora'), "
+                             f"got {self.init!r} for mode {self.mode!r}")
+        if not isinstance(self.use_dora, bool) or (self.mode == "full" and (self.use_dora or self.init != "kaiming")):
+            raise ValueError(f"TrainConfig.use_dora / init are adapter settings: use_dora must be true or false and "
+                             f"mode 'full' takes neither, got use_dora={self.use_dora!r}, init={self.init!r}")
+        ints = {"r": 1, "loftq_iter": 1, "steps": 1, "batch_size": 1, "grad_accum": 1, "page_size": 1, "blocksize": 1,
                 "eval_batch_size": 1, "eval_max_batches": 1, "warmup_steps": 0, "eval_every": 0, "save_every": 0,
                 "seed": 0, "device_budget": 0}  # name: least value (the last two may also be None)
         for name, least in ints.items():

@@ -131,7 +131,8 @@ def test_a_failed_load_leaves_a_bare_model_exactly_as_it_was(tiny_gpt, tmp_path)
     ('{"peft_type": "LORA", "r": 2, "target_modules": ["c_attn"]}', r"adapter_config\.json lacks 'lora_alpha'"),
     ('{"r": true, "lora_alpha": 4, "target_modules": ["c_attn"]}', r"positive ints"),
     ('{"r": 2, "lora_alpha": NaN, "target_modules": ["c_attn"]}', r"finite numbers"),
-    ('{"r": 2, "lora_alpha": 4, "target_modules": ["c_attn"], "use_dora": true}', r"use_dora"),
+    ('{"r": 2, "lora_alpha": 4, "target_modules": ["c_attn"], "lora_bias": true}', r"lora_bias"),
+    ('{"r": 2, "lora_alpha": 4, "target_modules": ["c_attn"], "init_lora_weights": "olora"}', r"init_lora_weights"),
     ("{not json", r"adapter_config\.json is not valid JSON"),
 ])
 def test_bad_adapter_config_is_a_clear_error_naming_file_and_key(tiny_gpt, tmp_path, content, match):

@@ -73,6 +73,32 @@ def test_lora_finetune_then_generate_with_the_adapter(base, tmp_path, capsys):
     assert with_adapter == expected + "\n"
 
 
+def test_dora_pissa_and_loftq_finetunes_and_two_adapters_in_one_generate(base, tmp_path, capsys):
+    small = ["--steps", "4", "--n-train", "16", "--n-val", "4", "--r", "2"]
+    runs = {"dora": ["--mode", "lora", "--dora"], "other": ["--mode", "lora", "--dora", "--seed", "1"],
+            "pissa": ["--mode", "lora", "--init", "pissa"], "loftq": ["--mode", "qlora", "--init", "loftq",
+                                                                      "--loftq-iter", "2"]}
+    for name, extra in runs.items():
+        assert main(finetune_args(base, tmp_path / name, *small, *extra)) == 0
+    capsys.readouterr()
+    config = {n: json.loads((tmp_path / n / "adapter" / "adapter_config.json").read_text()) for n in runs}
+    assert config["dora"]["use_dora"] is True and config["pissa"]["use_dora"] is False
+    assert config["pissa"]["init_lora_weights"] == "pissa" and config["loftq"]["init_lora_weights"] == "loftq"
+    assert config["loftq"]["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 2}
+    ask = ["--context", "You must learn patience.", "--max-new-tokens", "6"]
+    alone = {}
+    for name in runs:
+        assert main(["generate", "--model", str(base), "--adapter", str(tmp_path / name / "adapter"), *ask,
+                     *(["--qlora"] if name == "loftq" else [])]) == 0
+        alone[name] = capsys.readouterr().out.rstrip("\n")
+    assert main(["generate", "--model", str(base), "--adapter", f"dora={tmp_path / 'dora' / 'adapter'}",
+                 "--adapter", f"other={tmp_path / 'other' / 'adapter'}", *ask]) == 0
+    assert capsys.readouterr().out == f"dora: {alone['dora']}\nother: {alone['other']}\n"  # one mixed batch
+    assert main(["generate", "--model", str(base), "--adapter", f"a={tmp_path / 'pissa' / 'adapter'}",
+                 "--adapter", f"b={tmp_path / 'dora' / 'adapter'}", *ask]) == 2
+    assert "PiSSA adapter changes the base weights" in capsys.readouterr().err
+
+
 def test_a_killed_finetune_resumes_to_the_same_losses(base, tmp_path):
     args = ["--mode", "lora", "--steps", "60", "--save-every", "5", "--n-train", "32", "--n-val", "4",
             "--dropout", "0.1", "--batch-size", "4"]
@@ -130,6 +156,8 @@ def test_demo_at_tiny_size_prints_one_table_and_a_png(tmp_path, capsys):
     (["finetune", "--base", "/nonexistent/base", "--out", "x"], "/nonexistent/base is not a directory"),
     (["generate", "--model", "/nonexistent/base"], "/nonexistent/base is not a directory"),
     (["generate", "--model", "{base}", "--adapter", "{tmp}"], "adapter_config.json not found"),
+    (["generate", "--model", "{base}", "--adapter", "a={tmp}", "--adapter", "{tmp}"], "each must be NAME=DIR"),
+    (["finetune", "--base", "{base}", "--out", "{tmp}/o", "--mode", "lora", "--init", "loftq"], "'loftq' with mode"),
     (["pretrain", "--out", "{tmp}", "--vocab-size", "100", "--steps", "1"], "vocab_size"),
 ])
 def test_bad_arguments_end_in_one_error_line(argv, needle, base, tmp_path, capsys):

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..inject import ADAPTER_TENSORS
 from ..nf4_linear import NF4Linear
 from ..params import count_parameters
 from .breakdown import MemoryBreakdown
 from .estimate import dtype_name
 from .saved import SavedTensorMeter
 
-ADAPTER_NAMES = ("lora_A", "lora_B")
+ADAPTER_NAMES = ADAPTER_TENSORS  # lora_A, lora_B and DoRA's lora_magnitude_vector: what an adapter trains
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,143 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from adapter_checks import perturb, rel_err
+from minilora import (GPT, active_adapter, add_lora, add_qlora, adapter_names, delete_adapter, disable_adapters,
+                      load_adapter, lora_layers, merge_lora, save_adapter, set_adapter)
+
+peft = pytest.importorskip("peft", reason="peft (dev extra) is the reference for named adapters")
+
+
+def two_adapters(model):
+    """'default' (r=4 on c_attn, c_fc) and 'shout' (r=2, alpha=8 on c_attn and attn.c_proj), both perturbed."""
+    add_lora(model, ["c_attn", "c_fc"], r=4, alpha=8)
+    add_lora(model, ["c_attn", "attn.c_proj"], r=2, alpha=8, adapter_name="shout")
+    perturb(model)
+    return model.eval()
+
+
+def test_two_named_adapters_equal_peft_both_ways(hf_gpt2_dir, tmp_path):
+    path, hf = hf_gpt2_dir
+    ours = two_adapters(GPT.from_pretrained(path))
+    assert adapter_names(ours) == ["default", "shout"] and active_adapter(ours) == "default"
+    save_adapter(ours, tmp_path / "both")  # PEFT's layout: default at the top, the others in subfolders
+    assert (tmp_path / "both" / "adapter_config.json").is_file()
+    assert json.loads((tmp_path / "both" / "shout" / "adapter_config.json").read_text())["r"] == 2
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "both").eval()
+    theirs.load_adapter(tmp_path / "both" / "shout", adapter_name="shout")
+    idx = torch.randint(0, 101, (3, 12))
+    logits = {}
+    for name in ("default", "shout"):
+        set_adapter(ours, name)
+        theirs.set_adapter(name)
+        with torch.no_grad():
+            logits[name] = ours(idx)
+            assert rel_err(logits[name], theirs(input_ids=idx).logits) < 1e-5
+    assert rel_err(logits["default"], logits["shout"]) > 1e-3
+    theirs.save_pretrained(tmp_path / "peft")  # and PEFT's two-adapter folder back into minilora
+    back = load_adapter(GPT.from_pretrained(path).eval(), tmp_path / "peft")
+    load_adapter(back, tmp_path / "peft" / "shout", adapter_name="shout")
+    for name in ("default", "shout"):
+        set_adapter(back, name)
+        with torch.no_grad():
+            assert rel_err(back(idx), logits[name]) < 1e-5
+
+
+def test_mixed_batch_equals_peft_and_each_example_alone(hf_gpt2_dir):
+    path, hf = hf_gpt2_dir
+    ours = two_adapters(GPT.from_pretrained(path))
+    idx = torch.randint(0, 101, (5, 12))
+    names = ["shout", "default", "__base__", "shout", "default"]
+    with torch.no_grad():
+        mixed = ours(idx, adapter_names=names)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with disable_adapters(ours):
+                    alone = ours(idx[i:i + 1])
+            else:
+                set_adapter(ours, name)
+                alone = ours(idx[i:i + 1])
+            assert rel_err(mixed[i:i + 1], alone) < 1e-5, name
+    assert all(l.row_adapters is None for l in lora_layers(ours).values())  # the names do not outlive the call
+    theirs = copy.deepcopy(hf)
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                         fan_in_fan_out=True, init_lora_weights=False))
+    theirs.add_adapter("shout", peft.LoraConfig(r=2, lora_alpha=8, init_lora_weights=False, fan_in_fan_out=True,
+                                                target_modules=r".*\.attn\.c_(attn|proj)"))
+    ours_sd = {}
+    for n, layer in lora_layers(ours).items():
+        ours_sd[n, layer.adapter_name] = (layer.lora_A, layer.lora_B)
+        for pname, p in getattr(layer, "parked_adapters", {}).items():
+            ours_sd[n, pname] = (p.A, p.B)
+    with torch.no_grad():
+        for (n, name), (a, b) in ours_sd.items():
+            layer = theirs.base_model.model.get_submodule(n)
+            layer.lora_A[name].weight.copy_(a)
+            layer.lora_B[name].weight.copy_(b)
+        theirs.eval()
+        assert rel_err(mixed, theirs(input_ids=idx, adapter_names=names).logits) < 1e-5
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        ours(idx, adapter_names=["nope"] * 5)
+    with pytest.raises(ValueError, match="3 names for a batch of 5"):
+        ours(idx, adapter_names=["shout"] * 3)
+
+
+def test_mixed_batch_with_dora_on_an_nf4_base(tiny_gpt):
+    add_qlora(tiny_gpt, ["c_attn", "c_fc"], r=2, compute_dtype=torch.float32, use_dora=True)
+    add_lora(tiny_gpt, ["c_attn"], r=4, adapter_name="other", use_dora=True)
+    with pytest.raises(ValueError, match="must use DoRA or none does"):
+        add_lora(tiny_gpt, ["c_fc"], r=2, adapter_name="plain")
+    assert adapter_names(tiny_gpt) == ["default", "other"]  # the refused one left nothing behind
+    perturb(tiny_gpt, seed=4)
+    tiny_gpt.eval()
+    idx = torch.randint(0, 97, (4, 8))
+    names = ["other", "default", "other", "__base__"]
+    with torch.no_grad():
+        mixed = tiny_gpt(idx, adapter_names=names)
+        for i, name in enumerate(names[:3]):
+            set_adapter(tiny_gpt, name)
+            assert rel_err(mixed[i:i + 1], tiny_gpt(idx[i:i + 1])) < 1e-5
+        with disable_adapters(tiny_gpt):
+            assert rel_err(mixed[3:], tiny_gpt(idx[3:])) < 1e-5
+
+
+def test_set_disable_delete_and_training_only_the_active_adapter(tiny_gpt):
+    idx = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        base = tiny_gpt(idx)
+    two_adapters(tiny_gpt)
+    set_adapter(tiny_gpt, "shout")
+    trainable = {n for n, p in tiny_gpt.named_parameters() if p.requires_grad}
+    assert trainable and all(".attn.c_" in n and n.endswith(("lora_A", "lora_B")) for n in trainable)
+    with torch.no_grad():
+        shout = tiny_gpt(idx)
+        with disable_adapters(tiny_gpt):
+            assert torch.allclose(tiny_gpt(idx), base, atol=1e-6)
+        assert torch.equal(tiny_gpt(idx), shout)  # as it was after the block
+    with pytest.raises(ValueError, match="no adapter named 'yoda'"):
+        set_adapter(tiny_gpt, "yoda")
+    delete_adapter(tiny_gpt, "shout")
+    assert adapter_names(tiny_gpt) == ["default"] and active_adapter(tiny_gpt) == "default"
+    assert not any(n.endswith("attn.c_proj") for n in lora_layers(tiny_gpt))  # only shout was there: unwrapped
+    delete_adapter(tiny_gpt, "default")
+    assert not lora_layers(tiny_gpt)
+    with torch.no_grad():
+        assert torch.allclose(tiny_gpt(idx), base, atol=1e-6)
+
+
+def test_merging_one_named_adapter_keeps_the_other(hf_gpt2_dir, tmp_path):
+    path, hf = hf_gpt2_dir
+    ours = two_adapters(GPT.from_pretrained(path))
+    save_adapter(ours, tmp_path / "both")
+    merge_lora(ours, adapter_name="default")  # W0 + ΔW_default; shout stays, on top of the new base
+    assert adapter_names(ours) == ["shout"]
+    set_adapter(ours, "shout")
+    # PEFT: fold default into GPT-2, then put shout on the result
+    folded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "both").merge_and_unload()
+    theirs = peft.PeftModel.from_pretrained(folded, tmp_path / "both" / "shout").eval()
+    idx = torch.randint(0, 101, (2, 10))
+    with torch.no_grad():
+        assert rel_err(ours(idx), theirs(input_ids=idx).logits) < 1e-5
