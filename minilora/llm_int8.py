@@ -60,6 +60,14 @@ def int8_matmul_outliers(x: torch.Tensor, weight_codes: torch.Tensor, weight_abs
     return y
 
 
+def check_no_overflow(y: torch.Tensor, x: torch.Tensor, where: str) -> None:
+    """Finite weights and a finite x give a finite y unless a dtype overflowed: say which, never return inf/NaN."""
+    if not torch.isfinite(y).all() and torch.isfinite(x).all():
+        raise OverflowError(f"Int8Linear's output overflowed {where} (|x| up to {x.abs().max().item():.3g}; "
+                            f"float16 holds up to 65504): use compute_dtype=torch.bfloat16 or torch.float32, "
+                            f"or scale the input down")
+
+
 class Int8Linear(nn.Module):
     """A frozen linear layer stored as LLM.int8() int8 weights: Y = int8_matmul_outliers(X, C_w, cw) + b."""
 
@@ -115,11 +123,9 @@ class Int8Linear(nn.Module):
                                  self.threshold, self.compute_dtype)
         if self.bias is not None:
             y = y + self.bias.float()
+        check_no_overflow(y, x, f"compute_dtype={self.compute_dtype}")
         y = y.to(x.dtype)
-        if not torch.isfinite(y).all() and torch.isfinite(x).all():   # finite weights: only an overflow does this
-            raise OverflowError(f"Int8Linear's output overflowed {self.compute_dtype} (|x| up to "
-                                f"{x.abs().max().item():.3g}; float16 holds up to 65504): use "
-                                f"compute_dtype=torch.bfloat16 or torch.float32, or scale the input down")
+        check_no_overflow(y, x, f"the input's dtype {x.dtype}")
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -14,7 +14,9 @@ Objective, per output row w (all rows share one Hessian):  min ‖X·wᵀ - X·�
            stored in that order with the permutation, and dequantized back through its inverse.
 
 The grid is the affine one of affine.py (q = round(w / S + Z)); a group's S and Z are found from the already
-updated weights when the group's first column comes up, so a lazy batch never straddles a group start.
+updated weights when the group's first column comes up, so a lazy batch never straddles a group start. The
+error feedback can push a weight near its dtype's largest value beyond it, so the grid's range is clipped to
+±max · (2^b - 1)/(2^b + 1) of weight.dtype: then every grid point, Z rounded to an integer included, is representable.
 """
 from __future__ import annotations
 
@@ -118,11 +120,12 @@ def gptq_quantize_hessian(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, 
     n_groups = in_f // gs
     scale = torch.zeros(out_f, n_groups, dtype=work)
     zero = torch.zeros(out_f, n_groups, dtype=work)
+    lim = torch.finfo(weight.dtype).max * (2 ** bits - 1) / (2 ** bits + 1)  # grid ends stay inside weight.dtype
     starts = sorted(set(range(0, in_f, BATCH)) | set(range(0, in_f, gs)))  # batches never straddle a group start
     for i1, i2 in zip(starts, starts[1:] + [in_f]):
         if i1 % gs == 0:               # a new group: its grid from the weights updated so far
             g = i1 // gs
-            s, z = grid_params(W[:, i1:i1 + gs], bits)
+            s, z = grid_params(W[:, i1:i1 + gs].clamp(-lim, lim), bits)
             scale[:, g], zero[:, g] = s.float().to(work), z    # the scale as it will be stored (float32)
         s, z = scale[:, i1 // gs], zero[:, i1 // gs]
         W1, Err1, U1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, dtype=work), U[i1:i2, i1:i2]
@@ -164,7 +167,8 @@ def quantize_model_gptq(model: nn.Module, calibration_batches, targets, bits: in
 
     All or nothing: a target that is not an nn.Linear, that the forward pass never reaches, or whose weight is tied
     to another module's (a GPT's lm_head and wte) is refused before any weight changes; a layer that fails later
-    (a NaN weight, a Hessian that damp cannot make positive definite) restores every layer already changed.
+    (a NaN weight, a Hessian that damp cannot make positive definite) restores every layer already changed (a copy
+    of each changed weight is kept until the call returns).
     A tied lm_head is refused rather than untied: quantizing it in place would also change the token embedding,
     and untying silently would double its memory and change what the saved model holds. To quantize it anyway,
     untie it first: model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone()).
