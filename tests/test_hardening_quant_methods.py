@@ -55,6 +55,11 @@ def test_gptq_of_a_finite_weight_near_its_dtypes_limit_is_finite(dtype, act_orde
     assert torch.isfinite(gptq_quantize(w, torch.randn(32, 8), bits=4, groupsize=None).dequantize()).all()
 
 
+def test_gptq_refuses_a_float64_weight_whose_scales_would_not_fit_float32():
+    with pytest.raises(ValueError, match="stores its scales in float32"):
+        gptq_quantize(torch.full((2, 4), 1e300, dtype=torch.float64), torch.randn(8, 4), groupsize=None)
+
+
 def test_gptq_of_a_huge_weight_is_the_scaled_gptq_of_a_small_one():
     """GPTQ is scale-equivariant: w · 2^120 (beyond float32's safe range) gives 2^120 times the float64 result."""
     torch.manual_seed(0)

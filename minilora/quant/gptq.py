@@ -16,7 +16,8 @@ Objective, per output row w (all rows share one Hessian):  min ‖X·wᵀ - X·�
 The grid is the affine one of affine.py (q = round(w / S + Z)); a group's S and Z are found from the already
 updated weights when the group's first column comes up, so a lazy batch never straddles a group start. The
 error feedback can push a weight near its dtype's largest value beyond it, so the grid's range is clipped to
-±max · (2^b - 1)/(2^b + 1) of weight.dtype: then every grid point, Z rounded to an integer included, is representable.
+±max · (2^b - 1)/(2^b + 1) of weight.dtype (or of float32, the scales' dtype): then every grid point, Z rounded
+to an integer included, is representable.
 """
 from __future__ import annotations
 
@@ -101,6 +102,10 @@ def gptq_quantize_hessian(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, 
         raise ValueError(f"H must be ({in_f}, {in_f}) for a weight with {in_f} input features, got {tuple(H.shape)}")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1:
         raise ValueError(f"damp must be a float in [0, 1), got {damp!r}")
+    f32_max = torch.finfo(torch.float32).max
+    if (big := weight.detach().abs().max().item()) > f32_max:
+        raise ValueError(f"weight has values up to {big:.3g}; GPTQ stores its scales in float32, so |weight| must "
+                         f"stay below {f32_max:.3g}")
     wide = weight.dtype == torch.float64 or weight.detach().abs().max().item() > 2.0 ** 100
     work = torch.float64 if wide else torch.float32
     W = weight.detach().to(work).clone()
@@ -120,7 +125,7 @@ def gptq_quantize_hessian(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, 
     n_groups = in_f // gs
     scale = torch.zeros(out_f, n_groups, dtype=work)
     zero = torch.zeros(out_f, n_groups, dtype=work)
-    lim = torch.finfo(weight.dtype).max * (2 ** bits - 1) / (2 ** bits + 1)  # grid ends stay inside weight.dtype
+    lim = min(torch.finfo(weight.dtype).max, f32_max) * (2 ** bits - 1) / (2 ** bits + 1)  # grid stays representable
     starts = sorted(set(range(0, in_f, BATCH)) | set(range(0, in_f, gs)))  # batches never straddle a group start
     for i1, i2 in zip(starts, starts[1:] + [in_f]):
         if i1 % gs == 0:               # a new group: its grid from the weights updated so far
