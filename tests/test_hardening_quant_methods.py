@@ -111,6 +111,21 @@ def test_gptq_failure_in_a_later_layer_restores_the_earlier_ones():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
 
 
+def test_gptq_of_a_model_names_the_layer_whose_calibration_inputs_are_empty_or_not_finite():
+    torch.manual_seed(0)
+    model = TwoLayers()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'fc1'.*no input rows"):
+        quantize_model_gptq(model, [torch.randn(0, 8)], ["fc1", "fc2"], groupsize=None)
+    assert_unchanged(model, before)
+    with torch.no_grad():
+        model.fc1.weight.fill_(3e38)          # finite, but fc1 outputs overflow to inf: fc2 gets no finite input
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'fc2'.*not finite"):
+        quantize_model_gptq(model, [torch.randn(16, 8)], ["fc1", "fc2"], groupsize=None)
+    assert_unchanged(model, before)
+
+
 def test_int8_linear_refuses_integer_input_by_name():
     layer = Int8Linear.from_linear(nn.Linear(4, 3))
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):

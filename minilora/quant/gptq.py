@@ -100,6 +100,8 @@ def gptq_quantize_hessian(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, 
     gs = check_groupsize(groupsize, in_f)
     if H.shape != (in_f, in_f):
         raise ValueError(f"H must be ({in_f}, {in_f}) for a weight with {in_f} input features, got {tuple(H.shape)}")
+    if not torch.isfinite(H).all():
+        raise ValueError("H holds NaN or Inf: the calibration inputs are not finite")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1:
         raise ValueError(f"damp must be a float in [0, 1), got {damp!r}")
     f32_max = torch.finfo(torch.float32).max
@@ -194,8 +196,8 @@ def quantize_model_gptq(model: nn.Module, calibration_batches, targets, bits: in
         states = {}
         for name in order:
             layer = model.get_submodule(name)
-            H = _layer_hessian(model, layer, batches)
             try:
+                H = _layer_hessian(model, layer, batches)
                 state = gptq_quantize_hessian(layer.weight, H, bits, groupsize, damp, act_order)
             except ValueError as e:
                 raise ValueError(f"GPTQ of {name!r}: {e}") from None
@@ -231,6 +233,8 @@ def _layer_hessian(model: nn.Module, layer: nn.Linear, batches: list) -> torch.T
                 pass
     finally:
         handle.remove()
+    if rows[0] == 0:
+        raise ValueError("calibration_batches gave it no input rows (every batch is empty)")
     return H / rows[0]
 
 
