@@ -14,6 +14,11 @@ with the rest would stretch every row's scale. The weight is stored only as int8
 inference layer stores it (has_fp16_weights=False): the outlier columns of W are dequantized int8 weights,
 8 + 32/in bits per parameter. (The paper's description keeps a 16-bit W for them; bitsandbytes does not.)
 
+The 16-bit outlier part is what makes LLM.int8() fast, so it is kept in compute_dtype (float16 by default) and
+not silently widened: a finite input whose result overflows compute_dtype (float16 holds |x| <= 65504) is an
+OverflowError naming the dtype and the remedy (compute_dtype=torch.bfloat16 or torch.float32). NaN or Inf
+input passes through as NaN/Inf, as in nn.Linear; non-finite weights or biases are refused at construction.
+
 The int32 accumulation is emulated with a float64 matmul of the integer codes: exact, since every partial
 sum is an integer of magnitude below in_features · 127² < 2^53.
 """
@@ -55,6 +60,14 @@ def int8_matmul_outliers(x: torch.Tensor, weight_codes: torch.Tensor, weight_abs
     return y
 
 
+def check_no_overflow(y: torch.Tensor, x: torch.Tensor, where: str) -> None:
+    """Finite weights and a finite x give a finite y unless a dtype overflowed: say which, never return inf/NaN."""
+    if not torch.isfinite(y).all() and torch.isfinite(x).all():
+        raise OverflowError(f"Int8Linear's output overflowed {where} (|x| up to {x.abs().max().item():.3g}; "
+                            f"float16 holds up to 65504): use compute_dtype=torch.bfloat16 or torch.float32, "
+                            f"or scale the input down")
+
+
 class Int8Linear(nn.Module):
     """A frozen linear layer stored as LLM.int8() int8 weights: Y = int8_matmul_outliers(X, C_w, cw) + b."""
 
@@ -66,6 +79,10 @@ class Int8Linear(nn.Module):
         if weight_absmax.shape != weight_codes.shape[:1]:
             raise ValueError(f"weight_absmax must hold one value per output row ({weight_codes.shape[0]}), "
                              f"got shape {tuple(weight_absmax.shape)}")
+        if not torch.isfinite(weight_absmax).all() or (weight_absmax < 0).any():
+            raise ValueError("weight_absmax must be finite and >= 0 (one absmax per output row)")
+        if bias is not None and not torch.isfinite(bias).all():
+            raise ValueError("bias holds NaN or Inf; Int8Linear needs a finite bias")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
             raise ValueError(f"threshold must be a number >= 0 (0: no outlier decomposition), got {threshold!r}")
         if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -82,6 +99,8 @@ class Int8Linear(nn.Module):
         """Quantize linear.weight row by row (C_w, cw); the bias is kept as it is."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if not torch.isfinite(linear.weight).all():
+            raise ValueError(f"linear.weight holds NaN or Inf ({linear}); LLM.int8() needs finite weights")
         codes, absmax = vectorwise_quantize(linear.weight.detach())
         return cls(codes, absmax, linear.bias, threshold, compute_dtype)
 
@@ -94,13 +113,20 @@ class Int8Linear(nn.Module):
         return self.weight_codes.float() * (self.weight_absmax[:, None] / 127)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() == 0:
+            raise ValueError(f"x must have at least one dimension (..., {self.in_features}), got a 0-dim tensor")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input must have {self.in_features} features in the last dim, got {tuple(x.shape)}")
         y = int8_matmul_outliers(x.reshape(-1, self.in_features), self.weight_codes, self.weight_absmax,
                                  self.threshold, self.compute_dtype)
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        check_no_overflow(y, x, f"compute_dtype={self.compute_dtype}")
+        y = y.to(x.dtype)
+        check_no_overflow(y, x, f"the input's dtype {x.dtype}")
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}, "

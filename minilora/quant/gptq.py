@@ -14,7 +14,10 @@ Objective, per output row w (all rows share one Hessian):  min ‖X·wᵀ - X·�
            stored in that order with the permutation, and dequantized back through its inverse.
 
 The grid is the affine one of affine.py (q = round(w / S + Z)); a group's S and Z are found from the already
-updated weights when the group's first column comes up, so a lazy batch never straddles a group start.
+updated weights when the group's first column comes up, so a lazy batch never straddles a group start. The
+error feedback can push a weight near its dtype's largest value beyond it, so the grid's range is clipped to
+±max · (2^b - 1)/(2^b + 1) of weight.dtype (or of float32, the scales' dtype): then every grid point, Z rounded
+to an integer included, is representable.
 """
 from __future__ import annotations
 
@@ -57,12 +60,23 @@ def dequantize_gptq(state: GPTQState, dtype: torch.dtype | None = None) -> torch
     return state.dequantize(dtype)
 
 
+def check_weight(weight: torch.Tensor) -> None:
+    """weight must be a finite float (out, in) tensor with at least one row and one column."""
+    check_float(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if 0 in weight.shape:
+        raise ValueError(f"weight must have at least one row and one column (out, in), got shape {tuple(weight.shape)}")
+
+
 def hessian(inputs: torch.Tensor, in_features: int | None = None) -> torch.Tensor:
     """H = 2/n · XᵀX of calibration inputs (..., in) flattened to (n, in), in float64 (the 1/n does not change GPTQ)."""
     check_float(inputs, "inputs")
     if in_features is not None and inputs.shape[-1] != in_features:
         raise ValueError(f"inputs must have {in_features} features in the last dim (the weight's in_features), "
                          f"got shape {tuple(inputs.shape)}")
+    if inputs.shape[-1] == 0:
+        raise ValueError(f"inputs must have at least one feature in the last dim, got shape {tuple(inputs.shape)}")
     x = inputs.detach().reshape(-1, inputs.shape[-1]).double()
     if x.shape[0] == 0:
         raise ValueError("inputs must hold at least one calibration row")
@@ -72,24 +86,30 @@ def hessian(inputs: torch.Tensor, in_features: int | None = None) -> torch.Tenso
 def gptq_quantize(weight: torch.Tensor, inputs: torch.Tensor, bits: int = 4, groupsize: int | None = 128,
                   damp: float = 0.01, act_order: bool = False) -> GPTQState:
     """Quantize weight (out, in) for calibration inputs (n, in) (or (..., in)); see the module docstring."""
-    check_float(weight, "weight")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    check_weight(weight)
     return gptq_quantize_hessian(weight, hessian(inputs, weight.shape[1]), bits, groupsize, damp, act_order)
 
 
 def gptq_quantize_hessian(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, groupsize: int | None = 128,
                           damp: float = 0.01, act_order: bool = False) -> GPTQState:
-    """GPTQ from a Hessian H (in, in) = 2XᵀX/n. Works in float64 when weight is float64, else float32."""
-    check_float(weight, "weight")
+    """GPTQ from a Hessian H (in, in) = 2XᵀX/n. Works in float32, or in float64 when weight is float64 or so large
+    (|w| > 2^100) that a group's range xmax - xmin or the error feedback could overflow float32: finite in, finite out."""
+    check_weight(weight)
     check_bits(bits)
     out_f, in_f = weight.shape
     gs = check_groupsize(groupsize, in_f)
     if H.shape != (in_f, in_f):
         raise ValueError(f"H must be ({in_f}, {in_f}) for a weight with {in_f} input features, got {tuple(H.shape)}")
+    if not torch.isfinite(H).all():
+        raise ValueError("H holds NaN or Inf: the calibration inputs are not finite")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1:
         raise ValueError(f"damp must be a float in [0, 1), got {damp!r}")
-    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    f32_max = torch.finfo(torch.float32).max
+    if (big := weight.detach().abs().max().item()) > f32_max:
+        raise ValueError(f"weight has values up to {big:.3g}; GPTQ stores its scales in float32, so |weight| must "
+                         f"stay below {f32_max:.3g}")
+    wide = weight.dtype == torch.float64 or weight.detach().abs().max().item() > 2.0 ** 100
+    work = torch.float64 if wide else torch.float32
     W = weight.detach().to(work).clone()
     H = H.detach().double().clone()
 
@@ -107,11 +127,12 @@ def gptq_quantize_hessian(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, 
     n_groups = in_f // gs
     scale = torch.zeros(out_f, n_groups, dtype=work)
     zero = torch.zeros(out_f, n_groups, dtype=work)
+    lim = min(torch.finfo(weight.dtype).max, f32_max) * (2 ** bits - 1) / (2 ** bits + 1)  # grid stays representable
     starts = sorted(set(range(0, in_f, BATCH)) | set(range(0, in_f, gs)))  # batches never straddle a group start
     for i1, i2 in zip(starts, starts[1:] + [in_f]):
         if i1 % gs == 0:               # a new group: its grid from the weights updated so far
             g = i1 // gs
-            s, z = grid_params(W[:, i1:i1 + gs], bits)
+            s, z = grid_params(W[:, i1:i1 + gs].clamp(-lim, lim), bits)
             scale[:, g], zero[:, g] = s.float().to(work), z    # the scale as it will be stored (float32)
         s, z = scale[:, i1 // gs], zero[:, i1 // gs]
         W1, Err1, U1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, dtype=work), U[i1:i2, i1:i2]
@@ -123,7 +144,11 @@ def gptq_quantize_hessian(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, 
             Q[:, i1 + i], Err1[:, i] = q, err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]                       # the lazy update of all later columns
     affine = state_from_codes(Q, scale, zero, bits, gs, weight.dtype)
-    return GPTQState(affine, None if perm is None else perm.to(torch.int32))
+    state = GPTQState(affine, None if perm is None else perm.to(torch.int32))
+    if not torch.isfinite(state.dequantize()).all():
+        raise ValueError(f"GPTQ gave non-finite weights for a finite {weight.dtype} weight (|w| up to "
+                         f"{weight.detach().abs().max().item():.3g}); the grid overflows {weight.dtype}")
+    return state
 
 
 def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
@@ -146,6 +171,14 @@ def quantize_model_gptq(model: nn.Module, calibration_batches, targets, bits: in
 
     Each layer's Hessian comes from its inputs in the model whose earlier targets are already quantized
     (calibration_batches: a list of model inputs, e.g. token-id tensors; re-run once per layer, stopped at it).
+
+    All or nothing: a target that is not an nn.Linear, that the forward pass never reaches, or whose weight is tied
+    to another module's (a GPT's lm_head and wte) is refused before any weight changes; a layer that fails later
+    (a NaN weight, a Hessian that damp cannot make positive definite) restores every layer already changed (a copy
+    of each changed weight is kept until the call returns).
+    A tied lm_head is refused rather than untied: quantizing it in place would also change the token embedding,
+    and untying silently would double its memory and change what the saved model holds. To quantize it anyway,
+    untie it first: model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone()).
     """
     batches = list(calibration_batches)
     if not batches:
@@ -154,35 +187,67 @@ def quantize_model_gptq(model: nn.Module, calibration_batches, targets, bits: in
     for name in names:
         if not isinstance(model.get_submodule(name), nn.Linear):
             raise TypeError(f"target {name!r} is a {type(model.get_submodule(name)).__name__}, not an nn.Linear")
+    _refuse_tied(model, names)
     was_training = model.training
     model.eval()
-    order = _forward_order(model, names, batches[0])
-    states = {}
-    for name in order:
-        layer = model.get_submodule(name)
-        H = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
-        rows = [0]
-
-        def capture(module, args):
-            x = args[0].detach().reshape(-1, module.in_features).double()
-            H.add_(2 * x.T @ x)
-            rows[0] += x.shape[0]
-            raise _Stop
-
-        handle = layer.register_forward_pre_hook(capture)
-        try:
-            for batch in batches:
-                try:
-                    model(batch)
-                except _Stop:
-                    pass
-        finally:
-            handle.remove()
-        state = gptq_quantize_hessian(layer.weight, H / rows[0], bits, groupsize, damp, act_order)
-        layer.weight.copy_(state.dequantize(layer.weight.dtype))
-        states[name] = state
-    model.train(was_training)
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        order = _forward_order(model, names, batches)
+        states = {}
+        for name in order:
+            layer = model.get_submodule(name)
+            try:
+                H = _layer_hessian(model, layer, batches)
+                state = gptq_quantize_hessian(layer.weight, H, bits, groupsize, damp, act_order)
+            except ValueError as e:
+                raise ValueError(f"GPTQ of {name!r}: {e}") from None
+            originals[name] = layer.weight.detach().clone()
+            layer.weight.copy_(state.dequantize(layer.weight.dtype))
+            states[name] = state
+    except BaseException:
+        for name, w in originals.items():    # a refusal leaves the model as it was
+            model.get_submodule(name).weight.copy_(w)
+        raise
+    finally:
+        model.train(was_training)
     return states
+
+
+def _layer_hessian(model: nn.Module, layer: nn.Linear, batches: list) -> torch.Tensor:
+    """H = 2XᵀX/n of the layer's inputs over all batches; each forward pass is stopped at the layer (machinery)."""
+    H = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
+    rows = [0]
+
+    def capture(module, args):
+        x = args[0].detach().reshape(-1, module.in_features).double()
+        H.add_(2 * x.T @ x)
+        rows[0] += x.shape[0]
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(capture)
+    try:
+        for batch in batches:
+            try:
+                model(batch)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if rows[0] == 0:
+        raise ValueError("calibration_batches gave it no input rows (every batch is empty)")
+    return H / rows[0]
+
+
+def _refuse_tied(model: nn.Module, names: list[str]) -> None:
+    """Refuse a target whose weight is also another module's parameter (tied weights)."""
+    for name in names:
+        weight = model.get_submodule(name).weight
+        others = [n.removesuffix(".weight") for n, p in model.named_parameters(remove_duplicate=False)
+                  if p is weight and n != name + ".weight"]
+        if others:
+            raise ValueError(f"target {name!r} shares its weight with {others[0]!r} (tied weights): GPTQ in place would "
+                             f"change {others[0]!r} too; untie it first (model.{name}.weight = "
+                             f"nn.Parameter(model.{name}.weight.detach().clone())) or leave it out of targets")
 
 
 def _find_linears(model: nn.Module, targets) -> list[str]:
@@ -198,14 +263,19 @@ def _find_linears(model: nn.Module, targets) -> list[str]:
     return chosen
 
 
-def _forward_order(model: nn.Module, names: list[str], batch) -> list[str]:
-    """The target names in the order one forward pass reaches them."""
+def _forward_order(model: nn.Module, names: list[str], batches: list) -> list[str]:
+    """The target names in the order the forward passes over batches reach them; refuses a target never reached."""
     seen: list[str] = []
     hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.append(n) if n not in seen
                                                                 else None) for n in names]
     try:
-        model(batch)
+        for batch in batches:
+            model(batch)
     finally:
         for h in hooks:
             h.remove()
-    return seen + [n for n in names if n not in seen]
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise ValueError(f"targets {missing} are never reached by the model's forward pass on calibration_batches; "
+                         f"they would get no calibration inputs (leave them out of targets)")
+    return seen
