@@ -168,27 +168,27 @@ def cmd_pretrain(a) -> None:
 def cmd_finetune(a) -> None:
     init_from_env()  # under torchrun: join the process group first, so the ranks agree on any refusal below
     dc = DemoConfig()
-    base_dir = resolve(a.base, "finetune")
     lr = a.lr if a.lr is not None else (dc.lr_full if a.mode == "full" else dc.lr_lora)
-    cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout, use_dora=a.dora, init=a.init,
-                      loftq_iter=a.loftq_iter, lr=lr,
-                      targets=default_targets(a.targets, model_config(base_dir, "finetune")),
-                      warmup_steps=a.warmup_steps, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                      gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,
-                      optimizer=a.optimizer or "adamw", fsdp=a.fsdp, device=a.device, eval_every=a.eval_every,
-                      save_every=a.save_every, out_dir=a.out, overwrite=a.overwrite, progress=not a.no_progress)
 
     def prepare():  # everything that can refuse, before any work and before the run directory exists
         if is_main():  # one process looks at the run directory (another rank may be about to create it)
             check_run_dir(a.out, "finetune", a.overwrite, a.resume)
+        base_dir = resolve(a.base, "finetune")
+        cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout, use_dora=a.dora, init=a.init,
+                          loftq_iter=a.loftq_iter, lr=lr,
+                          targets=default_targets(a.targets, model_config(base_dir, "finetune")),
+                          warmup_steps=a.warmup_steps, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
+                          gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,
+                          optimizer=a.optimizer or "adamw", fsdp=a.fsdp, device=a.device, eval_every=a.eval_every,
+                          save_every=a.save_every, out_dir=a.out, overwrite=a.overwrite, progress=not a.no_progress)
         data = load_jsonl(a.data) if a.data else None  # a bad file fails here, before the model is read
         examples = split_examples(data, 0.1, seed=a.seed) if data else yoda_dataset(a.n_train, a.n_val, seed=a.seed)
         base = from_pretrained(base_dir)
         if a.mode != "full":
             find_targets(base, cfg.targets)  # every --targets pattern names a layer of this model
         tok = load_tokenizer(base_dir, vocab_size=base.config.vocab_size)
-        return base, [InstructionSet(ex, tok, base.config.block_size) for ex in examples]
-    base, (train_set, val_set) = decide(prepare)
+        return cfg, base, [InstructionSet(ex, tok, base.config.block_size) for ex in examples]
+    cfg, base, (train_set, val_set) = decide(prepare)
     res = train(base, cfg, train_set, val_set, resume=a.resume)
     if not is_main():  # under torchrun, rank 0 alone reports (train wrote <out>/model with its tokenizer)
         return

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..runs.files import atomic_write, atomic_write_json
+from ..runs.files import atomic_write, atomic_write_json, read_safetensors, safetensors_bytes
 from .hub import read_config
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -155,13 +155,11 @@ def read_settings(path: str | os.PathLike, caller: str = "from_pretrained") -> d
 def read(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(LlamaConfig fields, state dict) of a directory or Hub id, every tensor checked by name and shape and cast
     to dtype (None: the checkpoint's own, which must then be one of fp32 / fp16 / bf16 throughout)."""
-    from safetensors.torch import load_file
-
     path, hf = read_config(path)
     cfg = config_fields(hf, f"from_pretrained: {path / 'config.json'}")
     want, sd = shapes(cfg), {}
     for f in _files(path):
-        for key, t in load_file(str(f)).items():
+        for key, t in read_safetensors(f, "from_pretrained").items():
             if key.endswith("rotary_emb.inv_freq") or (cfg["tie_word_embeddings"] and key == "lm_head.weight"):
                 continue  # older files keep the rotary table; a tied head is the embedding (transformers' reading)
             if key not in want:
@@ -184,8 +182,6 @@ def write(path: str | os.PathLike, cfg: dict, sd: dict[str, torch.Tensor], max_s
     """config.json + model.safetensors (or model-0000i-of-0000n.safetensors shards and their index when the
     tensors exceed max_shard_bytes), each written atomically, the config last. The tensors must be exactly
     those shapes(cfg) names: a model with LoRA or NF4 layers has other ones (merge_lora / merge_qlora first)."""
-    from safetensors.torch import save_file
-
     want = shapes(cfg)
     for key in sd:
         if key not in want:
@@ -210,7 +206,7 @@ def write(path: str | os.PathLike, cfg: dict, sd: dict[str, torch.Tensor], max_s
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     stale = [f for f in path.glob("model*.safetensors*") if f.name not in names]
     for name, shard in zip(names, shards):
-        atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        atomic_write(path / name, safetensors_bytes(shard))
     if n > 1:
         atomic_write_json(path / "model.safetensors.index.json", {
             "metadata": {"total_size": sum(t.nbytes for t in sd.values())},
