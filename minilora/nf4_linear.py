@@ -104,7 +104,7 @@ class NF4Linear(nn.Module):
         return linear.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qlora_linear(x, self, None, None, 0.0)
+        return nf4_linear(x, self)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -151,7 +151,7 @@ def _base_matmul_dx(dy: torch.Tensor, base: NF4Linear, backend: str) -> torch.Te
     return dy @ _dequantized(base, backend, dy.dtype)
 
 
-class _QLoRAFunction(torch.autograd.Function):
+class _NF4LinearFunction(torch.autograd.Function):
     """Forward Y = X deq(W)ᵀ + b + s·(X_d Aᵀ)Bᵀ; saves X, X_d, A, B and the packed weight, never deq(W).
     Backward: dX = dY deq(W) (+ the adapter path), dA = s·(dY B)ᵀ X_d, dB = s·dYᵀ (X_d Aᵀ), db = Σ_rows dY (a
     bias trains only when its requires_grad is set; the base weight never does)."""
@@ -186,9 +186,11 @@ class _QLoRAFunction(torch.autograd.Function):
         return dx, dx_lora, dA, dB, db, None, None, None
 
 
-def qlora_linear(x: torch.Tensor, base: NF4Linear, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
-                 scaling: float, x_lora: torch.Tensor | None = None) -> torch.Tensor:
-    """Y = X · deq(W)ᵀ + b + scaling · (X_lora Aᵀ) Bᵀ for X of any leading shape, computed in base.compute_dtype."""
+def nf4_linear(x: torch.Tensor, base: NF4Linear, lora_A: torch.Tensor | None = None,
+               lora_B: torch.Tensor | None = None, scaling: float = 0.0,
+               x_lora: torch.Tensor | None = None) -> torch.Tensor:
+    """Y = X · deq(W)ᵀ + b for X of any leading shape, computed in base.compute_dtype; given an adapter (QLoRA's
+    term), + scaling · (X_lora Aᵀ) Bᵀ in the same pass, so the fused kernels add it in their epilogue."""
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor (as for nn.Linear), got {x.dtype}")
     if x.shape[-1] != base.in_features:
@@ -199,5 +201,5 @@ def qlora_linear(x: torch.Tensor, base: NF4Linear, lora_A: torch.Tensor | None, 
     xl = x2 if x_lora is None else x_lora.reshape(-1, base.in_features).to(dt)
     a = lora_A.to(dt) if lora_A is not None else None
     b = lora_B.to(dt) if lora_B is not None else None
-    y = _QLoRAFunction.apply(x2, xl, a, b, base.bias, scaling, base, backend)
+    y = _NF4LinearFunction.apply(x2, xl, a, b, base.bias, scaling, base, backend)
     return y.reshape(*lead, base.out_features).to(x.dtype)

@@ -18,7 +18,7 @@ from .inject import (set_submodule, add_lora, all_or_nothing, find_targets, lora
                      register_lora_wrapper, untie_lora_bases)
 from .lora import LoRALinear
 from .multi.mixed_batch import mixed_batch_forward
-from .nf4_linear import NF4Linear, qlora_linear
+from .nf4_linear import NF4Linear, nf4_linear
 from .variants.lora_init import quantized_start, set_adapter_start
 
 QLORA_INITS = ("kaiming", "gaussian", "pissa", "loftq")
@@ -57,7 +57,7 @@ class QLoRALinear(LoRALinear):
                 raise TypeError(f"input must be a floating-point tensor (as for nn.Linear), got {x.dtype}")
             return self.merged_linear(x.to(self.merged_linear.weight.dtype)).to(x.dtype)
         x_lora = self.lora_dropout(x) if self.training and not isinstance(self.lora_dropout, nn.Identity) else None
-        return qlora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, x_lora)
+        return nf4_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, x_lora)
 
     @torch.no_grad()
     def merge(self) -> None:
