@@ -228,8 +228,10 @@ def test_qlora_frozen_base_is_left_out_of_ddp():
 
 # ----- a rank that dies or hangs; resume -----
 
-CLI = ["--n-train", "48", "--n-val", "8", "--batch-size", "4", "--lora-r", "2", "--targets", "c_attn", "c_fc",
-       "--warmup-steps", "2", "--save-every", "4", "--no-progress"]
+# The adapter's settings are the test's own, not the demo's defaults: with alpha / r = 8 two ranks and one process
+# end 1.5e-7 to 7.9e-7 apart (relative) after 150 steps, with alpha / r = 32 up to 3e-5 (Adam carries the rounding).
+CLI = ["--n-train", "48", "--n-val", "8", "--batch-size", "4", "--lora-r", "2", "--alpha", "16", "--targets", "c_attn",
+       "c_fc", "--warmup-steps", "2", "--save-every", "4", "--no-progress"]
 STEPS = 150  # about 3 s of training at ~20 ms a step: time to kill a rank between the first checkpoint and the end
 
 
@@ -274,7 +276,8 @@ def test_killed_rank_stops_the_run_and_it_resumes(base_dir, tmp_path):
     single = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
     assert resumed.keys() == single.keys()
     for k in single:
-        assert ((resumed[k] - single[k]).norm() / single[k].norm()).item() <= 1e-5, k
+        err = ((resumed[k] - single[k]).norm() / single[k].norm()).item()
+        assert err <= 1e-5, k
     m_resumed = json.loads((out / "metrics.json").read_text())
     m_single = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert len(m_resumed["losses"]) == STEPS
