@@ -2,14 +2,13 @@
 memory, demo; bad arguments give one line, not a traceback."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from killing import kill_at_step
 from minilora.__main__ import main
 from minilora.data import Example, save_jsonl, yoda
 
@@ -102,22 +101,7 @@ def test_dora_pissa_and_loftq_finetunes_and_two_adapters_in_one_generate(base, t
 def test_a_killed_finetune_resumes_to_the_same_losses(base, tmp_path):
     args = ["--mode", "lora", "--steps", "60", "--save-every", "5", "--n-train", "32", "--n-val", "4",
             "--dropout", "0.1", "--batch-size", "4"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "minilora", *finetune_args(base, tmp_path / "killed", *args)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = tmp_path / "killed" / "checkpoint" / "state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state.read_text())["step"] >= 10:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    stopped_at = json.loads(state.read_text())["step"]
+    stopped_at = kill_at_step(finetune_args(base, tmp_path / "killed", *args), tmp_path / "killed", 10)
     assert 10 <= stopped_at < 60
     assert main(finetune_args(base, tmp_path / "killed", *args, "--resume")) == 0
     assert main(finetune_args(base, tmp_path / "whole", *args)) == 0

@@ -1,17 +1,14 @@
 """python -m minilora on a Llama: memory presets and --config, QLoRA finetune --base a Llama directory (single
 process, killed and resumed, 2-rank --fsdp), generate --model with its adapter."""
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from killing import kill_at_step
 from minilora.__main__ import main
 from minilora.llama import Llama, LlamaConfig
 from minilora.memory import estimate
@@ -88,21 +85,8 @@ def test_qlora_finetune_of_a_llama_then_generate_with_its_adapter(base, tmp_path
 
 def test_a_killed_llama_finetune_resumes_bit_exactly(base, tmp_path):
     args = ["--steps", "12", "--save-every", "2", "--gradient-checkpointing"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "minilora", *finetune(base, tmp_path / "killed", *args)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = tmp_path / "killed" / "checkpoint" / "state.json"
-    while proc.poll() is None:  # no wall-clock limit: a busy machine only makes it slower
-        try:
-            if json.loads(state.read_text())["step"] >= 4:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert 4 <= json.loads(state.read_text())["step"] < 12
+    stopped_at = kill_at_step(finetune(base, tmp_path / "killed", *args), tmp_path / "killed", 4)
+    assert 4 <= stopped_at < 12
     assert main(finetune(base, tmp_path / "killed", *args, "--resume")) == 0
     assert main(finetune(base, tmp_path / "whole", *args)) == 0
     killed, whole = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("killed", "whole"))
