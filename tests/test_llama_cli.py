@@ -1,5 +1,5 @@
 """python -m minilora on a Llama: memory presets and --config, QLoRA finetune --base a Llama directory (single
-process, killed and resumed, 2-rank --fsdp), generate --model with its adapter."""
+process, killed and resumed, 2-rank DDP and --fsdp), generate --model with its adapter."""
 import json
 import sys
 from pathlib import Path
@@ -59,8 +59,8 @@ def test_memory_config_reads_a_directory_without_its_weights(base, tmp_path, cap
     assert "lora (estimate)" in out and "lora (measured)" in out
 
 
-def finetune(base, out, *extra):
-    return ["finetune", "--base", str(base), "--out", str(out), "--mode", "qlora", "--n-train", "24", "--n-val", "4",
+def finetune(base, out, *extra, mode="qlora"):
+    return ["finetune", "--base", str(base), "--out", str(out), "--mode", mode, "--n-train", "24", "--n-val", "4",
             "--batch-size", "4", "--lora-r", "2", "--no-progress", *extra]
 
 
@@ -95,13 +95,18 @@ def test_a_killed_llama_finetune_resumes_bit_exactly(base, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fsdp_over_two_ranks_writes_the_single_process_adapter(base, tmp_path):
-    """One decoder layer per FSDP unit, checkpointed layer by layer; equal adapters within 1e-5."""
-    args = finetune(base, tmp_path / "fsdp", "--steps", "4", "--gradient-checkpointing", "--fsdp")
-    p = torchrun("-m", "minilora", *args)
-    assert main(finetune(base, tmp_path / "single", "--steps", "4", "--gradient-checkpointing")) == 0
+@pytest.mark.parametrize("mode,sharding", [("qlora", ["--fsdp"]), ("qlora", []), ("lora", [])],
+                         ids=["qlora-fsdp", "qlora-ddp", "lora-ddp"])
+def test_two_ranks_write_the_single_process_adapter(base, tmp_path, mode, sharding):
+    """2 ranks under torchrun, each on half of every batch: DDP (the adapters' gradients all-reduced), or --fsdp
+    (one decoder layer per unit, checkpointed layer by layer). Equal adapters and losses within 1e-5."""
+    args = ["--steps", "4", "--gradient-checkpointing"]
+    p = torchrun("-m", "minilora", *finetune(base, tmp_path / "ranks", *args, *sharding, mode=mode))
+    assert main(finetune(base, tmp_path / "single", *args, mode=mode)) == 0
     log = finish(p)
     assert p.returncode == 0, log
-    a, b = adapter(tmp_path / "fsdp"), adapter(tmp_path / "single")
+    a, b = adapter(tmp_path / "ranks"), adapter(tmp_path / "single")
     rel = lambda x, y: ((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item()  # noqa: E731
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2 and max(rel(a[k], b[k]) for k in a) <= 1e-5
+    ranks, single = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ranks", "single"))
+    assert ranks["config"]["fsdp"] == bool(sharding) and ranks["losses"] == pytest.approx(single["losses"], rel=1e-5)
