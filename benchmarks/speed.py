@@ -10,12 +10,26 @@
 
 A training step is zero_grad + forward + backward + AdamW step, on the same weights (minilora's model saved
 in Hugging Face's layout and loaded by transformers), the same config, the same LoRA targets, rank,
-alpha and batch; both losses at the first step are printed to show the models are the same. Times are
+alpha and batch, in one process (the same threads); both losses at the first step are printed to show the
+models are the same. What each side computes, in which dtype:
+
+    LoRA    everything in float32: frozen weights, adapters A and B, activations, loss.
+    QLoRA   the targets' weights in NF4 with double quantization (blocks of 64), dequantized to bfloat16 for
+            each matmul (forward, and again for dX in backward: neither side keeps the dense weight); the
+            layer's input cast to bfloat16 and its output back to float32; adapters A and B stored, multiplied
+            and updated in bfloat16 on both sides (PEFT's are cast to bfloat16 after get_peft_model, as the
+            QLoRA paper's training script does for a bf16 run; PEFT's default would keep them in float32);
+            embeddings, norms, attention, lm_head and the loss in float32. minilora adds the adapter term to
+            the bf16 base output and casts once; PEFT casts each to float32 and adds (and clones the base
+            output, as its bitsandbytes layer does). bitsandbytes dequantizes in its compiled CPU kernel,
+            minilora in PyTorch (minilora/quant/fast/).
+
+Times are
 medians of --reps repetitions, interleaved (ABBA order) so that load changes hit both sides alike, after a
 warm-up step each. ratio = reference time / minilora time: > 1 means minilora is faster. A comparison whose
 reference is not installed, or cannot run here, is skipped with the reason.
 
-    python benchmarks/speed.py [--only lora qlora ...] [--reps 5] [--out out/speed.png]
+    python benchmarks/speed.py [--only lora qlora ...] [--reps 5] [--threads N] [--out out/speed.png]
 """
 from __future__ import annotations
 
@@ -114,6 +128,10 @@ def reference_pair(args, quantized: bool, llama: bool):
             ref = AutoModelForCausalLM.from_pretrained(d, **kw)
     ref = get_peft_model(ref, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
                                          target_modules=targets, fan_in_fan_out=not llama))
+    if quantized:  # adapters in the compute dtype, as minilora's QLoRALinear keeps them
+        for p in ref.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     if quantized:
         from minilora.qlora import quantize_model
         quantize_model(mine, targets, compute_dtype=torch.bfloat16)
@@ -224,8 +242,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--ckpt-blocks", type=int, default=16)
     ap.add_argument("--ckpt-width", type=int, default=256)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads for every side (default: torch's)")
     ap.add_argument("--out", default="out/speed.png")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2-shaped model: {args.layers} layers, "
           f"width {args.width}, {args.heads} heads, vocab {args.vocab}; batch {args.batch} x {args.seq}; "
           f"LoRA r={args.r}, alpha={2 * args.r} on {TARGETS}; {args.reps} reps")

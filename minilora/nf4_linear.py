@@ -135,11 +135,10 @@ def _base_forward(x, base: NF4Linear, backend: str, bias, xa, lora_B, scaling) -
         from .kernels import nf4_matmul_state
         return nf4_matmul_state(x, base.quant_state(), bias=None if bias is None else bias.to(x.dtype),
                                 lora_xa=xa, lora_B=lora_B, lora_scaling=scaling)
-    y = x @ _dequantized(base, backend, x.dtype).t()
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    if xa is not None:
-        y = y + scaling * (xa @ lora_B.t())
+    w = _dequantized(base, backend, x.dtype)
+    y = x @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+    if xa is not None:  # y += scaling · XA Bᵀ in one pass over y (no (M, out) temporaries)
+        y.addmm_(xa, lora_B.t(), alpha=scaling)
     return y
 
 
@@ -161,6 +160,7 @@ class _NF4LinearFunction(torch.autograd.Function):
         xa = x_lora @ lora_A.t() if lora_A is not None else None   # (M, r)
         y = _base_forward(x, base, backend, bias, xa, lora_B, scaling)  # (M, out)
         ctx.base, ctx.backend, ctx.scaling = base, backend, scaling
+        ctx.shared_input = x_lora is x  # no dropout: both paths read X, so dX is one sum
         ctx.bias_dtype = bias.dtype if bias is not None else None
         packed = [getattr(base, n) for n in _STATE_TENSORS if getattr(base, n) is not None]
         ctx.save_for_backward(x_lora if xa is not None else None, xa, lora_A, lora_B, *packed)
@@ -177,7 +177,9 @@ class _NF4LinearFunction(torch.autograd.Function):
             dx = _base_matmul_dx(dy, base, ctx.backend)
         if lora_A is not None:
             d_xa = s * (dy @ lora_B)                       # (M, r)
-            if ctx.needs_input_grad[1]:
+            if ctx.shared_input and dx is not None:
+                dx.addmm_(d_xa, lora_A)                    # dX = dY deq(W) + d(XA) A, in one pass over dX
+            elif ctx.needs_input_grad[1]:
                 dx_lora = d_xa @ lora_A                    # (M, in)
             if ctx.needs_input_grad[2]:
                 dA = d_xa.t() @ x_lora                     # (r, in)

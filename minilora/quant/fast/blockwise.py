@@ -6,8 +6,9 @@ What changes against the reference, and why (figures in chunks.py and hugepages.
   threads; every temporary of a chunk lives in one set of scratch buffers (_Buffers), so it stays in cache.
 - the nearest code is found with a bin grid (nearest.py): two table look-ups and a compare per element
   instead of a binary search (torch.bucketize).
-- dequantize looks each byte up once in a 256-entry table of float32 PAIRS (high nibble first), scales the
-  pairs in place by their block's absmax, and writes them out; the byte indices and looked-up pairs live in
+- dequantize looks each byte up once in a 256-entry table of float32 PAIRS (high nibble first) and scales the
+  pairs by their block's absmax (in place for float32; for 16-bit outputs the float32 product is written
+  straight into the output, rounded once, without a second pass); the byte indices and looked-up pairs live in
   per-thread scratch buffers kept between calls, and large outputs come from the huge-page cache.
 
 The ragged last block (fewer than blocksize elements) is left to the reference: it is at most one block.
@@ -127,9 +128,9 @@ def dequantize_full_blocks(packed: torch.Tensor, absmax: torch.Tensor, code: tor
             if dtype == torch.float32:    # look up straight into the output, scale it there
                 torch.index_select(lut, 0, i, out=o.view(-1).view(torch.int64))
                 o.mul_(a)
-            else:                         # look up and scale in a small float32 buffer, then cast once
-                p = torch.index_select(lut, 0, i, out=pairs[:len(b)])
-                o.copy_(p.view(torch.float32).view(-1, blocksize).mul_(a))
+            else:                         # look up into a small float32 buffer; scale in float32 and write
+                p = torch.index_select(lut, 0, i, out=pairs[:len(b)])  # the product rounded once, in one pass
+                torch.mul(p.view(torch.float32).view(-1, blocksize), a, out=o)
 
     run_chunked(full, work, packed.device, DEQUANT_CHUNK)
 
