@@ -32,7 +32,7 @@
 import torch
 
 from minilora import GPT, GPTConfig, LlamaConfig, add_lora
-from minilora.memory.llama import PRESETS
+from minilora.memory.llama import PRESETS, llama_param_count
 from minilora.memory import GB, estimate, format_bytes, format_table, gpt_param_count, measure, nf4_nbytes, scaled_config
 from minilora.qlora import quantize_model
 from minilora import plots
@@ -286,13 +286,6 @@ assert paged65.total < q65.total, "claim 'paging lowers the device total' broke"
 # out the device holds **47 GB**.
 
 # %%
-def llama_like(n_layer: int, n_embd: int, n_head: int) -> GPTConfig:
-    """minilora's GPT at a LLaMA size: 32,000-token vocabulary, 2048 positions."""
-    return GPTConfig(block_size=2048, vocab_size=32000, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-
-
-C = 8192
-c65p = llama_like(80, C, 64)  # minilora's GPT at LLaMA-65B's width and depth (the table of section 5)
 l65 = LlamaConfig(**PRESETS["llama-65b"])
 PAPER = dict(**QLORA, r=64, lora_dropout=0.05, seq_len=16 + 512, checkpointing=True)
 resident = estimate(l65, "qlora", **PAPER, batch_size=4, label="Adam state on device")
@@ -356,7 +349,6 @@ assert 0.8 < stored / (41 * GB) < 0.9, f"claim 'between 80 and 90 % of 41 GB' br
 #   waiting in host memory (**about 46 GB for the two processes**).
 
 # %%
-c70 = llama_like(86, C, 64)  # minilora's GPT with Llama-2-70B's parameter count (the table below)
 l70 = LlamaConfig(**PRESETS["llama-2-70b"])
 FS = dict(**QLORA, r=64, seq_len=2048, fsdp=2)
 rows70 = [
@@ -401,23 +393,28 @@ assert f"{l70.hidden_size * l70.intermediate_size * 2 / GB:.1f}" == "0.5", "clai
 # ### Which model fits on N GPUs of G GB
 #
 # The same recipe (QLoRA r = 64 on every linear layer, BF16, checkpointing, one 2048-token sequence per GPU) for
-# minilora's GPT at seven LLaMA-like sizes (GPT-2 blocks: the 65B and 70B rows are close to, not equal to, the
-# LLaMA answers above), with FSDP over N GPUs (N = 1: one process, no FSDP). A model
-# "fits" when the estimate is at most G × 10⁹ bytes; a "24 GB" card holds 24 GiB, so the 7 % between the two
-# is the margin left for what the estimate does not count. With FSDP alone, **70B fits on one 80 GB GPU, two
-# of 48 GB or four of 24 GB, not on two of 24 GB**, and **more or larger GPUs never fit a smaller model**.
-# With CPU offload a GPU holds only the gathered units and the activations, so **every size here fits on two
-# 24 GB GPUs**: the limit moves to host memory (the last line: **about 45 GB for 70B, over 200 GB for the
-# largest**) and to the time it takes to copy every weight from the host at every step.
+# the five real models of `minilora.memory.llama.PRESETS`, each on its own architecture (`LlamaConfig`), with FSDP
+# over N GPUs (N = 1: one process, no FSDP); the table names the largest of them, by parameter count, that fits.
+# A model "fits" when the estimate is at most G × 10⁹ bytes; a "24 GB" card holds 24 GiB, so the 7 % between
+# the two is the margin left for what the estimate does not count. With FSDP alone, **Llama-2-70B fits on one
+# 80 GB GPU, two of 48 GB or four of 24 GB, not on two of 24 GB**, where **Llama-2-13B is the largest that
+# fits**; **LLaMA-65B does not fit on one 48 GB GPU with this recipe** (2048-token sequences, the Adam state on
+# the device: section 4 fits it with the paper's 528-token sequences and paged AdamW), and **more or larger GPUs
+# never fit a smaller model**. Parameters are not the whole bill: **with FSDP (N ≥ 2) Llama-3-8B needs more per
+# GPU than Llama-2-13B**, because its 128,256-token vocabulary puts 1.05B parameters in the embedding and output
+# layer, which stay 16-bit (sharded, then gathered whole), against Llama-2-13B's 0.33B.
+# With CPU offload a GPU holds only the gathered units and the activations, so **every model here fits on two
+# 24 GB GPUs**: the limit moves to host memory (the last line: **about 46 GB for Llama-2-70B, about 6 GB for
+# Llama-2-7B**) and to the time it takes to copy every weight from the host at every step.
 
 # %%
-SIZES = [llama_like(32, 4096, 32), llama_like(40, 5120, 40), llama_like(60, 6656, 52), c65p, c70,
-         llama_like(84, 13312, 104), llama_like(126, 16384, 128)]
-NAMES = [f"{gpt_param_count(c) / 1e9:.0f}B" for c in SIZES]
+NAMES = sorted(PRESETS, key=lambda name: llama_param_count(LlamaConfig(**PRESETS[name])))  # smallest first
+SIZES = [LlamaConfig(**PRESETS[name]) for name in NAMES]
 GPUS, MEMORY = (1, 2, 4, 8), (24, 48, 80)
+print(", ".join(f"{name} {llama_param_count(c) / 1e9:.2f}B" for name, c in zip(NAMES, SIZES)))
 
 
-def per_gpu(config: GPTConfig, n_gpus: int, offload: bool):
+def per_gpu(config: LlamaConfig, n_gpus: int, offload: bool):
     """One process's bytes: QLoRA r=64, BF16, checkpointing, one 2048-token sequence per GPU, FSDP over n_gpus."""
     return estimate(config, "qlora", **QLORA, r=64, seq_len=2048, checkpointing=True, batch_size=n_gpus,
                     fsdp=n_gpus, cpu_offload=offload and n_gpus > 1)
@@ -428,32 +425,47 @@ def largest_fitting(needs: dict[str, int], gb: int) -> str:
     return ([name for name in NAMES if needs[name] <= gb * GB] or ["-"])[-1]
 
 
-fits, host = {}, {}
+fits, host, need = {}, {}, {}
 for offload in (False, True):
     print(f"\nlargest model that fits{', CPU offload (N > 1)' if offload else ''}:")
-    print("N GPUs " + "".join(f"{g:>7} GB" for g in MEMORY))
+    print("N GPUs " + "".join(f"{g:>12} GB" for g in MEMORY))
     for n in GPUS:
         got = {name: per_gpu(c, n, offload) for name, c in zip(NAMES, SIZES)}
         fits.update({(offload, n, g): largest_fitting({k: b.total for k, b in got.items()}, g) for g in MEMORY})
-        print(f"{n:>6} " + "".join(f"{fits[(offload, n, g)]:>10}" for g in MEMORY))
+        print(f"{n:>6} " + "".join(f"{fits[(offload, n, g)]:>15}" for g in MEMORY))
+        need.update({(offload, n, name): b for name, b in got.items()})
         if offload and n == 2:
             host = {name: n * b.offloaded for name, b in got.items()}
+for n in GPUS[:2]:
+    totals = (f"{k} {format_bytes(need[(False, n, k)].total, 'GB')}" for k in NAMES)
+    print(f"per GPU, N = {n}, no offload: " + ", ".join(totals))
 print("host memory the offload needs, all processes: " + ", ".join(f"{k} {format_bytes(v, 'GB')}" for k, v in host.items()))
 
 # %%
 order = ["-"] + NAMES
 rank = {key: order.index(name) for key, name in fits.items()}
-n70 = order.index(NAMES[SIZES.index(c70)])
+n70 = order.index("llama-2-70b")
 assert min(rank[(False, 1, 80)], rank[(False, 2, 48)], rank[(False, 4, 24)]) >= n70 > rank[(False, 2, 24)], \
-    "claim '70B fits on 1 × 80, 2 × 48 or 4 × 24 GB, not on 2 × 24 GB' broke"
+    "claim 'Llama-2-70B fits on 1 × 80, 2 × 48 or 4 × 24 GB, not on 2 × 24 GB' broke"
+assert fits[(False, 2, 24)] == "llama-2-13b", "claim 'on 2 × 24 GB Llama-2-13B is the largest that fits' broke"
+assert need[(False, 1, "llama-65b")].total > 48 * GB, "claim 'LLaMA-65B does not fit on one 48 GB GPU' broke"
+for o in (False, True):
+    for n in GPUS[1:]:
+        b8, b13 = need[(o, n, "llama-3-8b")], need[(o, n, "llama-2-13b")]
+        assert b8.total > b13.total and b8.weights + b8.gathered > b13.weights + b13.gathered, \
+            f"claim 'with FSDP Llama-3-8B needs more per GPU than Llama-2-13B' broke at N = {n}"
+emb = {name: 2 * c.vocab_size * c.hidden_size for name, c in zip(NAMES, SIZES)}  # embed_tokens + lm_head
+assert f"{emb['llama-3-8b'] / 1e9:.2f}" == "1.05" and f"{emb['llama-2-13b'] / 1e9:.2f}" == "0.33", \
+    "claim '1.05B parameters in the embedding and output layer, against 0.33B' broke"
 for (o, n, g), k in rank.items():
     for n2 in GPUS:
         for g2 in MEMORY:
             if n2 >= n and g2 >= g:
                 assert rank[(o, n2, g2)] >= k, f"claim 'more or larger GPUs never fit a smaller model' broke at {n2}×{g2}"
-assert rank[(True, 2, 24)] == len(NAMES), "claim 'with CPU offload every size fits on two 24 GB GPUs' broke"
-assert 43 * GB < host[NAMES[SIZES.index(c70)]] < 47 * GB and host[NAMES[-1]] > 200 * GB, \
-    "claim 'about 45 GB of host memory for 70B, over 200 GB for the largest' broke"
+assert all(need[(True, 2, name)].total <= 24 * GB for name in NAMES), \
+    "claim 'with CPU offload every model fits on two 24 GB GPUs' broke"
+assert f"{host['llama-2-70b'] / GB:.0f}" == "46" and f"{host['llama-2-7b'] / GB:.0f}" == "6", \
+    "claim 'about 46 GB of host memory for Llama-2-70B, about 6 GB for Llama-2-7B' broke"
 
 # %% [markdown]
 # ## Exercises
@@ -468,7 +480,7 @@ assert 43 * GB < host[NAMES[SIZES.index(c70)]] < 47 * GB and host[NAMES[-1]] > 2
 # 3. LoRA of rank **r = 64** on one 5120 × 5120 linear layer: how many trainable parameters?
 # 4. On the paper's 48 GB GPU, with `estimate`'s accounting for the 65B model above (QLoRA, checkpointing,
 #    BF16, 512-token sequences, Adam state on the device): how many sequences fit in one batch at most?
-# 5. The 70B stand-in of section 5 on **four 24 GB GPUs** with FSDP, no CPU offload (QLoRA r = 64, BF16,
+# 5. Llama-2-70B (section 5) on **four 24 GB GPUs** with FSDP, no CPU offload (QLoRA r = 64, BF16,
 #    checkpointing, 2048-token sequences): how many sequences per GPU fit at most?
 # 6. *Code it:* write the lecture's memory bill in `my_bill(n_params, n_adapter, mode)`: the bytes of weights,
 #    gradients and AdamW's two moments (no activations) for `mode="full"` (FP16 weights and gradients, FP32
@@ -508,7 +520,7 @@ check("exercise 4", answer_4, lambda a: _fits_65b(a) and not _fits_65b(a + 1))
 
 
 def _fits_70b_on_4(per_gpu_batch: int) -> bool:
-    return estimate(c70, "qlora", **QLORA, r=64, batch_size=4 * per_gpu_batch, seq_len=2048, checkpointing=True,
+    return estimate(l70, "qlora", **QLORA, r=64, batch_size=4 * per_gpu_batch, seq_len=2048, checkpointing=True,
                     fsdp=4).total <= 24 * GB
 
 
