@@ -152,14 +152,15 @@ def quantize_with_init(model: nn.Module, names: list[str], init: str, r: int, sc
 
 def add_qlora(model: nn.Module, targets: str | list[str], r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
               blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
-              use_rslora: bool = False, use_dora: bool = False, init: str = "kaiming", loftq_iter: int = 1,
+              use_rslora: bool = False, use_dora: bool = False, init: str | None = "kaiming", loftq_iter: int = 1,
               bits: int = 4) -> nn.Module:
     """QLoRA in one call (in place): the untied nn.Linear among targets become frozen NF4 (quantize_model), then
     every target gets rank-r adapters (add_lora); a tied lm_head among them keeps its full-precision weight
     under a plain LoRA adapter. use_dora: DoRA over the NF4 base. init="pissa": the residual W − s·B A is what
     gets quantized (QPiSSA); init="loftq": NF4 and the adapter alternate loftq_iter times so that
     deq(Q) + s·B A ≈ W (LoftQ). bits=2: the base (and LoftQ's quantizer) is NF2. On an error the model is left
-    as it was."""
+    as it was. init=None is the default start (kaiming)."""
+    init = "kaiming" if init is None else init
     if init not in QLORA_INITS:
         raise ValueError(f"init must be one of {QLORA_INITS}, got {init!r}")
     if isinstance(loftq_iter, bool) or not isinstance(loftq_iter, int) or loftq_iter < 1:
