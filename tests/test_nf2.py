@@ -1,6 +1,7 @@
 """NF2, the 2-bit base of QLoRA: its codebook, its bytes, QLoRA / PiSSA / LoftQ on it, its adapter files and the
 command line's --bits. (The round-trip error bound is a property test in test_quant_properties.py.)"""
 import copy
+import importlib.util
 import json
 import math
 
@@ -64,6 +65,10 @@ def test_nf2_is_coarser_than_nf4_and_refused_where_only_nf4_fits():
         to_bnb_state_dict(quantize_nf2(x))
     with pytest.raises(ValueError, match="triton' runs NF4 only"):
         NF4Linear(quantize_nf2(x), None, backend="triton")
+    if importlib.util.find_spec("triton") is not None:
+        from minilora.kernels import nf4_dequantize_state
+        with pytest.raises(ValueError, match="the kernels read NF4"):
+            nf4_dequantize_state(quantize_nf2(x))
     for call in (lambda m: add_qlora(m, ["c_attn"], bits=3), lambda m: quantize_model(m, bits=8)):
         with pytest.raises(ValueError, match=r"bits must be 4 \(NF4\) or 2 \(NF2\), got"):
             call(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=50, block_size=16)))
@@ -163,3 +168,7 @@ def test_command_line_bits(tmp_path, capsys):
     cli.main([str(a) for a in run + ["--out", tmp_path / "o", "--bits", "2", "--init", "loftq"]])
     config = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
     assert config["quantized_base_bits"] == 2 and config["loftq_config"]["loftq_bits"] == 2
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in ["generate", "--model", tmp_path / "b", "--adapter", tmp_path / "o" / "adapter",
+                                    "--qlora", "--context", "You must rest.", "--max-new-tokens", "3"]])
+    assert rc in (0, None) and capsys.readouterr().err == ""  # the NF2 base rebuilt from the adapter's config
