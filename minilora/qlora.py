@@ -196,7 +196,8 @@ def load_qlora_adapter(model: nn.Module, adapter_dir, compute_dtype: torch.dtype
                        adapter_name: str = "default", bits: int | None = None) -> nn.Module:
     """A saved adapter on an NF4 base (in place): quantize the untied nn.Linear among the adapter's
     target_modules (as PiSSA or LoftQ did, when its init_lora_weights says so), then load_adapter. The base is NF2
-    when the config says 2 bits (base_bits) or bits=2 is given. On an error the model is left as it was."""
+    when the config says 2 bits (quantized_base_bits, LoftQ's loftq_bits) or bits=2 is given. On an error the
+    model is left as it was."""
     config = read_adapter_config(adapter_dir)
     bits = base_bits(config, adapter_dir, bits)
     quantized = _quantizable(model, config["target_modules"], "load_qlora_adapter")
