@@ -145,6 +145,12 @@ def test_a_2bit_adapter_file_is_a_4bit_one_that_records_its_bits(tiny_gpt, tmp_p
                      else {"quantized_base_bits": 2})
     with pytest.raises(ValueError, match="bits=4 but .* was made on a 2-bit base"):
         load_qlora_adapter(copy.deepcopy(tiny_gpt), tmp_path / "2", bits=4)
+    if init == "loftq":  # PEFT's 8-bit LoftQ is not a base minilora builds: refused, not rebuilt as NF4
+        peft_8bit = {k: v for k, v in files[2].items() if k != "quantized_base_bits"}
+        peft_8bit["loftq_config"] = {"loftq_bits": 8, "loftq_iter": 2}
+        (tmp_path / "2" / "adapter_config.json").write_text(json.dumps(peft_8bit))
+        with pytest.raises(ValueError, match="quantized_base_bits / loftq_bits must be 4 .NF4. or 2 .NF2., got 8"):
+            load_qlora_adapter(copy.deepcopy(tiny_gpt), tmp_path / "2")
     if init == "kaiming":  # a file that records no bits (as PEFT writes it) goes on the base it is asked to
         on_nf2 = load_qlora_adapter(copy.deepcopy(tiny_gpt), tmp_path / "4", bits=2)
         assert all(layer.base_layer.bits == 2 for layer in lora_layers(on_nf2).values())
