@@ -1,0 +1,79 @@
+"""The memory estimate at any depth: outside + n_layer × one block gives the bytes the full-depth model gave, and a
+model of a million layers is described from one block (no block built per layer, bytes exactly linear in depth)."""
+import json
+from pathlib import Path
+
+import pytest
+
+import minilora.gpt
+import minilora.llama
+from memory_cases import cases, run_case
+from minilora.gpt import GPTConfig
+from minilora.llama import LlamaConfig
+from minilora.memory import estimate, gpt_param_count
+from minilora.memory.inventory import _one_block_model
+from minilora.memory.llama import llama_param_count
+
+GOLDEN = json.loads((Path(__file__).parent / "memory_golden.json").read_text())
+
+
+def test_same_bytes_as_the_full_depth_meta_model():
+    """400 seeded cases (GPT and Llama, 1-9 blocks, every mode, optimizer, fsdp, dtype, checkpointing, and target
+    patterns that select every block, some blocks by number, or none): every field equal to what the estimate
+    that built the whole model on the meta device gave (tests/memory_golden.json), errors included."""
+    got = [run_case(*c) for c in cases()]
+    assert len(got) == len(GOLDEN) == 400
+    diff = [(i, c) for i, (c, a, b) in enumerate(zip(cases(), got, GOLDEN)) if a != b]
+    assert not diff, f"{len(diff)} cases differ, first {diff[0]}"
+
+
+def _count_blocks(monkeypatch) -> list[int]:
+    built = [0]
+    for cls in (minilora.gpt.Block, minilora.llama.LlamaDecoderLayer):
+        init = cls.__init__
+
+        def counting(self, *a, _init=init, **k):
+            built[0] += 1
+            _init(self, *a, **k)
+        monkeypatch.setattr(cls, "__init__", counting)
+    return built
+
+
+DEEP = [GPTConfig(block_size=64, vocab_size=100, n_layer=10**6, n_head=4, n_embd=64),
+        LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=10**6,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)]
+
+
+@pytest.mark.parametrize("config", DEEP, ids=["gpt", "llama"])
+def test_a_million_layers_are_described_by_one_block(config, monkeypatch):
+    _one_block_model.cache_clear()
+    built = _count_blocks(monkeypatch)
+    field = "num_hidden_layers" if isinstance(config, LlamaConfig) else "n_layer"
+    for depth in (1000, 10**6):
+        cfg = type(config)(**{**vars(config), field: depth})
+        for mode in ("full", "lora", "qlora"):
+            for kw in ({}, dict(checkpointing=True), dict(fsdp=2, batch_size=2), dict(optimizer="paged8bit")):
+                m = estimate(cfg, mode, **kw)
+                assert m.n_params == (llama_param_count if field == "num_hidden_layers" else gpt_param_count)(cfg)
+        assert built[0] == 1, depth  # the one block that stands for all of them, built once (then cached)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_bytes_are_exactly_linear_in_depth(family, mode):
+    """Without checkpointing every part is a + b·n_layer: equal steps from 10⁶ to 2·10⁶ to 3·10⁶ layers, and the
+    step is what one layer adds between 1 and 2 layers."""
+    def at(n):
+        field = "num_hidden_layers" if family == "llama" else "n_layer"
+        cfg = DEEP[family == "llama"]
+        m = estimate(type(cfg)(**{**vars(cfg), field: n, "checkpoint_segments": None}), mode,
+                     checkpointing=False, batch_size=2, fsdp=2)
+        return {**m.as_dict(), "n_params": m.n_params, "n_trainable": m.n_trainable}
+
+    one, two = at(1), at(2)
+    m1, m2, m3 = at(10**6), at(2 * 10**6), at(3 * 10**6)
+    for k in m1:
+        if k != "gathered":  # FSDP gathers one block at a time: the same at any depth
+            assert m3[k] - m2[k] == m2[k] - m1[k] == 10**6 * (two[k] - one[k]), k
+        else:
+            assert m1[k] == m3[k] == one[k]
