@@ -77,6 +77,19 @@ ACTIVATIONS = {
 }
 
 
+def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
+    """idx: integer token ids of shape (batch, time), each in [0, vocab_size) (an embedding row exists for it)."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+        raise ValueError(f"idx must have shape (batch, time), got {tuple(getattr(idx, 'shape', ()))}")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+    if idx.numel() and not idx.is_meta and not torch.compiler.is_compiling():
+        lo, hi = torch.stack(idx.aminmax()).tolist()  # one transfer from the device
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"idx holds token ids in [{lo}, {hi}]; this model's vocab_size is {vocab_size}, "
+                             f"so ids must be in [0, {vocab_size - 1}]")
+
+
 class CausalSelfAttention(nn.Module):
     """softmax(Q Kᵀ · scale + causal mask) V over n_head heads, then the output projection.
 
@@ -165,8 +178,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Logits (B, T, vocab); with targets also the mean cross-entropy over targets != -100."""
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+        check_token_ids(idx, self.config.vocab_size)
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -207,7 +219,11 @@ class GPT(nn.Module):
             if greedy:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits / temperature
+                scaled = logits / temperature
+                if not bool(scaled.isfinite().all()):  # so small a temperature that logits / T overflow (or T is
+                    shifted = logits - logits.amax(-1, keepdim=True)  # 0 in float32): softmax is shift-invariant,
+                    scaled = torch.where(shifted == 0, 0.0, shifted / temperature)  # the largest logits stay at 0
+                logits = scaled
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))

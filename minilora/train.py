@@ -31,8 +31,9 @@ from .data import IGNORE, InstructionSet, TokenStream
 from .parallel import SingleProcess, decide, init_from_env, is_main, replicas, world_size
 from .evaluate import evaluate
 from .runs.files import atomic_write_json
-from .inject import add_lora
+from .inject import add_lora, find_targets
 from .optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
+from .optim.adamw import check_step_size
 from .params import ParamCount, count_parameters
 from .runs import RunDir, identity
 from .train_config import TrainConfig
@@ -79,11 +80,40 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
                     init=cfg.init)
 
 
+def check_batch(cfg: TrainConfig) -> None:
+    """Under torchrun every process needs at least one example of each micro-batch."""
+    if world_size() > 1 and cfg.batch_size < world_size():
+        raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} (--batch-size) is smaller than the {world_size()} "
+                         f"processes: every rank needs at least one example per micro-batch")
+
+
+def check_plan(model: nn.Module, cfg: TrainConfig, source: str = "the model") -> None:
+    """What training would refuse once under way, refused before any work and before the run directory exists:
+    a batch that cannot give every process an example, weights that are already inf / NaN (named: a damaged
+    checkpoint, not a learning rate), and LoRA targets that match nothing or are narrower than the rank r."""
+    check_batch(cfg)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{source} holds inf/NaN weights: {name} has {bad} non-finite value(s) of {t.numel()}; "
+                             f"the checkpoint is damaged, training cannot start from it")
+    if cfg.mode == "full":
+        return
+    for name in find_targets(model, list(cfg.targets)):
+        layer = model.get_submodule(name)
+        width = min(getattr(layer, "in_features", cfg.r), getattr(layer, "out_features", cfg.r))
+        if cfg.r > width:
+            raise ValueError(f"r (LoRA rank) = {cfg.r} exceeds min(in_features, out_features) = {width} of the target "
+                             f"{name!r}: the update would not be low-rank; choose r <= {width}")
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """cfg.optimizer over the trainable parameters: torch.optim.AdamW, PagedAdamW, AdamW8bit or PagedAdamW8bit."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    for dtype in {p.dtype for p in params}:  # torch.optim.AdamW steps in the parameters' own dtype
+        check_step_size(cfg.lr, cfg.betas[0], dtype, "TrainConfig.lr")
     kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer.startswith("paged"):
         kw.update(page_size=cfg.page_size, device_budget=cfg.device_budget)
@@ -151,6 +181,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
     init_from_env()  # under torchrun: join the process group (minilora.parallel); otherwise nothing
 
     def open_run_dir() -> RunDir | None:  # rank 0 alone checks, creates and locks; the others take its verdict
+        check_plan(model, cfg)
         if resume and not cfg.out_dir:
             raise ValueError("resume=True needs TrainConfig.out_dir (where the checkpoint is)")
         if measure_memory and cfg.fsdp and world_size() > 1:  # it measures a step on a copy of the whole model

@@ -8,6 +8,10 @@ import json
 import math
 from dataclasses import InitVar, asdict, dataclass
 
+import torch
+
+from .optim.adamw import check_step_size
+
 MODES = ("full", "lora", "qlora")                       # what trains: every weight, adapters, adapters on NF4
 OPTIMIZERS = ("adamw", "paged", "adamw8bit", "paged8bit")  # minilora.optim: how AdamW's m and v are stored
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")           # LoRA on every linear layer inside the blocks
@@ -94,6 +98,7 @@ class TrainConfig:
                                         *[("betas", b, unit) for b in self.betas]]:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
                 raise ValueError(f"TrainConfig.{name} must be a finite number {expected}, got {v!r}")
+        check_step_size(self.lr, self.betas[0], torch.float32, "TrainConfig.lr")  # (and make_optimizer: the params')
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"TrainConfig.compute_dtype must be float32, bfloat16 or float16, "
                              f"got {self.compute_dtype!r}")
