@@ -162,7 +162,8 @@ def cmd_demo(a) -> None:
 def _check_model_args(a) -> None:
     """The GPT's shape and the learning rate, checked before the tokenizer and the model are trained."""
     if a.vocab_size < 257:
-        raise ValueError(f"--vocab-size must be >= 257 for a BPE (256 bytes + end-of-text), got {a.vocab_size}")
+        raise ValueError(f"vocab_size (--vocab-size) must be >= 257 for a BPE (256 bytes + end-of-text), "
+                         f"got {a.vocab_size}")
     GPTConfig(block_size=a.block_size, vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
     if getattr(a, "lr", None) is not None:
         TrainConfig(mode="full", lr=a.lr, steps=a.steps, batch_size=a.batch_size)

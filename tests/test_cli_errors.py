@@ -35,7 +35,7 @@ def adapter(base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "good.jsonl"
-    save_jsonl([Example("Yoda", s, yoda(s)) for s in ["You must rest.", "We can win.", "I will go."]] * 3, path)
+    save_jsonl([Example("Yoda", s, yoda(s)) for s in ["You must rest.", "We can win.", "I will go."]] * 4, path)
     return path
 
 
