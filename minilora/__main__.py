@@ -32,7 +32,8 @@ from .hf.hub import resolve
 from .memory.command import cmd_memory, default_targets
 from .memory.llama import PRESETS
 from .runs import check_run_dir, find_checkpoint, read_state
-from .train import TrainConfig, check_batch, check_plan, train
+from .runs.preflight import check_batch, check_plan
+from .train import TrainConfig, train
 from .train_config import DEFAULT_TARGETS, INITS, LLAMA_TARGETS, MODES, OPTIMIZERS
 
 

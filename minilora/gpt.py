@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .checkpointing import checkpoint_sequential
 from .hf import gpt2 as hf_gpt2
+from .data.token_ids import check_token_ids
 
 
 @dataclass
@@ -75,19 +76,6 @@ ACTIVATIONS = {
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
     "linear": lambda x: x,
 }
-
-
-def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
-    """idx: integer token ids of shape (batch, time), each in [0, vocab_size) (an embedding row exists for it)."""
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
-        raise ValueError(f"idx must have shape (batch, time), got {tuple(getattr(idx, 'shape', ()))}")
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
-    if idx.numel() and not idx.is_meta and not torch.compiler.is_compiling():
-        lo, hi = torch.stack(idx.aminmax()).tolist()  # one transfer from the device
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"idx holds token ids in [{lo}, {hi}]; this model's vocab_size is {vocab_size}, "
-                             f"so ids must be in [0, {vocab_size - 1}]")
 
 
 class CausalSelfAttention(nn.Module):
@@ -219,10 +207,10 @@ class GPT(nn.Module):
             if greedy:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
-                scaled = logits / temperature
-                if not bool(scaled.isfinite().all()):  # so small a temperature that logits / T overflow (or T is
-                    shifted = logits - logits.amax(-1, keepdim=True)  # 0 in float32): softmax is shift-invariant,
-                    scaled = torch.where(shifted == 0, 0.0, shifted / temperature)  # the largest logits stay at 0
+                scaled = logits / temperature  # a T so small that this overflows (1e-300 is 0 in float32): the
+                if not bool(scaled.isfinite().all()):  # limit T -> 0, logits shifted so the largest stay at 0
+                    shifted = logits - logits.amax(-1, keepdim=True)  # (softmax is shift-invariant)
+                    scaled = torch.where(shifted == 0, 0.0, shifted / temperature)
                 logits = scaled
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpointing import checkpoint_sequential
-from .gpt import GPT, check_token_ids
+from .gpt import GPT
+from .data.token_ids import check_token_ids
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 

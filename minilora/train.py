@@ -31,9 +31,10 @@ from .data import IGNORE, InstructionSet, TokenStream
 from .parallel import SingleProcess, decide, init_from_env, is_main, replicas, world_size
 from .evaluate import evaluate
 from .runs.files import atomic_write_json
-from .inject import add_lora, find_targets
+from .inject import add_lora
 from .optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
 from .optim.adamw import check_step_size
+from .runs.preflight import check_plan
 from .params import ParamCount, count_parameters
 from .runs import RunDir, identity
 from .train_config import TrainConfig
@@ -78,33 +79,6 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
                          use_dora=cfg.use_dora, init=cfg.init, loftq_iter=cfg.loftq_iter)
     return add_lora(model, list(cfg.targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_dora=cfg.use_dora,
                     init=cfg.init)
-
-
-def check_batch(cfg: TrainConfig) -> None:
-    """Under torchrun every process needs at least one example of each micro-batch."""
-    if world_size() > 1 and cfg.batch_size < world_size():
-        raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} (--batch-size) is smaller than the {world_size()} "
-                         f"processes: every rank needs at least one example per micro-batch")
-
-
-def check_plan(model: nn.Module, cfg: TrainConfig, source: str = "the model") -> None:
-    """What training would refuse once under way, refused before any work and before the run directory exists:
-    a batch that cannot give every process an example, weights that are already inf / NaN (named: a damaged
-    checkpoint, not a learning rate), and LoRA targets that match nothing or are narrower than the rank r."""
-    check_batch(cfg)
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"{source} holds inf/NaN weights: {name} has {bad} non-finite value(s) of {t.numel()}; "
-                             f"the checkpoint is damaged, training cannot start from it")
-    if cfg.mode == "full":
-        return
-    for name in find_targets(model, list(cfg.targets)):
-        layer = model.get_submodule(name)
-        width = min(getattr(layer, "in_features", cfg.r), getattr(layer, "out_features", cfg.r))
-        if cfg.r > width:
-            raise ValueError(f"r (LoRA rank) = {cfg.r} exceeds min(in_features, out_features) = {width} of the target "
-                             f"{name!r}: the update would not be low-rank; choose r <= {width}")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -228,7 +228,7 @@ def test_refusals_come_before_the_run_directory(base, tmp_path, capsys, monkeypa
     bad = poisoned(base, tmp_path / "inf")
     one_error(capsys, finetune(bad, out), f"the base model {bad} holds inf/NaN weights",
               "transformer.h.0.attn.c_attn.weight has 1 non-finite value(s)")
-    monkeypatch.setattr("minilora.train.world_size", lambda: 3)  # as under torchrun with 3 processes
+    monkeypatch.setattr("minilora.runs.preflight.world_size", lambda: 3)  # as under torchrun with 3 processes
     monkeypatch.setattr(cli, "load_jsonl", lambda *a: pytest.fail("the data was read"))
     one_error(capsys, finetune(base, out, "--batch-size", "2"), "batch_size=2 (--batch-size) is smaller than the 3")
     assert not out.exists()

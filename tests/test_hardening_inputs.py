@@ -6,7 +6,7 @@ so small that logits / T overflow samples the argmax, as its limit does."""
 import pytest
 import torch
 
-import minilora.train
+import minilora.runs.preflight
 from minilora import AdamW8bit, GPT, GPTConfig, PagedAdamW, PagedAdamW8bit, TrainConfig
 from minilora.data import BPETokenizer, Example, InstructionSet, split_examples
 from minilora.llama import Llama, LlamaConfig
@@ -115,7 +115,7 @@ def test_train_refuses_inf_weights_a_wide_rank_and_a_small_batch_before_the_run_
         train(base(poison=True), TrainConfig(mode="lora", **cfg), data(tok))
     with pytest.raises(ValueError, match=r"r \(LoRA rank\) = 32 exceeds .* = 16 of the target 'transformer.h.0.attn"):
         train(base(), TrainConfig(mode="lora", r=32, **cfg), data(tok))
-    monkeypatch.setattr(minilora.train, "world_size", lambda: 4)
+    monkeypatch.setattr(minilora.runs.preflight, "world_size", lambda: 4)
     with pytest.raises(ValueError, match="batch_size=2 .* smaller than the 4 processes"):
         train(base(), TrainConfig(mode="lora", **cfg), data(tok))
     assert not out.exists()
