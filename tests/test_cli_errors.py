@@ -173,8 +173,8 @@ def test_data_values_that_are_not_strings(base, tmp_path, capsys, record, key):
 
 
 @pytest.mark.parametrize("lines, needle", [
-    (['{"instruction": "a", "output": "b"}'] * 3 + ['{"instruction": "a\\ud800", "output": "b"}'], ":4: 'instruction'"
-                                                                                               " holds a lone surrogate"),
+    (['{"instruction": "a", "output": "b"}'] * 3 + ['{"instruction": "a\\ud800", "output": "b"}'],
+     ":4: 'instruction' holds a lone surrogate"),
     (['{"instruction": "a", "output": "b"}'] * 3 + [json.dumps({"instruction": "patience " * 300, "output": "b"})],
      ":4: the example has"),
     (['{"instruction": "a", "output": "b"}'], " holds 1 example(s); the split needs 2"),

@@ -187,7 +187,7 @@ def saved_activations(n_layer: int, n_head: int, n_embd: int, vocab_size: int, s
         post["log_probs"] = BT * vocab_size * 4  # logits.float() -> log_softmax output, fp32
         post["targets"] = BT * 8
         post["total_weight"] = 4
-    return SavedActivations(pre=pre, runs=runs, post=post, segments=checkpointed(n, checkpoint_segments),
+    return SavedActivations(pre=pre, runs=runs, post=post, n_segments=checkpointed(n, checkpoint_segments),
                             tokens=BT, input_bytes=BTC * s.act)
 
 

@@ -16,6 +16,8 @@ import bisect
 import math
 from dataclasses import dataclass
 
+from ..checkpointing import segment_bounds
+
 
 @dataclass
 class BlockRun:
@@ -53,7 +55,7 @@ class SavedActivations:
     pre: dict[str, int]                 # embeddings (+ dropout)
     runs: list[BlockRun]                # the transformer blocks, in order, as runs of identical blocks
     post: dict[str, int]                # the final norm, lm_head, loss
-    segments: int | None = None         # checkpointed segments; None: no checkpointing
+    n_segments: int | None = None       # checkpointed segments; None: no checkpointing
     tokens: int = 0
     input_bytes: int = 0                # bytes of one block input, (B, T, C): what a segment keeps
 
@@ -88,6 +90,11 @@ class SavedActivations:
         return {**{f"h{i % self.n_blocks}.{k}": v for k, v in run.local.items()}, **run.shared}
 
     @property
+    def segments(self) -> list[tuple[int, int]] | None:
+        """The checkpointed segments [start, end) of blocks, as minilora.checkpointing cuts them (None: none)."""
+        return None if self.n_segments is None else segment_bounds(self.n_blocks, self.n_segments)
+
+    @property
     def blocks(self) -> list[dict[str, int]]:
         """Every block's saved tensors (one dict per block: for small models and for reading)."""
         return [self.block(i) for i in range(self.n_blocks)]
@@ -96,16 +103,16 @@ class SavedActivations:
     def forward_end(self) -> int:
         """Bytes alive when the forward has finished (the backward can only free from here, or recompute)."""
         edges = sum(self.pre.values()) + sum(self.post.values())
-        if self.segments is None:
+        if self.n_segments is None:
             return edges + self.saved(0, self.n_blocks)
-        return edges + self.segments * self.input_bytes
+        return edges + self.n_segments * self.input_bytes
 
     def _segment_start(self, j: int) -> int:
-        size, extra = divmod(self.n_blocks, self.segments)
+        size, extra = divmod(self.n_blocks, self.n_segments)
         return j * (size + 1) if j < extra else extra * (size + 1) + (j - extra) * size
 
     def _segment_of(self, i: int) -> int:
-        size, extra = divmod(self.n_blocks, self.segments)
+        size, extra = divmod(self.n_blocks, self.n_segments)
         return i // (size + 1) if i < extra * (size + 1) else extra + (i - extra * (size + 1)) // size
 
     def replay(self, j: int) -> int:
@@ -117,16 +124,16 @@ class SavedActivations:
     @property
     def peak(self) -> int:
         """max over time of the saved bytes alive: the forward's end, or a checkpointed segment's replay."""
-        if self.segments is None:
+        if self.n_segments is None:
             return self.forward_end
-        size, extra = divmod(self.n_blocks, self.segments)
+        size, extra = divmod(self.n_blocks, self.n_segments)
         edges = set(self._starts[1:]) | {extra * (size + 1)}
-        near = {self.segments - 1}
+        near = {self.n_segments - 1}
         for e in edges:
             if 0 < e <= self.n_blocks:
                 j = self._segment_of(e - 1)
                 near |= {j - 1, j, j + 1}
-        return max([self.forward_end] + [self.replay(j) for j in near if 0 <= j < self.segments])
+        return max([self.forward_end] + [self.replay(j) for j in near if 0 <= j < self.n_segments])
 
     def per_token_per_block(self, i: int | None = None) -> float:
         """Bytes block i saves per token (default: the last block, which every mode trains through)."""

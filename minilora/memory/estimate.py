@@ -241,8 +241,8 @@ def estimate(config: GPTConfig | LlamaConfig, mode: str = "full", *, batch_size:
         out.offloaded = pages if resident < pages else 0  # steady state: every page has a host copy
 
     acts = activation_model(config, mode, batch_size=batch_size, seq_len=seq_len, r=r, runs=runs,
-                            head=("lm_head" in lora.outside, "lm_head" in quant.outside), lora_dropout=lora_dropout, dtype=dtype,
-                            adapter_dtype=adapter_dtype, compute_dtype=compute_dtype,
+                            head=("lm_head" in lora.outside, "lm_head" in quant.outside), lora_dropout=lora_dropout,
+                            dtype=dtype, adapter_dtype=adapter_dtype, compute_dtype=compute_dtype,
                             checkpoint_segments=checkpoint_segments if checkpointing else False, device=device)
     out.activations, out.saved = acts.peak, acts
     if cpu_offload:

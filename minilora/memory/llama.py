@@ -110,5 +110,5 @@ def saved_activations_llama(config, s: ActivationSetup, checkpoint_segments: int
     n_rg = _rms_norm(s, post, f"h{n}.x", C, x_rg, s.norms_trained, "norm")
     if record_linear(s, post, "lm_head", "norm.out", BT * C, n_rg, s.head_kind, C, config.vocab_size):
         post |= {"log_probs": BT * config.vocab_size * 4, "targets": BT * 8, "total_weight": 4}
-    return SavedActivations(pre=pre, runs=runs, post=post, segments=checkpointed(n, checkpoint_segments), tokens=BT,
+    return SavedActivations(pre=pre, runs=runs, post=post, n_segments=checkpointed(n, checkpoint_segments), tokens=BT,
                             input_bytes=BT * C * s.act)
