@@ -98,7 +98,6 @@ class TrainConfig:
                                         *[("betas", b, unit) for b in self.betas]]:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
                 raise ValueError(f"TrainConfig.{name} must be a finite number {expected}, got {v!r}")
-        check_step_size(self.lr, self.betas[0], torch.float32, "TrainConfig.lr")  # (and make_optimizer: the params')
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"TrainConfig.compute_dtype must be float32, bfloat16 or float16, "
                              f"got {self.compute_dtype!r}")
@@ -107,6 +106,7 @@ class TrainConfig:
                              f"got optimizer={self.optimizer!r}")
         if self.save_every and not self.out_dir:
             raise ValueError("TrainConfig.save_every needs out_dir")
+        check_step_size(self.lr, self.betas[0], torch.float32, "TrainConfig.lr")  # (and make_optimizer: the params')
 
     def trajectory(self) -> dict:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
