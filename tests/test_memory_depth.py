@@ -77,3 +77,39 @@ def test_bytes_are_exactly_linear_in_depth(family, mode):
             assert m3[k] - m2[k] == m2[k] - m1[k] == 10**6 * (two[k] - one[k]), k
         else:
             assert m1[k] == m3[k] == one[k]
+
+
+def _naive_peak(acts) -> int:
+    """The peak as the full-depth walk computed it: every block's dict, every segment replayed."""
+    def union(*dicts):
+        merged = {}
+        for d in dicts:
+            merged.update(d)
+        return sum(merged.values())
+    blocks, pre, post = acts.blocks, acts.pre, acts.post
+    if acts.segments is None:
+        return union(pre, *blocks, post)
+    inputs = [f"h{i}.x" for i in range(len(blocks))]
+    peak = union(pre, {inputs[a]: acts.input_bytes for a, _ in acts.segments}, post)
+    kept = {}
+    for a, b in acts.segments:
+        kept[inputs[a]] = acts.input_bytes
+        peak = max(peak, union(pre, kept, *blocks[a:b]))
+    return peak
+
+
+def test_checkpointed_peak_from_the_segments_next_to_a_run_boundary():
+    """Random runs of blocks (some saving their input 'x', some a shared tensor), any segment count: the peak
+    from the few segments next to a boundary equals the maximum over every segment replayed."""
+    import random
+
+    from minilora.memory.depth import BlockRun, SavedActivations
+    rng = random.Random(0)
+    for _ in range(300):
+        runs = [BlockRun(rng.randint(1, 6), {k: rng.randint(1, 50) for k in rng.sample(["x", "a", "b", "c"], 2)},
+                         rng.choice([{}, {"rope": 7}])) for _ in range(rng.randint(1, 5))]
+        n = sum(r.count for r in runs)
+        acts = SavedActivations(pre={"idx": rng.randint(0, 9)}, runs=runs, post={f"h{n}.x": 5, "log_probs": 11},
+                                n_segments=rng.choice([None, rng.randint(1, n)]), tokens=1,
+                                input_bytes=rng.randint(1, 60))
+        assert acts.peak == _naive_peak(acts)
