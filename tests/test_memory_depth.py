@@ -113,3 +113,35 @@ def test_checkpointed_peak_from_the_segments_next_to_a_run_boundary():
                                 n_segments=rng.choice([None, rng.randint(1, n)]), tokens=1,
                                 input_bytes=rng.randint(1, 60))
         assert acts.peak == _naive_peak(acts)
+
+
+PATTERNS = [r".*c_attn", r".*\.h\.\d+\.mlp\..*_fc", r"transformer\.h\.[0-9]+\.attn\.c_attn", r".*[^a]\.attn\.c_attn",
+            r"(?i).*C_PROJ", r".*\.[13]\.attn\.c_.*", r".*[^5]\.attn\.c_attn", r".*h\.(\d)\1\..*", r".*\.1\d\..*c_fc",
+            r"transformer.h.12.mlp.c_fc", r"[", r".*\.(?=2)\d+\.ln_1"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_a_pattern_selects_the_same_blocks_as_block_by_block(pattern):
+    """Tried once per digit count (a pattern blind to digits) or block by block: the same (block, module) pairs
+    as matching every name of a 1234-block GPT with minilora.inject's rule."""
+    from minilora.inject import _matches
+    from minilora.memory.inventory import Layers
+    layers = Layers(GPTConfig(block_size=8, vocab_size=11, n_layer=1234, n_head=1, n_embd=4))
+    got = {(i, n) for a, b, n in layers._spans(pattern) for i in range(a, b)}
+    want = {(i, n) for i in range(1234) for n in layers.block_names if _matches(layers.name(i, n), pattern)}
+    assert got == want
+
+
+def test_a_digit_blind_regex_is_tried_once_per_digit_count(monkeypatch):
+    """r'.*c_attn' on a million blocks: tried on one block of each digit count (7), not a million."""
+    import minilora.memory.inventory as inventory
+    calls = [0]
+    real = inventory.matches
+
+    def counting(name, pattern):
+        calls[0] += 1
+        return real(name, pattern)
+    monkeypatch.setattr(inventory, "matches", counting)
+    m = estimate(DEEP[0], "lora", targets=r".*c_attn")
+    names = len(inventory.Layers(DEEP[0]).names)
+    assert calls[0] <= names + 7 * names and m.adapters == 10**6 * 8 * (64 + 3 * 64) * 4  # A and B at r 8, fp32

@@ -5,8 +5,9 @@ so a model of one block on the "meta" device (shapes, no memory) names and sizes
 is outside + n_layer × one block: the same bytes at any depth, in the same time. What can differ between blocks
 is which of them the targets select. A target pattern (minilora.inject: the exact name, a dotted suffix, or a
 regular expression over the whole name) made of dotted names that are not numbers ("c_attn", "mlp.c_fc")
-selects the same modules in every block: no part of it can stand for a block's number. Any other pattern
-("transformer.h.3.mlp.c_fc", r".*h\\.[01]\\..*") is matched against every block's names, block by block.
+selects the same modules in every block: no part of it can stand for a block's number. A regular expression
+that treats all digits alike (r".*c_attn") is tried once per number of digits (minilora.memory.patterns);
+one that names blocks by number ("transformer.h.3.mlp.c_fc", r".*h\\.[01]\\..*") is matched block by block.
 
     Layers(config).select(targets) -> Selection: the modules outside the blocks, those of every block,
                                        and those of some blocks only (block index -> names inside the block)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -26,6 +28,7 @@ from ..gpt import GPT, GPTConfig
 from ..inject import _matches as matches  # find_targets' rule for one name and one pattern
 from ..llama import Llama, LlamaConfig
 from ..qlora import untied_linears
+from .patterns import digit_blind, digit_spans
 
 _DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")  # dotted names, none of them a number
 
@@ -50,13 +53,11 @@ def _one_block_model(kind: str, config_json: str) -> nn.Module:
 @dataclass
 class Selection:
     """The modules a list of target patterns selects: `outside` (full names, outside the blocks), `every` (names
-    inside a block, selected in all of them) and `some` (block index -> names inside it selected there too)."""
+    inside a block, selected in all of them) and `some` ((start, stop, name inside a block): selected in blocks
+    start … stop-1 too)."""
     outside: set[str] = field(default_factory=set)
     every: set[str] = field(default_factory=set)
-    some: dict[int, set[str]] = field(default_factory=dict)
-
-    def of_block(self, i: int) -> frozenset[str]:
-        return frozenset(self.every | self.some.get(i, set()))
+    some: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 class Layers:
@@ -100,16 +101,30 @@ class Layers:
                 elif inside and _DOTTED.fullmatch(p) and (inside == p or inside.endswith("." + p)):
                     chosen.every.add(inside)
                     hits += 1
-            if not _DOTTED.fullmatch(p):  # a pattern that may name blocks by number: each block's names
-                for i in range(self.depth):
-                    for inside in self.block_names:
-                        if matches(self.name(i, inside), p):
-                            chosen.some.setdefault(i, set()).add(inside)
-                            hits += 1
+            if not _DOTTED.fullmatch(p):
+                found = self._spans(p)
+                chosen.some += found
+                hits += len(found)
             if not hits:
                 raise ValueError(f"target {p!r} matches no module of {type(self.model).__name__} "
                                  f"(module names look like {self.names[min(5, len(self.names) - 1)]!r})")
         return chosen
+
+    def _spans(self, p: str) -> list[tuple[int, int, str]]:
+        """(start, stop, name inside a block) for the blocks whose module `name` the pattern p selects: one block
+        per digit count if p treats all digits alike, else block by block (consecutive ones joined)."""
+        if digit_blind(p):
+            return [(a, b, n) for a, b in digit_spans(self.depth) for n in self.block_names
+                    if matches(self.name(a, n), p)]
+        spans: list[tuple[int, int, str]] = []
+        for n in self.block_names:
+            for i in range(self.depth):
+                if matches(self.name(i, n), p):
+                    if spans and spans[-1][1:] == (i, n):
+                        spans[-1] = (spans[-1][0], i + 1, n)
+                    else:
+                        spans.append((i, i + 1, n))
+        return spans
 
     def untied(self, chosen: Selection | None = None) -> Selection:
         """The nn.Linear modules of `chosen` (default: of the whole model) whose weight no other module shares."""
@@ -124,19 +139,26 @@ class Layers:
         """Every selected module must be a linear layer."""
         named = [(n, self.model.get_submodule(n)) for n in chosen.outside]
         named += [(self.name(0, n), self.module(n)) for n in chosen.every]
-        named += [(self.name(i, n), self.module(n)) for i, names in chosen.some.items() for n in names]
+        named += [(self.name(a, n), self.module(n)) for a, _, n in chosen.some]
         for name, module in named:
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"target {name!r} is a {type(module).__name__}, not a linear layer")
 
     def runs(self, *selections: Selection) -> list[tuple[int, int, tuple[frozenset[str], ...]]]:
-        """The blocks as runs (count, first block, what each selection selects in each of them) of blocks alike."""
-        marks = sorted({0} | {i for s in selections for i in s.some} | {i + 1 for s in selections for i in s.some})
+        """The blocks as runs (count, first block, what each selection selects in each of them) of blocks alike:
+        a sweep over the starts and stops of every selection's spans."""
+        edges: dict[int, list[tuple[int, str, int]]] = {}
+        for k, s in enumerate(selections):
+            for a, b, n in s.some:
+                edges.setdefault(a, []).append((k, n, 1))
+                edges.setdefault(b, []).append((k, n, -1))
+        active = [Counter() for _ in selections]
+        marks = sorted({0, self.depth} | set(edges))
         out: list[tuple[int, int, tuple[frozenset[str], ...]]] = []
-        for a, b in zip(marks, marks[1:] + [self.depth]):
-            if a >= self.depth:
-                break
-            chosen = tuple(s.of_block(a) for s in selections)
+        for a, b in zip(marks, marks[1:]):
+            for k, n, step in edges.get(a, ()):
+                active[k][n] += step
+            chosen = tuple(frozenset(s.every | {n for n, c in on.items() if c}) for s, on in zip(selections, active))
             if out and out[-1][2] == chosen:
                 out[-1] = (out[-1][0] + b - a, out[-1][1], chosen)
             else:
