@@ -24,14 +24,15 @@ import sys
 from .data import InstructionSet, load_jsonl, load_tokenizer, prompt, split_examples, yoda_dataset
 from .demos.finetune import DemoConfig, pretrain_base, print_report, run_demo
 from .runs.cli_args import Parser, above_zero, at_least_zero, count, device, fraction, positive
-from .inject import find_targets
 from .parallel import AnotherRankFailed, DistributedError, decide, init_from_env, is_main, shutdown
 from .generate import generate_per_adapter, generate_text, load_named_adapters, named_adapter_dirs
 from . import from_pretrained, model_config
+from .gpt import GPTConfig
 from .hf.hub import resolve
 from .memory.command import cmd_memory, default_targets
 from .memory.llama import PRESETS
 from .runs import check_run_dir, find_checkpoint, read_state
+from .runs.preflight import check_batch, check_plan
 from .train import TrainConfig, train
 from .train_config import DEFAULT_TARGETS, INITS, LLAMA_TARGETS, MODES, OPTIMIZERS
 
@@ -90,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory: checkpoint/, adapter/ or model/, metrics.json")
     p.add_argument("--mode", choices=MODES, default=tc.mode)
     p.add_argument("--data", default=None, help="JSONL of instruction/context/output (default: the Yoda task)")
-    p.add_argument("--n-train", type=positive, default=dc.n_train)
-    p.add_argument("--n-val", type=positive, default=dc.n_val)
+    p.add_argument("--n-train", type=positive, default=None, help=f"training examples (default {dc.n_train}; with "
+                   "--data: every example not held out)")
+    p.add_argument("--n-val", type=positive, default=None, help=f"validation examples (default {dc.n_val}; with "
+                   "--data: 10%% of the file), held out before --n-train are taken")
     p.add_argument("--steps", type=positive, default=dc.steps)
     p.add_argument("--batch-size", type=positive, default=dc.batch_size)
     p.add_argument("--grad-accum", type=positive, default=tc.grad_accum)
@@ -150,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(a) -> None:
+    _check_model_args(a)
     check_run_dir(a.out, "demo", a.overwrite)  # before any work: a file, or someone else's files, is refused
     cfg = DemoConfig(steps=a.steps, pretrain_steps=a.pretrain_steps, modes=tuple(a.modes), seed=a.seed,
                      out=a.out, cache="" if a.no_cache else a.cache, progress=not a.no_progress,
@@ -158,7 +162,18 @@ def cmd_demo(a) -> None:
     print_report(run_demo(cfg))
 
 
+def _check_model_args(a) -> None:
+    """The GPT's shape and the learning rate, checked before the tokenizer and the model are trained."""
+    if a.vocab_size < 257:
+        raise ValueError(f"vocab_size (--vocab-size) must be >= 257 for a BPE (256 bytes + end-of-text), "
+                         f"got {a.vocab_size}")
+    GPTConfig(block_size=a.block_size, vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
+    if getattr(a, "lr", None) is not None:
+        TrainConfig(mode="full", lr=a.lr, steps=a.steps, batch_size=a.batch_size)
+
+
 def cmd_pretrain(a) -> None:
+    _check_model_args(a)
     check_run_dir(a.out, "pretrain", a.overwrite)  # before the tokenizer and the model are trained
     cfg = DemoConfig(vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd,
                      block_size=a.block_size, pretrain_steps=a.steps, pretrain_batch_size=a.batch_size,
@@ -183,11 +198,12 @@ def cmd_finetune(a) -> None:
                           gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,
                           optimizer=a.optimizer or "adamw", fsdp=a.fsdp, device=a.device, eval_every=a.eval_every,
                           save_every=a.save_every, out_dir=a.out, overwrite=a.overwrite, progress=not a.no_progress)
+        check_batch(cfg)  # under torchrun: an example for every rank
         data = load_jsonl(a.data) if a.data else None  # a bad file fails here, before the model is read
-        examples = split_examples(data, 0.1, seed=a.seed) if data else yoda_dataset(a.n_train, a.n_val, seed=a.seed)
+        examples = split_examples(data, 0.1, seed=a.seed, n_train=a.n_train, n_val=a.n_val) if data else \
+            yoda_dataset(a.n_train or dc.n_train, a.n_val or dc.n_val, seed=a.seed)
         base = from_pretrained(base_dir)
-        if a.mode != "full":
-            find_targets(base, cfg.targets)  # every --targets pattern names a layer of this model
+        check_plan(base, cfg, f"the base model {base_dir}")  # finite weights; --targets and --r fit its layers
         tok = load_tokenizer(base_dir, vocab_size=base.config.vocab_size)
         return cfg, base, [InstructionSet(ex, tok, base.config.block_size) for ex in examples]
     cfg, base, (train_set, val_set) = decide(prepare)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .checkpointing import checkpoint_sequential
 from .hf import gpt2 as hf_gpt2
+from .data.token_ids import check_token_ids
 
 
 @dataclass
@@ -165,8 +166,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Logits (B, T, vocab); with targets also the mean cross-entropy over targets != -100."""
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+        check_token_ids(idx, self.config.vocab_size)
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -207,7 +207,11 @@ class GPT(nn.Module):
             if greedy:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits / temperature
+                scaled = logits / temperature  # a T so small that this overflows (1e-300 is 0 in float32): the
+                if not bool(scaled.isfinite().all()):  # limit T -> 0, logits shifted so the largest stay at 0
+                    shifted = logits - logits.amax(-1, keepdim=True)  # (softmax is shift-invariant)
+                    scaled = torch.where(shifted == 0, 0.0, shifted / temperature)
+                logits = scaled
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))

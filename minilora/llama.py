@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .checkpointing import checkpoint_sequential
 from .gpt import GPT
+from .data.token_ids import check_token_ids
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -200,8 +201,7 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Logits (B, T, vocab); with targets also the mean cross-entropy over targets != -100."""
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+        check_token_ids(idx, self.config.vocab_size)
         x = self.model.embed_tokens(idx)  # (B, T, C): no position embedding, positions enter q and k by rotation
         x = self.run_blocks(x, *self.rope(idx.size(1), idx.device, x.dtype))
         logits = self.lm_head(self.model.norm(x))  # (B, T, vocab)

@@ -33,6 +33,8 @@ from .evaluate import evaluate
 from .runs.files import atomic_write_json
 from .inject import add_lora
 from .optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
+from .optim.adamw import check_step_size
+from .runs.preflight import check_plan
 from .params import ParamCount, count_parameters
 from .runs import RunDir, identity
 from .train_config import TrainConfig
@@ -84,6 +86,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    for dtype in {p.dtype for p in params}:  # torch.optim.AdamW steps in the parameters' own dtype
+        check_step_size(cfg.lr, cfg.betas[0], dtype, "TrainConfig.lr")
     kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer.startswith("paged"):
         kw.update(page_size=cfg.page_size, device_budget=cfg.device_budget)
@@ -151,6 +155,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_data: InstructionSet | Token
     init_from_env()  # under torchrun: join the process group (minilora.parallel); otherwise nothing
 
     def open_run_dir() -> RunDir | None:  # rank 0 alone checks, creates and locks; the others take its verdict
+        check_plan(model, cfg)
         if resume and not cfg.out_dir:
             raise ValueError("resume=True needs TrainConfig.out_dir (where the checkpoint is)")
         if measure_memory and cfg.fsdp and world_size() > 1:  # it measures a step on a copy of the whole model

@@ -8,6 +8,10 @@ import json
 import math
 from dataclasses import InitVar, asdict, dataclass
 
+import torch
+
+from .optim.adamw import check_step_size
+
 MODES = ("full", "lora", "qlora")                       # what trains: every weight, adapters, adapters on NF4
 OPTIMIZERS = ("adamw", "paged", "adamw8bit", "paged8bit")  # minilora.optim: how AdamW's m and v are stored
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")           # LoRA on every linear layer inside the blocks
@@ -106,6 +110,7 @@ class TrainConfig:
                              f"got optimizer={self.optimizer!r}")
         if self.save_every and not self.out_dir:
             raise ValueError("TrainConfig.save_every needs out_dir")
+        check_step_size(self.lr, self.betas[0], torch.float32, "TrainConfig.lr")  # (and make_optimizer: the params')
 
     def trajectory(self) -> dict:
         """The settings a resumed run must share with the run that wrote the checkpoint."""

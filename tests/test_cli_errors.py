@@ -1,6 +1,7 @@
 """Bad input to python -m minilora ends in one line `error: ...` naming what is wrong, exit status 2, no
 traceback, and before any work is done. The models here are built in a second (no pretraining)."""
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,7 +36,7 @@ def adapter(base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "good.jsonl"
-    save_jsonl([Example("Yoda", s, yoda(s)) for s in ["You must rest.", "We can win.", "I will go."]] * 3, path)
+    save_jsonl([Example("Yoda", s, yoda(s)) for s in ["You must rest.", "We can win.", "I will go."]] * 4, path)
     return path
 
 
@@ -61,6 +62,12 @@ def one_error(capsys, argv, *needles):
 def finetune(base, out, *extra):
     return ["finetune", "--base", base, "--out", out, "--no-progress", "--steps", "2", "--n-train", "8",
             "--n-val", "2", "--batch-size", "2", *extra]
+
+
+def with_data(base, out, path, *extra):
+    """finetune on the JSONL file `path`, --n-train / --n-val only as `extra` gives them."""
+    return ["finetune", "--base", base, "--out", out, "--no-progress", "--steps", "2", "--batch-size", "2",
+            "--data", path, *extra]
 
 
 def copy_base(base, to: Path) -> Path:
@@ -163,6 +170,95 @@ def test_data_values_that_are_not_strings(base, tmp_path, capsys, record, key):
     path.write_text('{"instruction": "a", "output": "b"}\n' + json.dumps(record) + "\n")
     one_error(capsys, finetune(base, tmp_path / "o", "--data", path), f"{path}:2", key, "must be a string")
     assert not (tmp_path / "o" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("lines, needle", [
+    (['{"instruction": "a", "output": "b"}'] * 3 + ['{"instruction": "a\\ud800", "output": "b"}'],
+     ":4: 'instruction' holds a lone surrogate"),
+    (['{"instruction": "a", "output": "b"}'] * 3 + [json.dumps({"instruction": "patience " * 300, "output": "b"})],
+     ":4: the example has"),
+    (['{"instruction": "a", "output": "b"}'], " holds 1 example(s); the split needs 2"),
+])
+def test_data_errors_name_the_file_and_line(base, tmp_path, capsys, lines, needle):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    one_error(capsys, with_data(base, tmp_path / "o", path), f"{path}{needle}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_that_is_a_pipe_or_a_device(base, tmp_path, capsys):
+    """Not 'not found': what the path is, and what to give instead (a pipe is never opened here)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    one_error(capsys, finetune(base, tmp_path / "o", "--data", fifo), f"{fifo} is a pipe (FIFO), not a regular file")
+    one_error(capsys, finetune(base, tmp_path / "o", "--data", "/dev/null"), "/dev/null is a character device")
+
+
+def test_n_train_and_n_val_with_data_are_honoured(base, data, tmp_path, capsys, monkeypatch):
+    """--data with --n-train / --n-val: n_val examples held out, n_train of the rest trained on; too few: refused."""
+    seen = {}
+
+    def fake_train(model, cfg, train_set, val_set, resume=False):
+        seen.update(train=len(train_set), val=len(val_set))
+        return SimpleNamespace(params="", losses=[1.0], final={"loss": 1.0, "exact_match": 0.0})
+    monkeypatch.setattr(cli, "train", fake_train)
+    for extra, expected in ((["--n-train", "5", "--n-val", "3"], (5, 3)), (["--n-val", "4"], (8, 4)),
+                            (["--n-train", "2"], (2, 1)), ([], (11, 1))):
+        assert run(with_data(base, tmp_path / "o", data, *extra)) == 0, capsys.readouterr()
+        assert (seen["train"], seen["val"]) == expected, extra
+    one_error(capsys, finetune(base, tmp_path / "o", "--data", data, "--n-train", "11", "--n-val", "2"),
+              f"{data} holds 12 example(s); the split needs 13 (11 for training + 2 for validation)")
+
+
+def poisoned(base, to: Path) -> Path:
+    copy_base(base, to)
+    (to / "minilora_tokenizer.json").write_bytes((base / "minilora_tokenizer.json").read_bytes())
+    model = GPT.from_pretrained(to)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight[0, 1] = float("inf")
+    model.save_pretrained(to)
+    return to
+
+
+def test_refusals_come_before_the_run_directory(base, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    one_error(capsys, finetune(base, out, "--r", "100"), "r (LoRA rank) = 100", "'transformer.h.0.attn.c_attn'",
+              "choose r <= 32")
+    one_error(capsys, finetune(base, out, "--lr", "1e308"), "lr=1e+308 is too large")
+    bad = poisoned(base, tmp_path / "inf")
+    one_error(capsys, finetune(bad, out), f"the base model {bad} holds inf/NaN weights",
+              "transformer.h.0.attn.c_attn.weight has 1 non-finite value(s)")
+    monkeypatch.setattr("minilora.runs.preflight.world_size", lambda: 3)  # as under torchrun with 3 processes
+    monkeypatch.setattr(cli, "load_jsonl", lambda *a: pytest.fail("the data was read"))
+    one_error(capsys, finetune(base, out, "--batch-size", "2"), "batch_size=2 (--batch-size) is smaller than the 3")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, needle", [(["--n-embd", "30", "--n-head", "4"], "n_embd (30) must be divisible"),
+                                          (["--lr", "1e308"], "lr=1e+308 is too large"),
+                                          (["--vocab-size", "256"], "--vocab-size")])
+def test_pretrain_refuses_before_the_tokenizer_is_trained(tmp_path, capsys, monkeypatch, argv, needle):
+    monkeypatch.setattr(cli, "pretrain_base", lambda *a, **k: pytest.fail("pretrain_base was called"))
+    one_error(capsys, ["pretrain", "--out", tmp_path / "o", *argv], needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_pretrain_vocab_the_corpus_cannot_fill(tmp_path, capsys, monkeypatch):
+    """--vocab-size 100000000 gave a 12,436-token vocabulary without a word; now it says what the text yields."""
+    import minilora.demos.finetune as demo
+    monkeypatch.setattr(demo, "english_documents", lambda: [TEXT] * 40)
+    err = one_error(capsys, ["pretrain", "--out", tmp_path / "o", "--vocab-size", "100000000", "--no-progress"],
+                    "vocab_size=100000000 cannot be reached: this text yields at most")
+    most = int(err.split("at most ")[1].split()[0])
+    assert 257 < most < 1000
+
+
+def test_generate_at_a_vanishing_temperature_is_greedy(base, capsys):
+    args = ["generate", "--model", base, "--prompt", "You must", "--max-new-tokens", "8"]
+    assert run(args) == 0
+    greedy = capsys.readouterr().out
+    assert run(args + ["--temperature", "1e-300", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == greedy
 
 
 # ----- model directories -----

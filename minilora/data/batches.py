@@ -63,9 +63,12 @@ class InstructionSet:
             raise ValueError("examples must not be empty")
         self.examples, self.tokenizer, self.block_size = list(examples), tokenizer, block_size
         self.encoded = [encode_example(tokenizer, e) for e in self.examples]
-        longest = max(len(ids) - 1 for ids, _ in self.encoded)
-        if longest > block_size:
-            raise ValueError(f"the longest example has {longest} tokens, more than block_size={block_size}")
+        too_long = [(i, len(ids) - 1) for i, (ids, _) in enumerate(self.encoded) if len(ids) - 1 > block_size]
+        if too_long:
+            i, n = too_long[0]
+            where = self.examples[i].source or f"example {i}"
+            raise ValueError(f"{where}: the example has {n} tokens, more than block_size={block_size}"
+                             + (f" ({len(too_long)} examples are too long)" if len(too_long) > 1 else ""))
 
     def __len__(self) -> int:
         return len(self.examples)

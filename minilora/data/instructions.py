@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict, dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runs.files import atomic_write_text
@@ -41,6 +42,7 @@ class Example:
     instruction: str
     context: str
     output: str
+    source: str = field(default="", compare=False)  # where it was read ("file.jsonl:7"), for error messages
 
     def __post_init__(self):
         for name in ("instruction", "context", "output"):
@@ -99,7 +101,8 @@ def yoda_dataset(n_train: int = 2000, n_val: int = 200, seed: int = 0) -> tuple[
 
 def save_jsonl(examples: list[Example], path: str | os.PathLike) -> None:
     """One {"instruction", "context", "output"} object per line, written atomically."""
-    atomic_write_text(path, "".join(json.dumps(asdict(e)) + "\n" for e in examples))
+    atomic_write_text(path, "".join(json.dumps({"instruction": e.instruction, "context": e.context,
+                                                "output": e.output}) + "\n" for e in examples))
 
 
 def _example(rec, where: str) -> Example:
@@ -115,7 +118,12 @@ def _example(rec, where: str) -> Example:
             raise ValueError(f"{where}: the key {shown!r} is missing (each line needs 'instruction' and 'output')")
         if not isinstance(value, str):
             raise ValueError(f"{where}: {shown!r} must be a string, got {json.dumps(value)[:40]}")
-    return Example(fields["instruction"], fields["context"], fields["output"])
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's "\ud800" escape: half of a UTF-16 pair, not a character
+            raise ValueError(f"{where}: {shown!r} holds a lone surrogate (U+{ord(value[e.start]):04X} at character "
+                             f"{e.start + 1}), which is not text; it cannot be tokenized") from None
+    return Example(fields["instruction"], fields["context"], fields["output"], source=where)
 
 
 def load_jsonl(path: str | os.PathLike) -> list[Example]:
@@ -124,8 +132,14 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory; expected a JSONL file (one JSON object per line)")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found (expected a JSONL file)")
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):  # a pipe, a terminal or a device: read once at most, and never the same twice
+        kind = next((k for test, k in ((stat.S_ISFIFO, "a pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                                        (stat.S_ISSOCK, "a socket"), (stat.S_ISBLK, "a block device")) if test(mode)),
+                    "not a regular file")
+        raise ValueError(f"{path} is {kind}, not a regular file; save the data to a JSONL file and give its path")
     out = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -146,15 +160,23 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
     return out
 
 
-def split_examples(examples: list[Example], val_fraction: float = 0.1,
-                   seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """Shuffle with a seed, then cut off the last val_fraction as validation."""
+def split_examples(examples: list[Example], val_fraction: float = 0.1, seed: int = 0, n_train: int | None = None,
+                   n_val: int | None = None) -> tuple[list[Example], list[Example]]:
+    """Shuffle with a seed, then cut off the last val_fraction (or n_val examples) as validation; n_train keeps
+    only that many of the rest for training. Too few examples are refused naming the file they came from."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    for name, n in (("n_train", n_train), ("n_val", n_val)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"{name} must be None or an int >= 1, got {n!r}")
+    held = max(1, round(len(examples) * val_fraction)) if n_val is None else n_val
+    need = held + (n_train or 1)
+    if len(examples) < need:
+        where = examples[0].source.rpartition(":")[0] if examples and examples[0].source else "the data"
+        asked = f"{n_train} for training + {held} for validation" if n_train else f"{held} for validation + 1 to train"
+        raise ValueError(f"{where} holds {len(examples)} example(s); the split needs {need} ({asked})")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(examples) * val_fraction))
-    if n_val >= len(examples):
-        raise ValueError(f"need at least 2 examples to split, got {len(examples)}")
     shuffled = [examples[i] for i in order]
-    return shuffled[:-n_val], shuffled[-n_val:]
+    train = shuffled[:-held]
+    return train[:n_train] if n_train else train, shuffled[-held:]

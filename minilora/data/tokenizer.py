@@ -87,7 +87,8 @@ class BPETokenizer:
     @classmethod
     def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
         """Learn vocab_size - 257 merges from text: each one fuses the most frequent adjacent pair (ties: the
-        smallest pair of ids), counted over word types weighted by their frequency."""
+        smallest pair of ids), counted over word types weighted by their frequency. A vocab_size the text cannot
+        fill (no pair left that occurs twice) is refused, saying the most it yields."""
         if not isinstance(vocab_size, int) or vocab_size < 257:
             raise ValueError(f"vocab_size must be an int >= 257 (256 bytes + end-of-text), got {vocab_size!r}")
         counts = Counter(WORD_SPLIT.findall(text))
@@ -135,6 +136,10 @@ class BPETokenizer:
                     heapq.heappush(heap, (-pairs[p], p))
                 else:
                     pairs.pop(p, None)
+        if len(merges) < vocab_size - 257:  # no pair left that occurs twice: the text yields no more tokens
+            raise ValueError(f"vocab_size={vocab_size} cannot be reached: this text yields at most "
+                             f"{257 + len(merges)} tokens (256 bytes + end-of-text + {len(merges)} merges of pairs "
+                             f"that occur at least twice); choose vocab_size <= {257 + len(merges)}")
         return cls(merges)
 
     def _encode_word(self, word: str) -> list[int]:

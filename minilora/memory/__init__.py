@@ -16,6 +16,9 @@ Read in this order:
 
     breakdown.py    MemoryBreakdown: the bytes of one step by what holds them, and the table that prints it
     activations.py  what autograd saves per block, op by op (the analytic activation model)
+    depth.py        those blocks as runs of identical ones: totals and the checkpointed peak at any depth
+    inventory.py    the parameters and target layers: one block on the meta device stands for every block
+    patterns.py     (machinery) which blocks a target regex selects, tried once per digit count
     estimate.py     the analytic side: every part of a MemoryBreakdown from a GPTConfig and a recipe
     saved.py        the saved-tensor meter: the bytes autograd really keeps, live, on any device
     measure.py      the measured side: one real training step counted into the same MemoryBreakdown

@@ -32,12 +32,12 @@ backward begins).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..checkpointing import segment_bounds
 from ..hf.gpt2 import LINEARS  # GPT-2's four linear layers per block
+from .depth import SavedActivations, segment_count, walk_runs
 
 KINDS = ("trained", "frozen", "lora", "qlora")
 
@@ -46,14 +46,15 @@ KINDS = ("trained", "frozen", "lora", "qlora")
 class ActivationSetup:
     """Everything the saved-tensor walk needs besides the GPT's shape.
 
-    kinds[i][name]: how linear `name` of block i is trained ("trained", "frozen", "lora", "qlora"), and
-    head_kind for lm_head. act: itemsize of the model's activations; adapter: of LoRA's A, B and x Aᵀ;
-    compute: of a QLoRA layer's matmuls. device "cuda" or "cpu" changes dropout masks, the attention kernel
-    under dropout, and (for 16-bit models) the LayerNorm statistics' dtype.
+    kinds[i][name]: how linear `name` of block i is trained ("trained", "frozen", "lora", "qlora"), or for a
+    deep model runs [(count, {name: kind}), ...] of blocks trained alike; head_kind for lm_head. act: itemsize
+    of the model's activations; adapter: of LoRA's A, B and x Aᵀ; compute: of a QLoRA layer's matmuls. device
+    "cuda" or "cpu" changes dropout masks, the attention kernel under dropout, and (for 16-bit models) the
+    LayerNorm statistics' dtype.
     """
     batch_size: int
     seq_len: int
-    kinds: list[dict[str, str]]
+    kinds: list[dict[str, str]] | list[tuple[int, dict[str, str]]]
     head_kind: str = "frozen"
     embeddings_trained: bool = False
     norms_trained: bool = False
@@ -67,46 +68,22 @@ class ActivationSetup:
     device: str = "cuda"
 
 
-@dataclass
-class SavedActivations:
-    """The analytic saved-for-backward tensors of one forward: name -> bytes, by where they are saved."""
-    pre: dict[str, int]                 # embeddings (+ dropout)
-    blocks: list[dict[str, int]]        # one dict per transformer block
-    post: dict[str, int]                # ln_f, lm_head, loss
-    segments: list[tuple[int, int]] | None = None  # checkpointed segments [start, end), None: no checkpointing
-    tokens: int = 0
-    block_inputs: list[str] = field(default_factory=list)  # name of each block's input (+ ln_f's)
-    input_bytes: int = 0                # bytes of one block input, (B, T, C): what a segment keeps
-
-    @property
-    def forward_end(self) -> int:
-        """Bytes alive when the forward has finished (the backward can only free from here, or recompute)."""
-        if self.segments is None:
-            return _union(self.pre, *self.blocks, self.post)
-        inputs = {self.block_inputs[a]: self.input_bytes for a, _ in self.segments}
-        return _union(self.pre, inputs, self.post)
-
-    @property
-    def peak(self) -> int:
-        """max over time of the saved bytes alive: the forward's end, or a checkpointed segment's replay."""
-        if self.segments is None:
-            return self.forward_end
-        peak, kept = self.forward_end, {}
-        for a, b in self.segments:
-            kept[self.block_inputs[a]] = self.input_bytes
-            peak = max(peak, _union(self.pre, kept, *self.blocks[a:b]))
-        return peak
-
-    def per_token_per_block(self, i: int | None = None) -> float:
-        """Bytes block i saves per token (default: the last block, which every mode trains through)."""
-        return sum(self.blocks[-1 if i is None else i].values()) / self.tokens
+def kind_runs(kinds) -> list[tuple[int, dict[str, str]]]:
+    """ActivationSetup.kinds as runs [(count, kinds of each block)]: given as runs, or one dict per block."""
+    if all(isinstance(k, tuple) for k in kinds):
+        return list(kinds)
+    runs: list[tuple[int, dict[str, str]]] = []
+    for k in kinds:
+        if runs and runs[-1][1] == k:
+            runs[-1] = (runs[-1][0] + 1, k)
+        else:
+            runs.append((1, k))
+    return runs
 
 
-def _union(*dicts: dict[str, int]) -> int:
-    merged: dict[str, int] = {}
-    for d in dicts:
-        merged.update(d)
-    return sum(merged.values())
+def checkpointed(n: int, checkpoint_segments: int | None | bool) -> int | None:
+    """The number of checkpointed segments of n blocks: None without checkpointing (False)."""
+    return None if checkpoint_segments is False else segment_count(n, checkpoint_segments)
 
 
 def record_linear(s: ActivationSetup, saved: dict, name: str, x: str, numel: int, x_rg: bool, kind: str,
@@ -135,9 +112,54 @@ def record_linear(s: ActivationSetup, saved: dict, name: str, x: str, numel: int
     return True
 
 
+def gpt_block(s: ActivationSetup, n_head: int, C: int, kinds: dict[str, str], x_rg: bool
+              ) -> tuple[dict[str, int], dict[str, int], bool]:
+    """What one GPT block saves (names inside the block; 'x' is its input), nothing shared with other blocks,
+    and whether its output requires grad, given whether its input x does (x_rg)."""
+    B, T = s.batch_size, s.seq_len
+    BT, BTC = B * T, B * T * C
+    mask = 1 if s.device == "cuda" else s.act
+    stats = 4 if (s.act == 4 or s.device == "cuda") else s.act
+    linear = functools.partial(record_linear, s)
+    saved: dict[str, int] = {}
+    # ln_1
+    if x_rg or s.norms_trained:
+        saved["x"] = BTC * s.act
+        saved["ln_1.stats"] = 2 * BT * stats
+    h_rg = x_rg or s.norms_trained
+    qkv_rg = linear(saved, "attn.c_attn", "ln_1.out", BTC, h_rg, kinds["attn.c_attn"], C, 3 * C)
+    math_kernel = s.dropout > 0 and s.device == "cpu"
+    y = "attn.y" if math_kernel else "attn.out"  # c_proj's input
+    if qkv_rg:
+        if math_kernel:  # fp32 copies of q, k, v and three (T × T) fp32 tensors: probs, mask, dropped
+            saved["attn.q,k,v"] = 3 * BTC * 4
+            saved["attn.probs,mask,dropped"] = 3 * B * n_head * T * T * 4
+        else:  # fused kernel: q, k, v as views of one buffer, the output, log-sum-exp (fp32)
+            saved["attn.qkv"] = 3 * BTC * s.act
+            saved["attn.out"] = BTC * s.act  # laid out (B, T, nh, hs): the re-layout is free
+            saved["attn.lse"] = B * n_head * T * 4
+    a_rg = linear(saved, "attn.c_proj", y, BTC, qkv_rg, kinds["attn.c_proj"], C, C)
+    if a_rg and s.dropout > 0:
+        saved["attn.dropout_mask"] = BTC * mask
+    x2_rg = x_rg or a_rg
+    # ln_2
+    if x2_rg or s.norms_trained:
+        saved["x2"] = BTC * s.act
+        saved["ln_2.stats"] = 2 * BT * stats
+    h2_rg = x2_rg or s.norms_trained
+    f_rg = linear(saved, "mlp.c_fc", "ln_2.out", BTC, h2_rg, kinds["mlp.c_fc"], C, 4 * C)
+    if f_rg:
+        saved["mlp.fc_out"] = 4 * BTC * s.act  # GELU's input
+    m_rg = linear(saved, "mlp.c_proj", "mlp.gelu_out", 4 * BTC, f_rg, kinds["mlp.c_proj"], 4 * C, C)
+    if m_rg and s.dropout > 0:
+        saved["mlp.dropout_mask"] = BTC * mask
+    return saved, {}, x2_rg or m_rg
+
+
 def saved_activations(n_layer: int, n_head: int, n_embd: int, vocab_size: int, s: ActivationSetup,
                       checkpoint_segments: int | None | bool = False) -> SavedActivations:
-    """Walk minilora's GPT forward and list the tensors autograd saves (see the module docstring).
+    """Walk minilora's GPT forward and list the tensors autograd saves (see the module docstring), one block
+    per run of blocks trained alike (minilora.memory.depth adds them up). n_layer: the blocks s.kinds describes.
 
     checkpoint_segments: False for no checkpointing, None for ⌈√n_layer⌉ segments, or a segment count.
     """
@@ -145,7 +167,6 @@ def saved_activations(n_layer: int, n_head: int, n_embd: int, vocab_size: int, s
     BT, BTC = B * T, B * T * C
     mask = 1 if s.device == "cuda" else s.act
     stats = 4 if (s.act == 4 or s.device == "cuda") else s.act
-    linear = functools.partial(record_linear, s)
 
     pre: dict[str, int] = {}
     if s.embeddings_trained:
@@ -153,64 +174,21 @@ def saved_activations(n_layer: int, n_head: int, n_embd: int, vocab_size: int, s
         pre["pos"] = T * 8
         if s.dropout > 0:
             pre["emb.dropout_mask"] = BTC * mask
-    x_rg = s.embeddings_trained
-
-    blocks, inputs = [], []
-    for i, kinds in enumerate(s.kinds):
-        p, saved = f"h{i}.", {}
-        x = p + "x"
-        inputs.append(x)
-        # ln_1
-        if x_rg or s.norms_trained:
-            saved[x] = BTC * s.act
-            saved[p + "ln_1.stats"] = 2 * BT * stats
-        h_rg = x_rg or s.norms_trained
-        qkv_rg = linear(saved, p + "attn.c_attn", p + "ln_1.out", BTC, h_rg, kinds["attn.c_attn"], C, 3 * C)
-        math_kernel = s.dropout > 0 and s.device == "cpu"
-        y = p + ("attn.y" if math_kernel else "attn.out")  # c_proj's input
-        if qkv_rg:
-            if math_kernel:  # fp32 copies of q, k, v and three (T × T) fp32 tensors: probs, mask, dropped
-                saved[p + "attn.q,k,v"] = 3 * BTC * 4
-                saved[p + "attn.probs,mask,dropped"] = 3 * B * n_head * T * T * 4
-            else:  # fused kernel: q, k, v as views of one buffer, the output, log-sum-exp (fp32)
-                saved[p + "attn.qkv"] = 3 * BTC * s.act
-                saved[p + "attn.out"] = BTC * s.act  # laid out (B, T, nh, hs): the re-layout is free
-                saved[p + "attn.lse"] = B * n_head * T * 4
-        a_rg = linear(saved, p + "attn.c_proj", y, BTC, qkv_rg, kinds["attn.c_proj"], C, C)
-        if a_rg and s.dropout > 0:
-            saved[p + "attn.dropout_mask"] = BTC * mask
-        x2_rg = x_rg or a_rg
-        # ln_2
-        if x2_rg or s.norms_trained:
-            saved[p + "x2"] = BTC * s.act
-            saved[p + "ln_2.stats"] = 2 * BT * stats
-        h2_rg = x2_rg or s.norms_trained
-        f_rg = linear(saved, p + "mlp.c_fc", p + "ln_2.out", BTC, h2_rg, kinds["mlp.c_fc"], C, 4 * C)
-        if f_rg:
-            saved[p + "mlp.fc_out"] = 4 * BTC * s.act  # GELU's input
-        m_rg = linear(saved, p + "mlp.c_proj", p + "mlp.gelu_out", 4 * BTC, f_rg, kinds["mlp.c_proj"], 4 * C, C)
-        if m_rg and s.dropout > 0:
-            saved[p + "mlp.dropout_mask"] = BTC * mask
-        x_rg = x2_rg or m_rg
-        blocks.append(saved)
-    inputs.append(f"h{len(s.kinds)}.x")
+    runs, x_rg = walk_runs(functools.partial(gpt_block, s, n_head, C), kind_runs(s.kinds), s.embeddings_trained)
+    n = sum(r.count for r in runs)
 
     post: dict[str, int] = {}
-    x = inputs[-1]
     if x_rg or s.norms_trained:
-        post[x] = BTC * s.act
+        post[f"h{n}.x"] = BTC * s.act
         post["ln_f.stats"] = 2 * BT * stats
-    head_rg = linear(post, "lm_head", "ln_f.out", BTC, x_rg or s.norms_trained, s.head_kind, C, vocab_size)
+    head_rg = record_linear(s, post, "lm_head", "ln_f.out", BTC, x_rg or s.norms_trained, s.head_kind, C,
+                            vocab_size)
     if head_rg:
         post["log_probs"] = BT * vocab_size * 4  # logits.float() -> log_softmax output, fp32
         post["targets"] = BT * 8
         post["total_weight"] = 4
-
-    segments = None
-    if checkpoint_segments is not False:
-        segments = segment_bounds(len(s.kinds), checkpoint_segments)
-    return SavedActivations(pre=pre, blocks=blocks, post=post, segments=segments, tokens=BT,
-                            block_inputs=inputs, input_bytes=BTC * s.act)
+    return SavedActivations(pre=pre, runs=runs, post=post, n_segments=checkpointed(n, checkpoint_segments),
+                            tokens=BT, input_bytes=BTC * s.act)
 
 
 def itemsize(dtype: torch.dtype) -> int:

@@ -14,29 +14,23 @@ gradient and AdamW state. QLoRA stores the base linears as NF4 with double quant
     = 4.127 bits per weight (+ 4 bytes of offset per tensor)
 
 while the embeddings, norms, biases and the tied lm_head stay in the model's dtype. Activations come from
-minilora.memory.activations (minilora.memory.llama for a Llama). The parameter inventory is taken from the
-model (GPT or Llama) built on the "meta" device:
-shapes only, no memory, so a 65B model costs nothing to describe. With fsdp=N every byte is that of one
-process of N sharding the model (minilora.memory.sharded states the sharded and gathered terms).
+minilora.memory.activations (minilora.memory.llama for a Llama). The parameter inventory is the model's parts
+outside the blocks + n_layer × one block (minilora.memory.inventory: one block built on the "meta" device,
+shapes only), so a 65B model, or one of a million layers, costs nothing to describe. With fsdp=N every byte is
+that of one process of N sharding the model (minilora.memory.sharded states the sharded and gathered terms).
 """
 from __future__ import annotations
 
-import functools
-import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict
 
 import torch
-import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 
-from ..gpt import GPT, GPTConfig
-from ..llama import Llama, LlamaConfig
-from ..inject import find_targets
-from ..qlora import untied_linears
+from ..gpt import GPTConfig
+from ..llama import LlamaConfig
 from ..quant.format import nf4_nbytes  # the NF4 byte count, stated once (re-exported by minilora.memory)
 from .activations import LINEARS, ActivationSetup, SavedActivations, itemsize, saved_activations
+from .inventory import Layers, Selection
 from ..optim.adamw import STATE_BYTES
 from ..optim.adamw8bit import MIN_8BIT_SIZE
 from ..optim.paged8bit import BLOCK_BYTES
@@ -84,29 +78,6 @@ def scaled_config(n_params: int, n_layer: int, n_embd: int, n_head: int, block_s
                          f"use fewer layers or a smaller n_embd")
     return GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                      **overrides)
-
-
-class _SkipRandomInit(TorchFunctionMode):
-    """Leave normal_ initialisation out: on the meta device there are no values to draw anyway."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (torch.nn.init.normal_, torch.Tensor.normal_):
-            return args[0] if args else kwargs["tensor"]
-        return func(*args, **kwargs)
-
-
-@functools.lru_cache(maxsize=8)
-def _meta_model_cached(kind: str, config_json: str) -> nn.Module:
-    cls, config_cls = (Llama, LlamaConfig) if kind == "llama" else (GPT, GPTConfig)
-    with torch.device("meta"), _SkipRandomInit():
-        return cls(config_cls(**json.loads(config_json)))
-
-
-def _meta_model(config: GPTConfig | LlamaConfig) -> nn.Module:
-    """The model's module tree and parameter shapes, no memory behind them (read-only: the model is cached)."""
-    kind = "llama" if isinstance(config, LlamaConfig) else "gpt"
-    return _meta_model_cached(kind, json.dumps(asdict(config), sort_keys=True))
 
 
 def n_layers(config: GPTConfig | LlamaConfig) -> int:
@@ -184,23 +155,22 @@ def estimate(config: GPTConfig | LlamaConfig, mode: str = "full", *, batch_size:
     if checkpoint_segments is None:  # minilora.parallel.fsdp checkpoints block by block
         checkpoint_segments = config.checkpoint_segments if fsdp == 1 else L
 
-    model = _meta_model(config)
-    lora_names = set(find_targets(model, targets)) if mode != "full" else set()
-    quant_names: set[str] = set()
+    layers = Layers(config)  # outside the blocks + one block standing for all of them
+    lora = layers.select(targets) if mode != "full" else Selection()
+    quant = Selection()
     if mode == "qlora":
-        quant_names = set(find_targets(model, quant_targets) if quant_targets is not None else
-                          untied_linears(model, find_targets(model, LLAMA_TARGETS) if llama else None))
-    for name in lora_names | quant_names:
-        if not isinstance(model.get_submodule(name), nn.Linear):
-            raise ValueError(f"target {name!r} is a {type(model.get_submodule(name)).__name__}, not a linear layer")
+        quant = layers.select(quant_targets) if quant_targets is not None else \
+            layers.untied(layers.select(LLAMA_TARGETS) if llama else None)
+    layers.check_linear(lora)
+    layers.check_linear(quant)
 
     out = MemoryBreakdown(label=label or mode, tokens=batch_size * seq_len)
     by_dtype: dict[str, int] = {}
-    paged_elems: list[int] = []  # numel of every trainable tensor, for page rounding
+    paged_elems: list[int] = []  # numel of the trainable tensors, for page rounding
 
     shards = Sharding(fsdp)  # fsdp=1: every tensor whole, on the one process
 
-    def train(shape: tuple[int, ...], p_dtype: torch.dtype, adapter: bool) -> None:
+    def train(shape: tuple[int, ...], p_dtype: torch.dtype, adapter: bool, times: int) -> None:
         numel = shard_numel(shape, fsdp)  # gradients and AdamW state are sharded like the parameter
         g = itemsize(grad_dtype or p_dtype)
         st = itemsize(state_dtype or p_dtype)
@@ -210,38 +180,53 @@ def estimate(config: GPTConfig | LlamaConfig, mode: str = "full", *, batch_size:
         if optimizer.endswith("8bit"):  # 1 byte each for m and v + two fp32 absmax per block; small: fp32
             state = (2 * numel + 8 * math.ceil(numel / BLOCK) if eight_bit else STATE_BYTES * numel) + STEP_BYTES
         if optimizer == "paged" or (optimizer == "paged8bit" and eight_bit):
-            paged_elems.append(math.ceil(numel / BLOCK) * BLOCK if eight_bit else numel)
+            paged_elems.append(times * (math.ceil(numel / BLOCK) * BLOCK if eight_bit else numel))
             state = STEP_BYTES
         if adapter:
-            out.adapter_gradients += grads
-            out.adapter_optimizer_state += state
+            out.adapter_gradients += times * grads
+            out.adapter_optimizer_state += times * state
         else:
-            out.gradients += grads
-            out.optimizer_state += state
+            out.gradients += times * grads
+            out.optimizer_state += times * state
         if master_weights and itemsize(p_dtype) < 4:
-            out.master_weights += 4 * numel
-        out.n_trainable += math.prod(shape)
+            out.master_weights += times * 4 * numel
+        out.n_trainable += times * math.prod(shape)
 
-    for name, p in model.named_parameters():  # each tied tensor once
-        module, _, leaf = name.rpartition(".")
-        out.n_params += p.numel()
-        if module in quant_names and leaf == "weight":
-            b = shards.nf4(name, p.numel(), blocksize, double_quant)
+    def tensor(name: str, shape: tuple[int, ...], nf4: bool, times: int) -> None:
+        """A base parameter `times` over (one per block of a run): stored as it is or in NF4, trained in full."""
+        out.n_params += times * math.prod(shape)
+        if nf4:
+            b = shards.nf4(name, math.prod(shape), blocksize, double_quant, times)
             out.quantized_weights += b
             by_dtype["nf4"] = by_dtype.get("nf4", 0) + b
         else:
-            b = shards.param(name, tuple(p.shape), itemsize(dtype))
+            b = shards.param(name, shape, itemsize(dtype), times)
             out.weights += b
             by_dtype[dtype_name(dtype)] = by_dtype.get(dtype_name(dtype), 0) + b
         if mode == "full":
-            train(tuple(p.shape), dtype, adapter=False)
-    for name in sorted(lora_names):
-        lin = model.get_submodule(name)
+            train(shape, dtype, adapter=False, times=times)
+
+    def adapters(name: str, lin, times: int) -> None:
         for shape in ((r, lin.in_features), (lin.out_features, r)):  # A (r × in), B (out × r)
-            b = shards.param(name, shape, itemsize(adapter_dtype))
+            b = shards.param(name, shape, itemsize(adapter_dtype), times)
             out.adapters += b
             by_dtype[dtype_name(adapter_dtype)] = by_dtype.get(dtype_name(adapter_dtype), 0) + b
-            train(shape, adapter_dtype, adapter=True)
+            train(shape, adapter_dtype, adapter=True, times=times)
+
+    runs = layers.runs(lora, quant)  # (count, first block, (its LoRA targets, its NF4 targets))
+    for name, p in layers.model.named_parameters():  # each tied tensor once
+        module, _, leaf = name.rpartition(".")
+        inside = layers.inside(module)
+        if inside is None:
+            tensor(name, tuple(p.shape), module in quant.outside and leaf == "weight", 1)
+            continue
+        for count, first, (_, nf4) in runs:  # block `first` stands for its run
+            tensor(f"{layers.name(first, inside)}.{leaf}", tuple(p.shape), inside in nf4 and leaf == "weight", count)
+    for name in sorted(lora.outside):
+        adapters(name, layers.model.get_submodule(name), 1)
+    for count, first, (adapted, _) in runs:
+        for inside in sorted(adapted):
+            adapters(layers.name(first, inside), layers.module(inside), count)
     out.weights_by_dtype, out.gathered = by_dtype, shards.gathered()
 
     if optimizer in ("paged", "paged8bit"):  # the paged tensors laid end to end, cut into pages
@@ -255,9 +240,9 @@ def estimate(config: GPTConfig | LlamaConfig, mode: str = "full", *, batch_size:
         setattr(out, state_field, getattr(out, state_field) + resident)
         out.offloaded = pages if resident < pages else 0  # steady state: every page has a host copy
 
-    acts = activation_model(config, mode, batch_size=batch_size, seq_len=seq_len, r=r, lora_names=lora_names,
-                            quant_names=quant_names, lora_dropout=lora_dropout, dtype=dtype,
-                            adapter_dtype=adapter_dtype, compute_dtype=compute_dtype,
+    acts = activation_model(config, mode, batch_size=batch_size, seq_len=seq_len, r=r, runs=runs,
+                            head=("lm_head" in lora.outside, "lm_head" in quant.outside), lora_dropout=lora_dropout,
+                            dtype=dtype, adapter_dtype=adapter_dtype, compute_dtype=compute_dtype,
                             checkpoint_segments=checkpoint_segments if checkpointing else False, device=device)
     out.activations, out.saved = acts.peak, acts
     if cpu_offload:
@@ -266,21 +251,21 @@ def estimate(config: GPTConfig | LlamaConfig, mode: str = "full", *, batch_size:
 
 
 def activation_model(config: GPTConfig | LlamaConfig, mode: str, *, batch_size: int, seq_len: int, r: int,
-                     lora_names: set[str], quant_names: set[str], lora_dropout: float, dtype: torch.dtype,
+                     runs: list, head: tuple[bool, bool], lora_dropout: float, dtype: torch.dtype,
                      adapter_dtype: torch.dtype, compute_dtype: torch.dtype,
                      checkpoint_segments: int | None | bool, device: str) -> SavedActivations:
-    """The saved-tensor walk (minilora.memory.activations) for a mode and the layers it adapts/quantizes."""
-    def kind(name: str) -> str:
+    """The saved-tensor walk (minilora.memory.activations) for a mode and the layers it adapts/quantizes: runs
+    as Layers.runs gives them (count, first block, (LoRA targets, NF4 targets)), head: (lm_head adapted,
+    lm_head in NF4)."""
+    def kind(adapted: bool, nf4: bool) -> str:
         if mode == "full":
             return "trained"
-        if name in lora_names:
-            return "qlora" if name in quant_names else "lora"
-        return "frozen"
+        return ("qlora" if nf4 else "lora") if adapted else "frozen"
 
     llama = isinstance(config, LlamaConfig)
-    prefix, linears = ("model.layers", LLAMA_LINEARS) if llama else ("transformer.h", LINEARS)
-    kinds = [{lin: kind(f"{prefix}.{i}.{lin}") for lin in linears} for i in range(n_layers(config))]
-    setup = ActivationSetup(batch_size=batch_size, seq_len=seq_len, kinds=kinds, head_kind=kind("lm_head"),
+    linears = LLAMA_LINEARS if llama else LINEARS
+    kinds = [(count, {lin: kind(lin in adapted, lin in nf4) for lin in linears}) for count, _, (adapted, nf4) in runs]
+    setup = ActivationSetup(batch_size=batch_size, seq_len=seq_len, kinds=kinds, head_kind=kind(*head),
                             embeddings_trained=mode == "full", norms_trained=mode == "full",
                             act=itemsize(dtype), adapter=itemsize(adapter_dtype), compute=itemsize(compute_dtype),
                             adapter_cast=mode == "qlora" and adapter_dtype != compute_dtype, r=r,

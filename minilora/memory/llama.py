@@ -16,9 +16,11 @@ The saved-tensor walk follows minilora/llama.py op by op, as activations.py does
 """
 from __future__ import annotations
 
-from ..checkpointing import segment_bounds
+import functools
+
 from ..train_config import LLAMA_TARGETS  # noqa: F401  (the seven names, re-exported here)
-from .activations import ActivationSetup, SavedActivations, record_linear
+from .activations import ActivationSetup, SavedActivations, checkpointed, kind_runs, record_linear
+from .depth import walk_runs
 
 LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -61,49 +63,52 @@ def _rms_norm(s: ActivationSetup, saved: dict, x: str, C: int, x_rg: bool, train
     return x_rg or trained
 
 
+def llama_block(config, s: ActivationSetup, kinds: dict[str, str], x_rg: bool
+                ) -> tuple[dict[str, int], dict[str, int], bool]:
+    """What one decoder layer saves (names inside the layer; 'x' is its input), the rotary tables it shares
+    with the others, and whether its output requires grad, given whether its input x does (x_rg)."""
+    B, T, C, F = s.batch_size, s.seq_len, config.hidden_size, config.intermediate_size
+    BTC, nh, d = B * T * C, config.num_attention_heads, config.head_dim
+    q, kv = nh * d, config.num_key_value_heads * d
+    saved: dict[str, int] = {}
+    shared: dict[str, int] = {}
+    h_rg = _rms_norm(s, saved, "x", C, x_rg, s.norms_trained, "ln_1")
+    k_rg = [record_linear(s, saved, lin, "ln_1.out", BTC, h_rg, kinds[lin], C, n)
+            for lin, n in zip(LLAMA_LINEARS[:3], (q, kv, kv))]
+    if k_rg[0] or k_rg[1]:
+        shared["rope.cos,sin"] = 2 * T * d * s.act  # one pair for the whole forward
+    if any(k_rg):
+        saved["attn.q,k,v"] = 3 * B * T * q * s.act  # K and V repeated for every query head
+        saved["attn.out"] = B * T * q * s.act
+        saved["attn.lse"] = B * nh * T * 4
+    a_rg = record_linear(s, saved, LLAMA_LINEARS[3], "attn.out", B * T * q, any(k_rg), kinds[LLAMA_LINEARS[3]], q, C)
+    x2_rg = x_rg or a_rg
+    h2_rg = _rms_norm(s, saved, "x2", C, x2_rg, s.norms_trained, "ln_2")
+    g_rg, u_rg = (record_linear(s, saved, lin, "ln_2.out", BTC, h2_rg, kinds[lin], C, F)
+                  for lin in LLAMA_LINEARS[4:6])
+    if g_rg:
+        saved["mlp.gate_out"] = B * T * F * s.act  # silu's input
+    if u_rg:
+        saved["mlp.silu_out"] = B * T * F * s.act
+    if g_rg:
+        saved["mlp.up_out"] = B * T * F * s.act
+    m_rg = record_linear(s, saved, LLAMA_LINEARS[6], "mlp.product", B * T * F, g_rg or u_rg,
+                         kinds[LLAMA_LINEARS[6]], F, C)
+    return saved, shared, x2_rg or m_rg
+
+
 def saved_activations_llama(config, s: ActivationSetup, checkpoint_segments: int | None | bool = False
                             ) -> SavedActivations:
-    """Walk minilora's Llama forward and list the tensors autograd saves (see the module docstring).
-    s.kinds[i] is keyed by LLAMA_LINEARS; checkpoint_segments as for saved_activations."""
-    B, T, C, F = s.batch_size, s.seq_len, config.hidden_size, config.intermediate_size
-    BT, BTC, nh, d = B * T, B * T * C, config.num_attention_heads, config.head_dim
-    q, kv = nh * d, config.num_key_value_heads * d
+    """Walk minilora's Llama forward and list the tensors autograd saves (see the module docstring), one layer
+    per run of layers trained alike. s.kinds is keyed by LLAMA_LINEARS; checkpoint_segments as for
+    saved_activations."""
+    BT, C = s.batch_size * s.seq_len, config.hidden_size
     pre: dict[str, int] = {"idx": BT * 8} if s.embeddings_trained else {}
-    x_rg = s.embeddings_trained
-    blocks, inputs = [], []
-    for i, kinds in enumerate(s.kinds):
-        p, saved = f"h{i}.", {}
-        inputs.append(p + "x")
-        h_rg = _rms_norm(s, saved, p + "x", C, x_rg, s.norms_trained, p + "ln_1")
-        k_rg = [record_linear(s, saved, p + lin, p + "ln_1.out", BTC, h_rg, kinds[lin], C, n)
-                for lin, n in zip(LLAMA_LINEARS[:3], (q, kv, kv))]
-        if k_rg[0] or k_rg[1]:
-            saved["rope.cos,sin"] = 2 * T * d * s.act  # one pair for the whole forward
-        if any(k_rg):
-            saved[p + "attn.q,k,v"] = 3 * B * T * q * s.act  # K and V repeated for every query head
-            saved[p + "attn.out"] = B * T * q * s.act
-            saved[p + "attn.lse"] = B * nh * T * 4
-        a_rg = record_linear(s, saved, p + LLAMA_LINEARS[3], p + "attn.out", B * T * q, any(k_rg),
-                             kinds[LLAMA_LINEARS[3]], q, C)
-        x2_rg = x_rg or a_rg
-        h2_rg = _rms_norm(s, saved, p + "x2", C, x2_rg, s.norms_trained, p + "ln_2")
-        g_rg, u_rg = (record_linear(s, saved, p + lin, p + "ln_2.out", BTC, h2_rg, kinds[lin], C, F)
-                      for lin in LLAMA_LINEARS[4:6])
-        if g_rg:
-            saved[p + "mlp.gate_out"] = B * T * F * s.act  # silu's input
-        if u_rg:
-            saved[p + "mlp.silu_out"] = B * T * F * s.act
-        if g_rg:
-            saved[p + "mlp.up_out"] = B * T * F * s.act
-        m_rg = record_linear(s, saved, p + LLAMA_LINEARS[6], p + "mlp.product", B * T * F, g_rg or u_rg,
-                             kinds[LLAMA_LINEARS[6]], F, C)
-        x_rg = x2_rg or m_rg
-        blocks.append(saved)
-    inputs.append(f"h{len(s.kinds)}.x")
+    runs, x_rg = walk_runs(functools.partial(llama_block, config, s), kind_runs(s.kinds), s.embeddings_trained)
+    n = sum(r.count for r in runs)
     post: dict[str, int] = {}
-    n_rg = _rms_norm(s, post, inputs[-1], C, x_rg, s.norms_trained, "norm")
-    if record_linear(s, post, "lm_head", "norm.out", BTC, n_rg, s.head_kind, C, config.vocab_size):
+    n_rg = _rms_norm(s, post, f"h{n}.x", C, x_rg, s.norms_trained, "norm")
+    if record_linear(s, post, "lm_head", "norm.out", BT * C, n_rg, s.head_kind, C, config.vocab_size):
         post |= {"log_probs": BT * config.vocab_size * 4, "targets": BT * 8, "total_weight": 4}
-    segments = None if checkpoint_segments is False else segment_bounds(len(s.kinds), checkpoint_segments)
-    return SavedActivations(pre=pre, blocks=blocks, post=post, segments=segments, tokens=BT, block_inputs=inputs,
-                            input_bytes=BTC * s.act)
+    return SavedActivations(pre=pre, runs=runs, post=post, n_segments=checkpointed(n, checkpoint_segments), tokens=BT,
+                            input_bytes=BT * C * s.act)

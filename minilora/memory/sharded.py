@@ -82,18 +82,20 @@ class Sharding:
         unit = m.group(0)[:-1] if (m := _BLOCK.match(name)) else ""
         self.units[unit] = self.units.get(unit, 0) + nbytes
 
-    def param(self, name: str, shape: tuple[int, ...], itemsize: int) -> int:
-        """Bytes of the parameter `name` of `shape` held by rank 0."""
+    def param(self, name: str, shape: tuple[int, ...], itemsize: int, times: int = 1) -> int:
+        """Bytes of the parameter `name` of `shape` held by rank 0, `times` over: the same parameter of `times`
+        blocks alike, of which `name`'s block stands for the others (gathered once, each block on its own)."""
         self._gather(name, gathered_numel(shape, self.world) * itemsize)
-        return shard_numel(shape, self.world) * itemsize
+        return times * shard_numel(shape, self.world) * itemsize
 
-    def nf4(self, name: str, n: int, blocksize: int, double_quant: bool) -> int:
-        """Bytes of the NF4 storage of n weights of the layer `name` held by rank 0 (offset included)."""
+    def nf4(self, name: str, n: int, blocksize: int, double_quant: bool, times: int = 1) -> int:
+        """Bytes of the NF4 storage of n weights of the layer `name` held by rank 0 (offset included), `times`
+        over as for param()."""
         tensors = nf4_tensors(n, blocksize, double_quant)
         self._gather(name, sum(gathered_numel((k,), self.world) * size for k, size in tensors))
         offset = NF4_OFFSET_BYTES if double_quant else 0
-        self.replicated += offset
-        return sum(shard_numel((k,), self.world) * size for k, size in tensors) + offset
+        self.replicated += times * offset
+        return times * (sum(shard_numel((k,), self.world) * size for k, size in tensors) + offset)
 
     def gathered(self) -> int:
         """The root unit + the largest block, all-gathered: 0 without FSDP (world=1)."""

@@ -26,6 +26,26 @@ def check_adamw_args(lr, betas, eps, weight_decay) -> None:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    check_step_size(lr, betas[0], torch.float32)
+
+
+def check_step_size(lr: float, beta1: float, dtype: torch.dtype, name: str = "lr") -> None:
+    """The first step's size lr/(1 − β1) must be a number of `dtype` (the parameters' or the update's)."""
+    largest = torch.finfo(dtype).max
+    if lr / (1 - beta1) > largest:
+        raise ValueError(f"{name}={lr!r} is too large: AdamW's first step lr/(1 - beta1) = {lr / (1 - beta1):.3g} "
+                         f"exceeds the largest {str(dtype).removeprefix('torch.')} ({largest:.3g}); "
+                         f"learning rates are typically 1e-5 to 1e-2")
+
+
+def check_dense(optimizer: torch.optim.Optimizer) -> None:
+    """Every gradient about to be used must be dense (these optimizers index m, v and pages element-wise)."""
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if p.grad is not None and p.grad.layout != torch.strided:
+                raise TypeError(f"{type(optimizer).__name__} does not support sparse gradients: parameter {i} of "
+                                f"param group {g} (shape {tuple(p.shape)}) has a {p.grad.layout} gradient; give it a "
+                                f"dense one (nn.Embedding(..., sparse=False))")
 
 
 def adamw_update_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],

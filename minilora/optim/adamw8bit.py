@@ -20,12 +20,19 @@ import torch
 
 from ..quant.blockwise8bit import Blockwise8bitState, dequantize_blockwise_8bit, quantize_blockwise_8bit
 from ..quant.format import BLOCKSIZE_8BIT, ceil_div
-from .adamw import AdamWBase, adamw_update_
+from .adamw import AdamWBase, adamw_update_, check_dense
 from .state_checks import check_groups, check_state
 
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 state (as bitsandbytes does)
 KEYS_8BIT = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
 KEYS_32BIT = ("exp_avg", "exp_avg_sq")
+
+
+def check_min_8bit_size(value) -> int:
+    """min_8bit_size: an int number of elements >= 0 (tensors with fewer keep fp32 state)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"min_8bit_size must be an int number of elements >= 0, got {value!r}")
+    return value
 
 
 def new_state(p: torch.Tensor, blocksize: int, min_8bit_size: int) -> dict:
@@ -47,7 +54,7 @@ class AdamW8bit(AdamWBase):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, blocksize: int = BLOCKSIZE_8BIT, min_8bit_size: int = MIN_8BIT_SIZE):
         super().__init__(params, lr, betas, eps, weight_decay)
-        self.blocksize, self.min_8bit_size = blocksize, min_8bit_size
+        self.blocksize, self.min_8bit_size = blocksize, check_min_8bit_size(min_8bit_size)
 
     def _init_state(self, p: torch.Tensor) -> dict:
         self.state[p] = new_state(p, self.blocksize, self.min_8bit_size)
@@ -75,13 +82,12 @@ class AdamW8bit(AdamWBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        check_dense(self)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW8bit does not support sparse gradients")
                 state = self.state[p] or self._init_state(p)
                 state["step"] += 1
                 m, v = self._moments(state)

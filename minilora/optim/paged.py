@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from ..quant.format import ceil_div
-from .adamw import STATE_BYTES, AdamWBase, adamw_update_
+from .adamw import STATE_BYTES, AdamWBase, adamw_update_, check_dense
 from .state_checks import check_groups, check_state
 from .pager import Pager, PagerStats, check_budget, page_spans
 
@@ -117,7 +117,7 @@ class PagedAdamW(AdamWBase):
 
     def set_device_budget(self, device_budget: int | None) -> None:
         """Change the budget between (or during) steps; pages over it are evicted at once (LRU first)."""
-        self.pager.set_budget(device_budget)
+        self.pager.set_budget(device_budget)  # checked there
 
     # ----- the step -----
 
@@ -144,8 +144,6 @@ class PagedAdamW(AdamWBase):
             for p in group["params"]:
                 if p.grad is None or p.numel() == 0 or not self._paged(p):
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 if "offset" not in self.state.get(p, {}):
                     self._place(p)
                 pages = [pid for pid, _, _ in self._spans(p)]
@@ -177,6 +175,7 @@ class PagedAdamW(AdamWBase):
         """One AdamW step for every parameter with a gradient, chunk of pages by chunk of pages."""
         with torch.enable_grad():
             loss = None if closure is None else closure()
+        check_dense(self)  # before any parameter moves
         self._step_unpaged()
         units = self._units()
         for p in {id(u[0]): u[0] for u in units}.values():

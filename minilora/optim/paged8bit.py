@@ -22,7 +22,7 @@ import torch
 from ..quant.blockwise8bit import Blockwise8bitState, dequantize_blockwise_8bit, quantize_blockwise_8bit
 from ..quant.format import BLOCKSIZE_8BIT as BLOCK, ceil_div
 from .adamw import STATE_BYTES, adamw_update_
-from .adamw8bit import KEYS_8BIT, MIN_8BIT_SIZE, AdamW8bit, new_state
+from .adamw8bit import KEYS_8BIT, MIN_8BIT_SIZE, AdamW8bit, check_min_8bit_size, new_state
 from .paged import PagedAdamW
 
 BLOCK_BYTES = 2 * BLOCK + 8    # m and v codes, and their two float32 absmax
@@ -49,7 +49,7 @@ class PagedAdamW8bit(PagedAdamW):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, page_size: int = 2**21, device_budget: int | None = None,
                  prefetch: bool = True, min_8bit_size: int = MIN_8BIT_SIZE):
-        self.min_8bit_size = min_8bit_size
+        self.min_8bit_size = check_min_8bit_size(min_8bit_size)
         super().__init__(params, lr, betas, eps, weight_decay, page_size, device_budget, prefetch)
 
     # ----- what a page holds: PagedAdamW's hooks -----

@@ -89,7 +89,7 @@ class Pager:
             self.in_stream, self.out_stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
         self.clear()
         self.budget: int | None = None
-        self.set_budget(check_budget(device_budget, self.page_size))
+        self.set_budget(device_budget)
 
     def clear(self) -> None:
         """Forget every page (the counters stay)."""
@@ -131,9 +131,7 @@ class Pager:
 
     def set_budget(self, device_budget: int | None) -> None:
         """Change the budget (bytes, None = no limit) and evict least recently used pages until it holds."""
-        if device_budget is not None and device_budget < 0:
-            raise ValueError(f"device_budget must be >= 0 or None, got {device_budget}")
-        self.budget = device_budget
+        self.budget = check_budget(device_budget, self.page_size)
         self._make_room(0)
 
     def _make_room(self, n: int) -> bool:
