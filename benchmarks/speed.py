@@ -15,7 +15,8 @@ models are the same. What each side computes, in which dtype:
 
     LoRA    everything in float32: frozen weights, adapters A and B, activations, loss.
     QLoRA   the targets' weights in NF4 with double quantization (blocks of 64), dequantized to bfloat16 for
-            each matmul (forward, and again for dX in backward: neither side keeps the dense weight); the
+            each matmul (forward, and again for dX in backward: neither side keeps the dense weight;
+            bitsandbytes' backward dequantizes to the weight's original float32, then casts); the
             layer's input cast to bfloat16 and its output back to float32; adapters A and B stored, multiplied
             and updated in bfloat16 on both sides (PEFT's are cast to bfloat16 after get_peft_model, as the
             QLoRA paper's training script does for a bf16 run; PEFT's default would keep them in float32);
@@ -24,9 +25,10 @@ models are the same. What each side computes, in which dtype:
             output, as its bitsandbytes layer does). bitsandbytes dequantizes in its compiled CPU kernel,
             minilora in PyTorch (minilora/quant/fast/).
 
-Times are
-medians of --reps repetitions, interleaved (ABBA order) so that load changes hit both sides alike, after a
-warm-up step each. ratio = reference time / minilora time: > 1 means minilora is faster. A comparison whose
+Times are medians of --reps repetitions, interleaved (ABBA order) so that load changes hit both sides alike,
+after a warm-up step each. On a machine whose cores other jobs keep busy, two or more threads per process
+make each parallel operator wait for a descheduled thread, which swamps the work itself; --threads 1 then
+gives steadier ratios. ratio = reference time / minilora time: > 1 means minilora is faster. A comparison whose
 reference is not installed, or cannot run here, is skipped with the reason.
 
     python benchmarks/speed.py [--only lora qlora ...] [--reps 5] [--threads N] [--out out/speed.png]
