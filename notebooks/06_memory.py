@@ -444,6 +444,7 @@ print("host memory the offload needs, all processes: " + ", ".join(f"{k} {format
 # %%
 order = ["-"] + NAMES
 rank = {key: order.index(name) for key, name in fits.items()}
+assert len(NAMES) == 5, "claim 'the five real models of PRESETS' broke"
 n70 = order.index("llama-2-70b")
 assert min(rank[(False, 1, 80)], rank[(False, 2, 48)], rank[(False, 4, 24)]) >= n70 > rank[(False, 2, 24)], \
     "claim 'Llama-2-70B fits on 1 × 80, 2 × 48 or 4 × 24 GB, not on 2 × 24 GB' broke"
