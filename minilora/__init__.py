@@ -13,7 +13,7 @@ from .params import ParamCount, count_parameters, format_count, lora_params_real
 from . import quant
 from .quant import dispatch as _dispatch, fast as _fast
 _dispatch.plug(_fast)  # the CPU speed path behind minilora.quant (quant/fast/; quant/dispatch.py chooses)
-from .quant import QuantState, dequantize_nf4, quantize_nf4
+from .quant import QuantState, dequantize_nf2, dequantize_nf4, quantize_nf2, quantize_nf4
 from .qlora import NF4Linear, QLoRALinear, add_qlora, load_qlora_adapter, merge_qlora, quantize_model
 from .variants.dora import DoRALinear, QDoRALinear
 from .llm_int8 import Int8Linear

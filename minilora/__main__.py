@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dora", action="store_true", help="DoRA: a trained magnitude per output beside the direction")
     p.add_argument("--init", choices=INITS, default=tc.init, help="how A and B start (loftq: --mode qlora)")
     p.add_argument("--loftq-iter", type=positive, default=tc.loftq_iter, help="--init loftq: NF4 + SVD rounds")
+    p.add_argument("--bits", type=int, choices=(4, 2), default=tc.bits, help="--mode qlora: the base in NF4 or NF2")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="adamw (default), paged, adamw8bit, paged8bit")
     p.add_argument("--paged", action="store_true", help="the same as --optimizer paged")
@@ -175,7 +176,7 @@ def cmd_finetune(a) -> None:
             check_run_dir(a.out, "finetune", a.overwrite, a.resume)
         base_dir = resolve(a.base, "finetune")
         cfg = TrainConfig(mode=a.mode, r=a.r, alpha=a.alpha, dropout=a.dropout, use_dora=a.dora, init=a.init,
-                          loftq_iter=a.loftq_iter, lr=lr,
+                          loftq_iter=a.loftq_iter, bits=a.bits, lr=lr,
                           targets=default_targets(a.targets, model_config(base_dir, "finetune")),
                           warmup_steps=a.warmup_steps, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                           gradient_checkpointing=a.gradient_checkpointing, paged=a.paged, seed=a.seed,

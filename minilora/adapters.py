@@ -7,7 +7,9 @@
     <dir>/<name>/...                  the same for every other named adapter ("default" lives in <dir>)
 
 PiSSA and LoftQ adapters say so in init_lora_weights ("pissa", "loftq" with loftq_config): as in PEFT, the base
-they load onto is the original model, and loading repeats the (deterministic) split of its weights.
+they load onto is the original model, and loading repeats the (deterministic) split of its weights. An adapter
+made on a 2-bit (NF2) base says so in quantized_base_bits: 2 (and LoftQ's loftq_bits), so that
+load_qlora_adapter rebuilds the same base; PEFT ignores the key (with a warning).
 
 Layers whose rank or alpha differ from r / lora_alpha are listed in rank_pattern / alpha_pattern, read as PEFT
 reads them: the first key k with the module name matching (.*\\.)?(k)$ gives that layer's value.
@@ -27,6 +29,7 @@ from .inject import active_adapter, adapter_names, add_lora, all_or_nothing, fin
 from .hf.peft_config import read_adapter_config
 from .multi.named import adapter_view
 from .multi.switch import delete_adapter
+from .quant.nf2 import check_bits
 
 PREFIX = "base_model.model."
 
@@ -99,6 +102,11 @@ def _save_one(model: nn.Module, path: Path, adapter_name: str, base_model_name_o
     if len({v.magnitude is None for v in layers.values()}) > 1:
         raise ValueError(f"save_adapter: {adapter_name!r} uses DoRA on some layers only; PEFT's format has one "
                          f"use_dora")
+    bits = {getattr(lora_layers(model)[n].base_layer, "bits", None) for n in layers} - {None}  # quantized bases
+    if len(bits) > 1:
+        raise ValueError(f"save_adapter: {adapter_name!r} sits on bases of {sorted(bits)} bits; one adapter file "
+                         f"records one")
+    bits = bits.pop() if bits else 4
     causal = isinstance(getattr(model, "lm_head", None), nn.Module)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM" if causal else None,
@@ -109,13 +117,28 @@ def _save_one(model: nn.Module, path: Path, adapter_name: str, base_model_name_o
         "rank_pattern": {re.escape(n): v.r for n, v in layers.items() if v.r != first.r},
         "alpha_pattern": {re.escape(n): v.alpha for n, v in layers.items() if v.alpha != first.alpha},
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": init,
-        "loftq_config": {"loftq_bits": 4, "loftq_iter": loftq_iter} if init == "loftq" else {},
+        "loftq_config": {"loftq_bits": bits, "loftq_iter": loftq_iter} if init == "loftq" else {},
         "use_dora": first.magnitude is not None, "layers_to_transform": None, "modules_to_save": None,
     }
+    if bits != 4:
+        config["quantized_base_bits"] = bits
     path.mkdir(parents=True, exist_ok=True)
     sd = adapter_state_dict(model, adapter_name)
     atomic_write(path / "adapter_model.safetensors", safetensors_bytes(sd))
     atomic_write_json(path / "adapter_config.json", config)
+
+
+def base_bits(config: dict, adapter_dir, bits: int | None = None) -> int:
+    """The bits of the base an adapter was made on: its config's quantized_base_bits (or LoftQ's loftq_bits),
+    else `bits`, else 4. A `bits` that contradicts the config is refused."""
+    loftq = config.get("loftq_config") or {}
+    saved = config.get("quantized_base_bits", loftq.get("loftq_bits") if config.get("init_lora_weights") == "loftq"
+                       else None)
+    if saved is not None:
+        check_bits(saved, f"load_qlora_adapter: {adapter_dir}: quantized_base_bits / loftq_bits")
+        if bits is not None and bits != saved:
+            raise ValueError(f"load_qlora_adapter: bits={bits} but {adapter_dir} was made on a {saved}-bit base")
+    return check_bits(saved or bits or 4)
 
 
 def _check_settings(layers: dict, config: dict, where: Path) -> None:

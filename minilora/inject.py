@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch.nn as nn
 
 from .lora import LoRALinear
-from .multi.named import (BASE, adapter_records, install_batch_hook, mount, names_on, park_new, parked,
+from .multi.named import (BASE, adapter_records, adopt, install_batch_hook, mount, names_on, park_new, parked,
                           set_trainable)
 
 # Which wrapper turns which kind of layer into a LoRA layer (and, with use_dora, into a DoRA layer). Layers
@@ -108,13 +108,12 @@ def add_lora(model: nn.Module, targets: str | Iterable[str], r: int = 8, alpha: 
             wrapped[name] = layer = wrapper(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                                             init="kaiming" if init == "pissa" else init)  # PiSSA: once all are made
             layer.adapter_name = adapter_name
-            if base is not module and type(layer) is not type(module):
-                raise ValueError(f"target {name!r}: every adapter on one layer must use DoRA or none does (it has "
-                                 f"a {type(module).__name__}, the new adapter would be a {type(layer).__name__})")
     for name, layer in wrapped.items():
         module = model.get_submodule(name)
         if layer.base_layer is module:
             set_submodule(model, name, layer)
+        elif use_dora and type(module) is not type(layer):  # the first DoRA adapter beside plain ones
+            set_submodule(model, name, adopt(layer, module))
         else:
             park_new(module, layer)
     if init == "pissa":  # W0 -> W_res: a tied lm_head first gets its own copy, so the embedding keeps W0

@@ -5,7 +5,8 @@ against it (with QLoRA's adapter term) that autograd runs without keeping a dens
 
 The 16-bit copy of W exists only inside the matmul: autograd keeps the packed 4-bit weight and dequantizes it
 again in backward (dX = dY · W), so the frozen base costs ~0.52 bytes per weight in memory, not 2.
-The matmuls run in PyTorch or, on a GPU, in minilora's Triton kernels (resolve_backend).
+The matmuls run in PyTorch or, on a GPU, in minilora's Triton kernels (resolve_backend). With bits=2 the weight
+is NF2 (quant/nf2.py, ~0.27 bytes per weight) and the matmul always runs in PyTorch: the kernels read NF4 only.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .quant import dequantize_nf4, quantize_nf4
+from .quant import dequantize_nf, quantize_nf
 
 BACKENDS = ("auto", "torch", "triton")
 _STATE_TENSORS = ("packed", "absmax", "nested_absmax", "offset")  # per-layer storage, kept as buffers
@@ -48,7 +49,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class NF4Linear(nn.Module):
-    """A frozen linear layer whose weight is stored as NF4 (+ double quantization). Y = X · deq(W)ᵀ + b."""
+    """A frozen linear layer whose weight is stored as NF4 (+ double quantization; NF2 when its state has
+    bits=2). Y = X · deq(W)ᵀ + b."""
 
     def __init__(self, state, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16,
                  backend: str = "auto"):
@@ -59,7 +61,9 @@ class NF4Linear(nn.Module):
             raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {compute_dtype}")
         resolve_backend(backend, torch.device("cpu"))  # validate the name early
         self.out_features, self.in_features = state.shape
-        self.compute_dtype, self.backend = compute_dtype, backend
+        self.compute_dtype, self.backend, self.bits = compute_dtype, backend, getattr(state, "bits", 4)
+        if self.bits == 2 and backend == "triton":
+            raise ValueError("backend='triton' runs NF4 only; a 2-bit (NF2) layer runs in PyTorch: use 'auto' or 'torch'")
         self._state = state  # scalars and metadata; tensors live in buffers so .to(device) moves them
         for name in _STATE_TENSORS:
             value = getattr(state, name, None)
@@ -68,11 +72,11 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> "NF4Linear":
-        """Quantize linear.weight to NF4 (blockwise absmax, optionally double-quantized)."""
+                    compute_dtype: torch.dtype = torch.bfloat16, backend: str = "auto", bits: int = 4) -> "NF4Linear":
+        """Quantize linear.weight to NF4 (bits=2: NF2) (blockwise absmax, optionally double-quantized)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        state = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        state = quantize_nf(linear.weight.detach(), bits, blocksize=blocksize, double_quant=double_quant)
         return cls(state, linear.bias, compute_dtype, backend)
 
     def quant_state(self):
@@ -85,7 +89,7 @@ class NF4Linear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """doubleDequant(c1, c2, W_nf4) as a dense (out, in) tensor."""
-        return dequantize_nf4(self.quant_state(), dtype or self.compute_dtype)
+        return dequantize_nf(self.quant_state(), dtype or self.compute_dtype)
 
     @property
     def quantized_nbytes(self) -> int:
@@ -108,7 +112,8 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"blocksize={self._state.blocksize}, compute_dtype={self.compute_dtype}, backend={self.backend}")
+                f"blocksize={self._state.blocksize}, compute_dtype={self.compute_dtype}, backend={self.backend}"
+                + (", bits=2" if self.bits == 2 else ""))
 
 
 # ---- the matmuls against the packed weight: PyTorch reference or Triton kernels ----
@@ -196,7 +201,7 @@ def nf4_linear(x: torch.Tensor, base: NF4Linear, lora_A: torch.Tensor | None = N
     if x.shape[-1] != base.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {base.in_features}")
     lead, dt = x.shape[:-1], base.compute_dtype
-    backend = resolve_backend(base.backend, x.device)
+    backend = "torch" if base.bits == 2 else resolve_backend(base.backend, x.device)
     x2 = x.reshape(-1, base.in_features).to(dt)
     xl = x2 if x_lora is None else x_lora.reshape(-1, base.in_features).to(dt)
     a = lora_A.to(dt) if lora_A is not None else None

@@ -5,6 +5,7 @@
 The NF4 layer and its matmul live in nf4_linear.py; here are the adapter layer on top of it (QLoRALinear) and
 the model-level steps: quantize_model, add_qlora (quantize, then add_lora), load_qlora_adapter, merge_qlora.
 add_qlora(..., init="pissa" | "loftq") chooses the 4-bit base and the adapter's start together (variants/lora_init.py).
+bits=2 stores the base as NF2 instead (quant/nf2.py: four levels, 2.127 bits per weight), for PiSSA and LoftQ too.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import re
 import torch
 import torch.nn as nn
 
-from .adapters import load_adapter, read_adapter_config
+from .adapters import base_bits, load_adapter, read_adapter_config
 from .inject import (set_submodule, add_lora, all_or_nothing, find_targets, lora_layers, parameter_uses,
                      register_lora_wrapper, untie_lora_bases)
 from .lora import LoRALinear
 from .multi.mixed_batch import mixed_batch_forward
 from .nf4_linear import NF4Linear, nf4_linear
+from .quant.nf2 import check_bits
 from .variants.lora_init import quantized_start, set_adapter_start
 
 QLORA_INITS = ("kaiming", "gaussian", "pissa", "loftq")
@@ -42,9 +44,10 @@ class QLoRALinear(LoRALinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                     blocksize: int = 64, compute_dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
-                    use_rslora: bool = False, init: str = "kaiming") -> "QLoRALinear":
-        """Quantize linear to NF4 with double quantization and attach rank-r adapters in compute_dtype."""
-        base = NF4Linear.from_linear(linear, blocksize=blocksize, compute_dtype=compute_dtype, backend=backend)
+                    use_rslora: bool = False, init: str = "kaiming", bits: int = 4) -> "QLoRALinear":
+        """Quantize linear to NF4 (bits=2: NF2) with double quantization and attach rank-r adapters in compute_dtype."""
+        base = NF4Linear.from_linear(linear, blocksize=blocksize, compute_dtype=compute_dtype, backend=backend,
+                                     bits=bits)
         return cls(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,14 +83,15 @@ class QLoRALinear(LoRALinear):
         return self.base_layer.dequantized_weight(torch.float32) + self.delta_weight()
 
     def merged_layer(self, requantize: bool = False) -> nn.Module:
-        """An nn.Linear holding deq(W) + scaling·B·A (or, with requantize, that sum quantized to NF4 again)."""
+        """An nn.Linear holding deq(W) + scaling·B·A (or, with requantize, that sum quantized again, NF4 or NF2 as
+        the base was)."""
         if not self.merged:
             self.merge()
         linear, base = self.merged_linear, self.base_layer
         if not requantize:
             return linear
         return NF4Linear.from_linear(linear, blocksize=base._state.blocksize, compute_dtype=base.compute_dtype,
-                                     backend=base.backend)
+                                     backend=base.backend, bits=base.bits)
 
 
 register_lora_wrapper(NF4Linear, QLoRALinear)
@@ -106,9 +110,10 @@ def untied_linears(model: nn.Module, names: list[str] | None = None) -> list[str
 
 def quantize_model(model: nn.Module, targets: str | list[str] | None = None, blocksize: int = 64,
                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
-                   backend: str = "auto") -> nn.Module:
+                   backend: str = "auto", bits: int = 4) -> nn.Module:
     """Replace the target nn.Linear layers (default: every nn.Linear whose weight is not shared, e.g. not a
-    tied lm_head) by frozen NF4Linear layers, in place. add_lora on the result gives QLoRA."""
+    tied lm_head) by frozen NF4Linear layers, in place (bits=2: NF2 weights). add_lora on the result gives QLoRA."""
+    check_bits(bits)
     names = untied_linears(model) if targets is None else find_targets(model, targets)
     for name in names:
         module = model.get_submodule(name)
@@ -117,7 +122,7 @@ def quantize_model(model: nn.Module, targets: str | list[str] | None = None, blo
     for name in names:
         module = model.get_submodule(name)
         set_submodule(model, name, NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant,
-                                                          compute_dtype=compute_dtype, backend=backend))
+                                                          compute_dtype=compute_dtype, backend=backend, bits=bits))
     return model
 
 
@@ -132,14 +137,14 @@ def _quantizable(model: nn.Module, targets, caller: str) -> list[str]:
 
 
 def quantize_with_init(model: nn.Module, names: list[str], init: str, r: int, scaling: float, loftq_iter: int,
-                       blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16
-                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                       blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                       bits: int = 4) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """quantize_model as PiSSA or LoftQ choose the 4-bit base (variants/lora_init.py); returns name -> (A, B), the
     adapter's start."""
     starts = {}
     for name in names:
         nf4, a, b = quantized_start(model.get_submodule(name), init, r, scaling, loftq_iter, blocksize, double_quant,
-                                    compute_dtype)
+                                    compute_dtype, bits)
         set_submodule(model, name, nf4)
         starts[name] = a, b
     return starts
@@ -147,28 +152,31 @@ def quantize_with_init(model: nn.Module, names: list[str], init: str, r: int, sc
 
 def add_qlora(model: nn.Module, targets: str | list[str], r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
               blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
-              use_rslora: bool = False, use_dora: bool = False, init: str = "kaiming", loftq_iter: int = 1
-              ) -> nn.Module:
+              use_rslora: bool = False, use_dora: bool = False, init: str | None = "kaiming", loftq_iter: int = 1,
+              bits: int = 4) -> nn.Module:
     """QLoRA in one call (in place): the untied nn.Linear among targets become frozen NF4 (quantize_model), then
     every target gets rank-r adapters (add_lora); a tied lm_head among them keeps its full-precision weight
     under a plain LoRA adapter. use_dora: DoRA over the NF4 base. init="pissa": the residual W − s·B A is what
     gets quantized (QPiSSA); init="loftq": NF4 and the adapter alternate loftq_iter times so that
-    deq(Q) + s·B A ≈ W (LoftQ). On an error the model is left as it was."""
+    deq(Q) + s·B A ≈ W (LoftQ). bits=2: the base (and LoftQ's quantizer) is NF2. On an error the model is left
+    as it was. init=None is the default start (kaiming)."""
+    init = "kaiming" if init is None else init
     if init not in QLORA_INITS:
         raise ValueError(f"init must be one of {QLORA_INITS}, got {init!r}")
     if isinstance(loftq_iter, bool) or not isinstance(loftq_iter, int) or loftq_iter < 1:
         raise ValueError(f"loftq_iter must be an int >= 1, got {loftq_iter!r}")
+    check_bits(bits)
     names = find_targets(model, targets)
     quantized = _quantizable(model, targets, "add_qlora")
     with all_or_nothing(model, names):
         if init in LATER:
             scaling = LoRALinear.scaling_for(r, alpha, use_rslora)
             starts = quantize_with_init(model, quantized, init, r, scaling, loftq_iter, blocksize, double_quant,
-                                        compute_dtype)
+                                        compute_dtype, bits)
         else:
             starts = {}
             quantize_model(model, quantized, blocksize=blocksize, double_quant=double_quant,
-                           compute_dtype=compute_dtype)
+                           compute_dtype=compute_dtype, bits=bits)
         kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
         add_lora(model, [re.escape(n) for n in quantized], init="kaiming" if init in LATER else init, **kw)
         dense = [re.escape(n) for n in names if n not in quantized]  # a tied lm_head: LoftQ has nothing to fix
@@ -179,11 +187,12 @@ def add_qlora(model: nn.Module, targets: str | list[str], r: int = 8, alpha: flo
 
 
 def load_qlora_adapter(model: nn.Module, adapter_dir, compute_dtype: torch.dtype = torch.float32,
-                       adapter_name: str = "default") -> nn.Module:
+                       adapter_name: str = "default", bits: int | None = None) -> nn.Module:
     """A saved adapter on an NF4 base (in place): quantize the untied nn.Linear among the adapter's
-    target_modules (as PiSSA or LoftQ did, when its init_lora_weights says so), then load_adapter. On an error
-    the model is left as it was."""
+    target_modules (as PiSSA or LoftQ did, when its init_lora_weights says so), then load_adapter. The base is NF2
+    when the config says 2 bits (base_bits) or bits=2 is given. On an error the model is left as it was."""
     config = read_adapter_config(adapter_dir)
+    bits = base_bits(config, adapter_dir, bits)
     quantized = _quantizable(model, config["target_modules"], "load_qlora_adapter")
     init = config.get("init_lora_weights")
     with all_or_nothing(model, quantized):
@@ -194,9 +203,9 @@ def load_qlora_adapter(model: nn.Module, adapter_dir, compute_dtype: torch.dtype
                                  f"not supported")
             iters = (config.get("loftq_config") or {}).get("loftq_iter", 1)
             quantize_with_init(model, quantized, init, r, LoRALinear.scaling_for(r, alpha, rslora), iters,
-                               compute_dtype=compute_dtype)
+                               compute_dtype=compute_dtype, bits=bits)
         else:
-            quantize_model(model, quantized, compute_dtype=compute_dtype)
+            quantize_model(model, quantized, compute_dtype=compute_dtype, bits=bits)
         load_adapter(model, adapter_dir, adapter_name=adapter_name)
     return model
 

@@ -74,7 +74,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         from .qlora import add_qlora
         return add_qlora(model, list(cfg.targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                          blocksize=cfg.blocksize, compute_dtype=getattr(torch, cfg.compute_dtype),
-                         use_dora=cfg.use_dora, init=cfg.init, loftq_iter=cfg.loftq_iter)
+                         use_dora=cfg.use_dora, init=cfg.init, loftq_iter=cfg.loftq_iter, bits=cfg.bits)
     return add_lora(model, list(cfg.targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_dora=cfg.use_dora,
                     init=cfg.init)
 

@@ -46,6 +46,7 @@ class TrainConfig:
     device_budget: int | None = None      # paged AdamW: bytes of pages kept on the device (None: all)
     compute_dtype: str = "float32"        # qlora: dtype of the dequantized matmul and adapters
     blocksize: int = 64                   # qlora: NF4 block size
+    bits: int = 4                         # qlora: bits per base weight, 4 (NF4) or 2 (NF2, minilora.quant.nf2)
     seed: int = 0
     device: str = "cpu"
     fsdp: bool = False                    # under torchrun: shard the model across the ranks (minilora.parallel.fsdp), not DDP
@@ -94,6 +95,9 @@ class TrainConfig:
                                         *[("betas", b, unit) for b in self.betas]]:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
                 raise ValueError(f"TrainConfig.{name} must be a finite number {expected}, got {v!r}")
+        if isinstance(self.bits, bool) or self.bits not in (4, 2) or (self.bits == 2 and self.mode != "qlora"):
+            raise ValueError(f"TrainConfig.bits must be 4 or 2 (2 with mode 'qlora'), got {self.bits!r} for mode "
+                             f"{self.mode!r}")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"TrainConfig.compute_dtype must be float32, bfloat16 or float16, "
                              f"got {self.compute_dtype!r}")

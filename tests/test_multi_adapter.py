@@ -85,23 +85,23 @@ def test_mixed_batch_equals_peft_and_each_example_alone(hf_gpt2_dir):
         ours(idx, adapter_names=["shout"] * 3)
 
 
-def test_mixed_batch_with_dora_on_an_nf4_base(tiny_gpt):
+def test_mixed_batch_with_dora_and_plain_adapters_on_an_nf4_base(tiny_gpt):
+    """PEFT refuses adapter_names when DoRA is on; here the definition is the reference: each example alone."""
     add_qlora(tiny_gpt, ["c_attn", "c_fc"], r=2, compute_dtype=torch.float32, use_dora=True)
     add_lora(tiny_gpt, ["c_attn"], r=4, adapter_name="other", use_dora=True)
-    with pytest.raises(ValueError, match="must use DoRA or none does"):
-        add_lora(tiny_gpt, ["c_fc"], r=2, adapter_name="plain")
-    assert adapter_names(tiny_gpt) == ["default", "other"]  # the refused one left nothing behind
+    add_lora(tiny_gpt, ["c_fc", "mlp.c_proj"], r=2, adapter_name="plain")  # plain LoRA beside DoRA on c_fc
+    assert adapter_names(tiny_gpt) == ["default", "other", "plain"] and active_adapter(tiny_gpt) == "default"
     perturb(tiny_gpt, seed=4)
     tiny_gpt.eval()
-    idx = torch.randint(0, 97, (4, 8))
-    names = ["other", "default", "other", "__base__"]
+    idx = torch.randint(0, 97, (5, 8))
+    names = ["other", "default", "plain", "other", "__base__"]
     with torch.no_grad():
         mixed = tiny_gpt(idx, adapter_names=names)
-        for i, name in enumerate(names[:3]):
+        for i, name in enumerate(names[:4]):
             set_adapter(tiny_gpt, name)
             assert rel_err(mixed[i:i + 1], tiny_gpt(idx[i:i + 1])) < 1e-5
         with disable_adapters(tiny_gpt):
-            assert rel_err(mixed[3:], tiny_gpt(idx[3:])) < 1e-5
+            assert rel_err(mixed[4:], tiny_gpt(idx[4:])) < 1e-5
 
 
 def test_set_disable_delete_and_training_only_the_active_adapter(tiny_gpt):
@@ -139,5 +139,50 @@ def test_merging_one_named_adapter_keeps_the_other(hf_gpt2_dir, tmp_path):
     folded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "both").merge_and_unload()
     theirs = peft.PeftModel.from_pretrained(folded, tmp_path / "both" / "shout").eval()
     idx = torch.randint(0, 101, (2, 10))
+    with torch.no_grad():
+        assert rel_err(ours(idx), theirs(input_ids=idx).logits) < 1e-5
+
+
+@pytest.mark.parametrize("dora_first", [False, True])
+def test_a_dora_and_a_plain_adapter_on_one_layer_equal_peft_both_ways(hf_gpt2_dir, tmp_path, dora_first):
+    path, hf = hf_gpt2_dir
+    ours = GPT.from_pretrained(path)
+    first, second = ("dora", "plain") if dora_first else ("plain", "dora")
+    add_lora(ours, ["c_attn", "c_fc"], r=4, alpha=8, adapter_name=first, use_dora=dora_first)
+    add_lora(ours, ["c_attn", "attn.c_proj"], r=2, alpha=8, adapter_name=second, use_dora=not dora_first)
+    perturb(ours)
+    ours.eval()
+    assert active_adapter(ours) == first
+    save_adapter(ours, tmp_path / "both")
+    configs = {n: json.loads((tmp_path / "both" / n / "adapter_config.json").read_text()) for n in ("dora", "plain")}
+    assert configs["dora"]["use_dora"] is True and configs["plain"]["use_dora"] is False
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "both" / first, adapter_name=first).eval()
+    theirs.load_adapter(tmp_path / "both" / second, adapter_name=second)
+    idx = torch.randint(0, 101, (3, 12))
+    logits = {}
+    for name in ("plain", "dora", "plain"):  # back and forth: the magnitude goes and comes back with its adapter
+        set_adapter(ours, name)
+        theirs.set_adapter(name)
+        with torch.no_grad():
+            logits[name] = ours(idx)
+            assert rel_err(logits[name], theirs(input_ids=idx).logits) < 1e-5, name
+    for name in ("dora", "plain"):  # what trains: DoRA's magnitude only while the DoRA adapter is mounted
+        set_adapter(ours, name)
+        magnitudes = {n for n, p in ours.named_parameters() if p.requires_grad and "magnitude" in n}
+        assert bool(magnitudes) == (name == "dora")
+    theirs.save_pretrained(tmp_path / "peft")  # PEFT's folder back into minilora, each adapter in its subfolder
+    back = GPT.from_pretrained(path).eval()
+    for name in (first, second):
+        load_adapter(back, tmp_path / "peft" / name, adapter_name=name)
+    with torch.no_grad():
+        mixed = back(idx, adapter_names=["dora", "plain", "__base__"])
+        for i, name in enumerate(("dora", "plain")):
+            set_adapter(back, name)
+            assert rel_err(back(idx), logits[name]) < 1e-5
+            assert rel_err(mixed[i:i + 1], logits[name][i:i + 1]) < 1e-5
+    merge_lora(ours, adapter_name="dora")  # DoRA folded into W0; the plain adapter stays, on the new base
+    folded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "both" / "dora").merge_and_unload()
+    theirs = peft.PeftModel.from_pretrained(folded, tmp_path / "both" / "plain").eval()
+    set_adapter(ours, "plain")
     with torch.no_grad():
         assert rel_err(ours(idx), theirs(input_ids=idx).logits) < 1e-5

@@ -1,7 +1,7 @@
 """Property tests: the round-trip error bounds of minilora.quant.bounds hold for every element.
 
 Stated bounds (a = the block's absmax, G = largest code gap, u = 2^-24, δ = double-quant error of a):
-  4-bit:        |x - w| <= a·(G/2 + 5u)                      (+ δ·(1+u) with double quantization)
+  4-bit:        |x - w| <= a·(G/2 + 5u)                      (+ δ·(1+u) with double quantization; NF2 too)
   absmax:       |a' - a| <= δ = c2·(G8/2 + 1/65535) + 16u·(c2 + |offset| + |a'|)
   int8:         |x - x'| <= a/254 + 5u·a
   exact points: x = 0 gives w = 0; the block's absmax element comes back exactly (within δ with double quant)
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minilora.quant import (dequantize_4bit, dequantize_absmax, dequantize_blockwise_4bit, dequantize_int8,
-                            error_bound_4bit, error_bound_int8, fp4_code, int4_code, nf4_code, quantize_4bit,
-                            quantize_int8)
+                            dequantize_nf2, error_bound_4bit, error_bound_int8, fp4_code, int4_code, nf4_code,
+                            quantize_4bit, quantize_int8, quantize_nf2)
 from minilora.quant.bounds import U, absmax_error_bound, block_absmax
 from minilora.quant.format import TINY
 
@@ -84,3 +84,16 @@ def test_int8_error_bound(x, blocksize):
     err = (dequantize_int8(q, absmax, blocksize) - x.float()).abs().reshape(-1)
     assert (err <= error_bound_int8(absmax, blocksize, x.numel())).all()
     assert (q.reshape(-1)[x.reshape(-1) == 0] == 0).all()
+
+
+@settings_
+@given(x=tensors(), blocksize=st.sampled_from([32, 64, 128]), double_quant=st.booleans())
+def test_nf2_error_bound(x, blocksize, double_quant):
+    """NF2 (2 bits, four codes per byte) obeys the same bound with its own gap G = 1 (between -1 and 0)."""
+    state = quantize_nf2(x, blocksize, double_quant)
+    assert state.bits == 2 and state.packed.numel() == (x.numel() + 3) // 4
+    w32 = dequantize_nf2(state, torch.float32)
+    assert ((x.float() - w32).abs() <= error_bound_4bit(x, state)).all()
+    w = dequantize_nf2(state)
+    assert w.dtype == x.dtype and ((x.float() - w.float()).abs() <= error_bound_4bit(x, state, x.dtype)).all()
+    assert (w[x == 0] == 0).all()  # zero is a code: it comes back exactly

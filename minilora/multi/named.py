@@ -73,7 +73,7 @@ def mount(layer: nn.Module, name: str) -> None:
     del parked(layer)[name]
     outgoing = ParkedAdapter(layer)
     layer.lora_A, layer.lora_B, layer.lora_dropout = incoming.A, incoming.B, incoming.lora_dropout
-    if incoming.magnitude is not None:
+    if incoming.magnitude is not None or hasattr(layer, "lora_magnitude_vector"):  # None: plain LoRA on a DoRA layer
         layer.lora_magnitude_vector = incoming.magnitude
     for key, value in incoming.settings.items():
         setattr(layer, key, value)
@@ -82,8 +82,18 @@ def mount(layer: nn.Module, name: str) -> None:
 
 
 def park_new(layer: nn.Module, fresh: nn.Module) -> None:
-    """Park the adapter of `fresh` (a new LoRA layer of the same class around the same base) beside layer's."""
+    """Park the adapter of `fresh` (a new LoRA layer around the same base) beside layer's."""
     parked(layer)[fresh.adapter_name] = ParkedAdapter(fresh)
+
+
+def adopt(fresh: nn.Module, layer: nn.Module) -> nn.Module:
+    """A DoRA layer `fresh` (around layer's base, its own new DoRA adapter mounted) takes over the plain LoRA
+    layer's adapters, parked beside its own; returns fresh, which replaces layer in the model. A plain adapter
+    mounted on a DoRA layer runs without a magnitude (variants/dora.py)."""
+    parked(fresh)[layer.adapter_name] = ParkedAdapter(layer)
+    for name, adapter in list(getattr(layer, "parked_adapters", {}).items()):
+        parked(fresh)[name] = adapter
+    return fresh
 
 
 def set_trainable(layer: nn.Module) -> None:

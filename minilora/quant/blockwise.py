@@ -35,6 +35,15 @@ def check_finite(absmax: torch.Tensor) -> None:
 
 def quantize_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: (packed uint8 ((n+1)//2,), absmax fp32 (blocks,)) of a flat tensor, as the docstring above."""
+    q, absmax = block_codes(flat, code, blocksize)
+    if flat.numel() % 2:
+        q = torch.cat([q, torch.bucketize(torch.zeros(1, device=q.device), midpoints(code).to(q.device))])
+    return (q[0::2] * 16 + q[1::2]).to(torch.uint8), absmax
+
+
+def block_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int64 (n,), absmax fp32 (blocks,)): the index of the nearest code to each x_j / absmax_b, unpacked
+    (any codebook size: the 2-bit format packs the same indices four to a byte, quant/nf2.py)."""
     x = flat.float()
     n = x.numel()
     full = n - n % blocksize
@@ -46,11 +55,7 @@ def quantize_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
         absmax = torch.cat([absmax, tail_absmax])
         s = torch.cat([s, x[full:] / tail_absmax])
     check_finite(absmax)
-    mids = midpoints(code).to(x.device)
-    q = torch.bucketize(s, mids)                                       # number of midpoints below s
-    if n % 2:
-        q = torch.cat([q, torch.bucketize(torch.zeros(1, device=x.device), mids)])
-    return (q[0::2] * 16 + q[1::2]).to(torch.uint8), absmax
+    return torch.bucketize(s, midpoints(code).to(x.device)), absmax    # number of midpoints below s
 
 
 def quantize_blockwise_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64

@@ -4,6 +4,7 @@ A blockwise format stores, per element, the index of the nearest code value to x
 Every table here is sorted ascending and lies in [-1, 1], so dequantization is code[index] · absmax.
 
     nf4_code()      16 values at quantiles of N(0, 1), with an exact zero        (QLoRA, Appendix E)
+    nf2_code()      4 values built the same way: -1, 0, 0.338, 1                 (LoftQ's 2-bit NF2)
     fp4_code()      16 values of a 4-bit float, E2M1 (1 sign, 2 exponent, 1 mantissa bit)
     int4_code()     16 evenly spaced values k/7, k = -7..7 (zero appears as -0 and +0)
     dynamic_code()  256 values of the signed dynamic 8-bit map (Dettmers 2015), used to quantize
@@ -30,15 +31,16 @@ def _on(table: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _nf4() -> torch.Tensor:
+def _normal_float(bits: int) -> torch.Tensor:
     # Probabilities on a float32 grid from 1 - δ down to 1/2 (the 1/2 end, the median, is dropped):
-    # 8 levels for the positive half, 7 for the negative half; zero is added exactly.
-    p_pos = torch.linspace(NF4_OFFSET, 0.5, 9)[:-1]  # (8,)
-    p_neg = torch.linspace(NF4_OFFSET, 0.5, 8)[:-1]  # (7,)
+    # 2^(k-1) levels for the positive half, 2^(k-1) - 1 for the negative half; zero is added exactly.
+    half = 2 ** (bits - 1)
+    p_pos = torch.linspace(NF4_OFFSET, 0.5, half + 1)[:-1]  # (8,) for NF4, (2,) for NF2
+    p_neg = torch.linspace(NF4_OFFSET, 0.5, half)[:-1]      # (7,) for NF4, (1,) for NF2
     # Q(p) = Φ⁻¹(p), the N(0,1) quantile function (ndtri), evaluated in float64 and rounded to float32
     q_pos = torch.special.ndtri(p_pos.double()).float()
     q_neg = -torch.special.ndtri(p_neg.double()).float()
-    values = torch.cat([q_neg, torch.zeros(1), q_pos]).sort().values  # (16,)
+    values = torch.cat([q_neg, torch.zeros(1), q_pos]).sort().values  # (2^k,)
     return values / values.max()  # normalise: largest is +1, and -Q(1-δ)/Q(1-δ) = -1 exactly
 
 
@@ -51,7 +53,18 @@ def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
     (mirror of linspace(1 - δ, 1/2, 8) without the 1/2), plus 0, all divided by the largest.
     Returns a sorted float32 tensor of 16 values from -1 to 1.
     """
-    return _on(_nf4(), device)
+    return _on(_normal_float(4), device)
+
+
+def nf2_code(device: torch.device | str | None = None) -> torch.Tensor:
+    """NF2: NF4's construction with 2 bits, 2 positive quantiles (linspace(1 - δ, 1/2, 3) without the 1/2),
+    1 negative one (-Φ⁻¹(1 - δ)) and an exact 0, divided by the largest: [-1, 0, 0.338, 1].
+
+    LoftQ (Li et al., 2023) quantizes its 2-bit backbones to this NormalFloat ("NF2"), built the way QLoRA
+    builds NF4. With four levels the asymmetry is stark: one negative level, two positive ones.
+    Returns a sorted float32 tensor of 4 values from -1 to 1.
+    """
+    return _on(_normal_float(2), device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,12 +135,13 @@ def midpoints(code: torch.Tensor) -> torch.Tensor:
     return (code[:-1] + code[1:]) / 2
 
 
-def check_code(code: torch.Tensor, name: str = "code") -> torch.Tensor:
-    """A 4-bit codebook: float tensor of 16 sorted, finite values with strictly increasing midpoints."""
+def check_code(code: torch.Tensor, name: str = "code", size: int = 16) -> torch.Tensor:
+    """A k-bit codebook (size = 2^k, 16 by default): float tensor of sorted, finite values with strictly
+    increasing midpoints."""
     if not isinstance(code, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of 16 sorted values, got {type(code).__name__}")
-    if code.numel() != 16 or not code.is_floating_point():
-        raise ValueError(f"{name} must hold 16 floating-point values, got {code.numel()} of {code.dtype}")
+        raise TypeError(f"{name} must be a torch.Tensor of {size} sorted values, got {type(code).__name__}")
+    if code.numel() != size or not code.is_floating_point():
+        raise ValueError(f"{name} must hold {size} floating-point values, got {code.numel()} of {code.dtype}")
     code = code.detach().reshape(-1).float().cpu()
     if not torch.isfinite(code).all() or code.abs().max() > 1:
         raise ValueError(f"{name} must lie in [-1, 1]")

@@ -6,6 +6,7 @@
     BLOCKSIZE_8BIT    8-bit optimizer state: blocks of 256 values, one float32 absmax each
     TINY              absmax is clamped to this before 1/absmax, as bitsandbytes does (all-zero blocks give s = 0)
     nf4_nbytes        bytes of n weights in NF4:  ⌈n/2⌉ codes + absmax (+ nested absmax + offset)
+    kbit_nbytes       the same at k = 4 or 2 bits per code (NF2: ⌈n/4⌉ codes)
     ceil_div          ⌈n / k⌉ in integers: the blocks (pages, chunks) n elements fill
 
 kernels/, the double quantization, int8 absmax and the memory estimate import these names.
@@ -58,11 +59,20 @@ def nf4_nbytes(n: int, blocksize: int = 64, double_quant: bool = True, blocksize
     """Bytes of n weights in NF4: ⌈n/2⌉ packed codes + per-block absmax (1 byte each with double quantization,
     else 4) + with double quantization an fp32 absmax per blocksize2 blocks and an fp32 offset.
     n·(4 + 8/64 + 32/(64·256))/8 bytes plus rounding and the offset: 4.127 bits per weight. 0 for n = 0."""
+    return kbit_nbytes(n, 4, blocksize, double_quant, blocksize2)
+
+
+def kbit_nbytes(n: int, bits: int = 4, blocksize: int = 64, double_quant: bool = True,
+                blocksize2: int = NESTED_BLOCKSIZE) -> int:
+    """Bytes of n weights at `bits` (4 or 2) bits per code: ⌈n·bits/8⌉ packed codes plus the absmax values as
+    in nf4_nbytes. At 2 bits with blocksize 64 and double quantization: 2.127 bits per weight."""
     if n < 0 or blocksize <= 0 or blocksize2 <= 0:
         raise ValueError(f"nf4_nbytes: n, blocksize and blocksize2 must be positive, got {n}, {blocksize}, {blocksize2}")
+    if bits not in (4, 2):
+        raise ValueError(f"kbit_nbytes: bits must be 4 or 2, got {bits!r}")
     if n == 0:
         return 0
-    blocks = math.ceil(n / blocksize)
+    blocks, codes = math.ceil(n / blocksize), math.ceil(n * bits / 8)
     if not double_quant:
-        return math.ceil(n / 2) + 4 * blocks
-    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / blocksize2) + 4
+        return codes + 4 * blocks
+    return codes + blocks + 4 * math.ceil(blocks / blocksize2) + 4

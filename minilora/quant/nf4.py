@@ -55,7 +55,8 @@ def _absmax(state: QuantState) -> torch.Tensor:
 def dequantize_4bit(state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """doubleDequant(c1, c2, W_4bit) = code[W_4bit] · dequant(c2, c1): the tensor in its original shape, in its
     original dtype or in `dtype` (computed in float32 and rounded once, as a cast of the float32 result would be)."""
-    check_state(state)
+    if check_state(state).bits != 4:
+        raise ValueError(f"dequantize_4bit: the state holds {state.bits}-bit codes; dequantize it with dequantize_nf2")
     return dequantize_blockwise_4bit(state.packed, _absmax(state), state.code, state.blocksize,
                                      state.shape, state.dtype if dtype is None else dtype)
 

@@ -1,11 +1,11 @@
-"""QuantState: everything a blockwise 4-bit tensor is stored as, the checks a state must pass, and equality.
+"""QuantState: everything a blockwise 4-bit (or 2-bit) tensor is stored as, the checks a state must pass, and equality.
 
-    w_j   = code[nibble_j] · absmax'_{j // blocksize}                         (dequantize the weight)
+    w_j   = code[q_j] · absmax'_{j // blocksize}       q_j: a nibble (bits=4) or a 2-bit field (bits=2, nf2.py)
     absmax' = absmax                                                          (double_quant=False, fp32)
     absmax'_i = nested_code[absmax_i] · nested_absmax[i // 256] + offset      (double_quant=True, uint8)
 
 Size: 4 bits per weight + 32/blocksize bits for an fp32 absmax, or with double quantization
-8/blocksize + 32/(blocksize·256) bits; for blocksize 64 that is 4.5 and 4.127 bits per parameter.
+8/blocksize + 32/(blocksize·256) bits; for blocksize 64 that is 4.5 and 4.127 bits per parameter (2.127 at 2 bits).
 
 A state built or changed by hand is checked before it is dequantized (check_state): every field's type,
 dtype and size must agree with the shape and the block sizes, so that a wrong field is a clear error and
@@ -19,15 +19,17 @@ from dataclasses import dataclass, fields
 import torch
 
 from .codebooks import check_code
-from .format import FLOAT_DTYPES, NESTED_BLOCKSIZE, check_blocksize, nf4_nbytes
+from .format import FLOAT_DTYPES, NESTED_BLOCKSIZE, check_blocksize, kbit_nbytes
 
 
 @dataclass(eq=False)
 class QuantState:
-    """A blockwise 4-bit tensor. Field names are a contract shared with the kernels; see the module docstring."""
+    """A blockwise 4-bit tensor (bits=2: NF2). Field names are a contract shared with the kernels (which read
+    4-bit states only); see the module docstring."""
     packed: torch.Tensor                      # uint8 ((numel + 1) // 2,), first element in the high nibble
+                                              # (bits=2: ((numel + 3) // 4,), first element in the top 2 bits)
     absmax: torch.Tensor                      # fp32 (blocks,), or uint8 codes into nested_code when double_quant
-    code: torch.Tensor                        # fp32 (16,): the 4-bit codebook (NF4 for quantize_nf4)
+    code: torch.Tensor                        # fp32 (2^bits,): the codebook (NF4 for quantize_nf4, NF2)
     blocksize: int
     shape: torch.Size
     dtype: torch.dtype                        # dtype of the original tensor; dequantize returns it
@@ -36,6 +38,7 @@ class QuantState:
     nested_absmax: torch.Tensor | None = None  # fp32 (ceil(blocks / 256),) (double_quant)
     nested_code: torch.Tensor | None = None   # fp32 (256,): signed dynamic 8-bit map (double_quant)
     nested_blocksize: int = NESTED_BLOCKSIZE
+    bits: int = 4                             # bits per code: 4, or 2 (quantize_nf2)
 
     @property
     def numel(self) -> int:
@@ -48,7 +51,7 @@ class QuantState:
         The codebooks (code: 64 bytes, nested_code: 1 KiB) are shared constants and not counted.
         An empty tensor stores nothing: 0 bytes.
         """
-        return nf4_nbytes(self.numel, self.blocksize, self.double_quant, self.nested_blocksize)
+        return kbit_nbytes(self.numel, self.bits, self.blocksize, self.double_quant, self.nested_blocksize)
 
     @property
     def bits_per_param(self) -> float:
@@ -98,16 +101,18 @@ def check_state(state: QuantState) -> QuantState:
     if state.dtype not in FLOAT_DTYPES:
         raise TypeError(f"QuantState.dtype must be float32, float16 or bfloat16, got {state.dtype!r}")
     check_blocksize(state.blocksize, "QuantState.blocksize")
+    if state.bits not in (4, 2) or isinstance(state.bits, bool):
+        raise ValueError(f"QuantState.bits must be 4 or 2, got {state.bits!r}")
     if not isinstance(state.double_quant, bool):
         raise TypeError(f"QuantState.double_quant must be a bool, got {state.double_quant!r}")
     if not isinstance(state.packed, torch.Tensor):
         raise TypeError(f"QuantState.packed must be a torch.Tensor, got {type(state.packed).__name__}")
     n, device = math.prod(shape), state.packed.device
     blocks = math.ceil(n / state.blocksize)
-    _tensor(state, "packed", (torch.uint8,), (n + 1) // 2, device)
+    _tensor(state, "packed", (torch.uint8,), -(-n * state.bits // 8), device)
     if not isinstance(state.code, torch.Tensor) or state.code.device != device:
         raise ValueError(f"QuantState.code must be a tensor on {device} like packed")
-    check_code(state.code, "QuantState.code")
+    check_code(state.code, "QuantState.code", 2 ** state.bits)
     if not state.double_quant:
         if isinstance(state.absmax, torch.Tensor) and state.absmax.dtype == torch.uint8:
             raise ValueError("QuantState.absmax is uint8 (double-quantized codes) but double_quant is False")

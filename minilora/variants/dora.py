@@ -10,6 +10,9 @@ As the DoRA paper (Liu et al., 2024, section 4.3) and PEFT do, the norm is detac
 The same class works over a dense base (DoRALinear) and over an NF4 base (QDoRALinear, the norm of the
 dequantized weight). With dropout on the adapter input, W0 x sees the clean input (PEFT passes the dropped
 input through W0 for the rescaling term too); the two agree whenever dropout is off, as in evaluation.
+
+A DoRA layer may also carry plain LoRA adapters beside its DoRA ones (multi/named.py): while a plain one is
+mounted, lora_magnitude_vector is None and the layer is LoRA's, y = W0 x + b + s·B A x.
 """
 from __future__ import annotations
 
@@ -51,25 +54,29 @@ class DoRA:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)                      # W0 x + b + s·B A x (or, merged, the merged layer)
-        if self.merged or self.disabled or self.row_adapters is not None:  # (a mixed batch rescales its own rows)
+        if (self.merged or self.disabled or self.row_adapters is not None  # (a mixed batch rescales its own rows)
+                or self.lora_magnitude_vector is None):                    # (a plain LoRA adapter is mounted)
             return y
         g, b = self.magnitude_scale().to(y.dtype), self.base_layer.bias
         return g * y if b is None else g * (y - b.to(y.dtype)) + b.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """What merging adds to W0: g ⊙ (W0 + s·B A) − W0, fp32."""
+        """What merging adds to W0: g ⊙ (W0 + s·B A) − W0, fp32 (s·B A while a plain adapter is mounted)."""
+        if self.lora_magnitude_vector is None:
+            return super().delta_weight()
         w0 = self.dense_base_weight()
         return self.magnitude_scale().float().detach()[:, None] * (w0 + super().delta_weight()) - w0
 
     @torch.no_grad()
     def merge(self) -> None:
-        self._merged_scale = self.magnitude_scale().float()  # unmerge divides by it (W0 is gone from the weight)
+        plain = self.lora_magnitude_vector is None  # unmerge divides by g (W0 is gone from the weight)
+        self._merged_scale = None if plain else self.magnitude_scale().float()
         super().merge()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """W0 = W / g − s·B A for a dense base; an NF4 base was never changed (its dense copy just goes)."""
-        if not self.merged or isinstance(self.base_layer, NF4Linear):
+        if not self.merged or isinstance(self.base_layer, NF4Linear) or self._merged_scale is None:
             return super().unmerge()
         w = self.base_layer.weight
         w.copy_((w.float() / self._merged_scale[:, None] - super().delta_weight()).to(w.dtype))

@@ -11,7 +11,8 @@ LoftQ (Li et al., 2023) chooses Q and B A together so that Q + s·B A approximat
 
     Q_t = NF4(W − s·B_{t−1} A_{t−1}),   s·B_t A_t = rank-r SVD of (W − deq(Q_t)),   starting from B_0 A_0 = 0,
 
-for loftq_iter steps: one step is plain NF4 plus the best rank-r correction of its error. PEFT splits the SVD
+for loftq_iter steps: one step is plain NF4 plus the best rank-r correction of its error. At 2 bits the same
+rounds alternate NF2 (quant/nf2.py) and the SVD: LoftQ quantizes with the quantizer of the base it builds. PEFT splits the SVD
 as √S on both sides without the scaling (so Q + B A ≈ W); dividing by s keeps Q + s·B A ≈ W at any alpha and
 is the same when alpha = r.
 """
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..nf4_linear import NF4Linear
-from ..quant import dequantize_nf4, quantize_nf4
+from ..quant import dequantize_nf, quantize_nf
 
 
 # Machinery: a CPU SVD of a small matrix runs on one thread. On 2 busy cores, 2 threads took 0.43 s for a 256 × 64
@@ -76,15 +77,16 @@ def loftq(weight: torch.Tensor, r: int, scaling: float, iters: int, quantize: Ca
 # ---- machinery: the two inits applied to the layers of a model (add_qlora, load_qlora_adapter) ----
 
 def quantized_start(linear: nn.Linear, init: str, r: int, scaling: float, loftq_iter: int = 1, blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16):
-    """(NF4Linear, A, B) for one nn.Linear: PiSSA quantizes the residual W − s·B A; LoftQ alternates."""
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16, bits: int = 4):
+    """(NF4Linear, A, B) for one nn.Linear: PiSSA quantizes the residual W − s·B A; LoftQ alternates. bits: 4
+    (NF4) or 2 (NF2), the base's format and LoftQ's quantizer."""
     w = linear.weight.detach()
-    quantize = lambda m: quantize_nf4(m, blocksize=blocksize, double_quant=double_quant)  # noqa: E731
+    quantize = lambda m: quantize_nf(m, bits, blocksize=blocksize, double_quant=double_quant)  # noqa: E731
     if init == "pissa":
         a, b, w_res = pissa(w, r, scaling)
         state = quantize(w_res.to(w.dtype))
     else:
-        a, b, state = loftq(w, r, scaling, loftq_iter, quantize, lambda st: dequantize_nf4(st, torch.float32))
+        a, b, state = loftq(w, r, scaling, loftq_iter, quantize, lambda st: dequantize_nf(st, torch.float32))
     return NF4Linear(state, linear.bias, compute_dtype), a, b
 
 
