@@ -1,7 +1,11 @@
 """Machinery: LoRA's variants fine-tuned on the Yoda task over several seeds, recorded for notebook 09.
 
-    nice -n 10 python tools/variant_spread.py                       # every arm, seeds 0 1 2
+    nice -n 10 python tools/variant_spread.py                       # every arm, seeds 0 1 2, one after another
     python tools/variant_spread.py --arms qlora2 loftq2 --seeds 0   # some arms: added to the file's others
+
+The committed file was recorded one seed per process, side by side (34 minutes on 2 busy shared cores):
+
+    for s in 0 1 2; do nice -n 10 python tools/variant_spread.py --seeds $s --threads 1 & done; wait
 
 Every arm fine-tunes the demo's cached base (minilora.demos.get_base) with one short recipe (RECIPE: steps,
 batch, learning rate, rank) and is scored on the held-out sentences (validation loss and exact match):
