@@ -13,6 +13,9 @@ def _state_args(state) -> dict:
     if missing:
         raise TypeError(f"state must have the NF4 QuantState fields; {type(state).__name__} "
                         f"lacks {', '.join(missing)}")
+    if getattr(state, "bits", 4) != 4:
+        raise ValueError(f"the kernels read NF4 (4-bit) states; a {state.bits}-bit state dequantizes in PyTorch "
+                         f"(minilora.quant.dequantize_nf2)")
     nested_blocksize = getattr(state, "nested_blocksize", NESTED_BLOCKSIZE)
     if nested_blocksize != NESTED_BLOCKSIZE:
         raise ValueError(f"the kernels expect nested_blocksize {NESTED_BLOCKSIZE}, state has "

@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "family) or a Hugging Face model id")
     p.add_argument("--adapter", action="append", metavar="[NAME=]DIR", help="adapter directory (PEFT layout); "
                    "repeat as NAME=DIR to answer through several adapters in one mixed batch")
-    p.add_argument("--qlora", action="store_true", help="quantize the base to NF4 before loading the adapter")
+    p.add_argument("--qlora", action="store_true", help="quantize the base to NF4 before loading the adapter "
+                   "(NF2 when the adapter was made on a 2-bit base)")
     p.add_argument("--instruction", default="Say it like Yoda.")
     p.add_argument("--context", default=None, help="context of the instruction prompt")
     p.add_argument("--prompt", default=None, help="raw text to continue instead of an instruction prompt")

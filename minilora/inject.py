@@ -206,17 +206,28 @@ def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         for name, layer in lora_layers(model).items():
             set_submodule(model, name, layer.merged_layer())
         return model
+    for name, layer in lora_layers(model).items():
+        if adapter_name in names_on(layer) and not isinstance(getattr(layer.base_layer, "weight", None), nn.Parameter):
+            raise ValueError(f"merge_lora: {name} has a quantized base; merge one adapter of QLoRA with "
+                             f"merge_qlora(model, requantize=True, adapter_name={adapter_name!r})")
+    return fold_adapter(model, adapter_name, lambda name, layer: layer.merge(), "merge_lora")
+
+
+def fold_adapter(model: nn.Module, adapter_name: str, fold: Callable, caller: str) -> nn.Module:
+    """Fold one named adapter into the base of every layer that carries it and take it out; the other adapters
+    stay, on the new base. fold(name, layer) folds the layer's mounted adapter in: W0 <- W0 + ΔW (merge_lora),
+    or a new quantized W0 (merge_qlora). A layer left with no adapter becomes its base layer."""
     if adapter_name not in adapter_names(model):
-        raise ValueError(f"merge_lora: no adapter named {adapter_name!r}; the model has {adapter_names(model)}")
+        raise ValueError(f"{caller}: no adapter named {adapter_name!r}; the model has {adapter_names(model)}")
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise ValueError(f"{caller}: a layer has its adapter merged into the weight; unmerge() it first")
     active = active_adapter(model)
     for name, layer in lora_layers(model).items():
         if adapter_name not in names_on(layer):
             continue
-        if not isinstance(getattr(layer.base_layer, "weight", None), nn.Parameter):
-            raise ValueError(f"merge_lora: {name} has a quantized base; merge one adapter of QLoRA with merge_qlora")
         if adapter_name != layer.adapter_name:
             mount(layer, adapter_name)
-        layer.merge()  # W0 <- W0 + ΔW; then the adapter goes, and another one (if any) takes its place
+        fold(name, layer)  # then the adapter goes, and another one (if any) takes its place
         if not parked(layer):
             set_submodule(model, name, layer.base_layer)
             continue

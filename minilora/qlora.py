@@ -15,12 +15,11 @@ import torch
 import torch.nn as nn
 
 from .adapters import base_bits, load_adapter, read_adapter_config
-from .inject import (set_submodule, add_lora, all_or_nothing, find_targets, lora_layers, parameter_uses,
+from .inject import (set_submodule, add_lora, all_or_nothing, find_targets, fold_adapter, lora_layers, parameter_uses,
                      register_lora_wrapper, untie_lora_bases)
 from .lora import LoRALinear
 from .multi.mixed_batch import mixed_batch_forward
 from .nf4_linear import NF4Linear, nf4_linear
-from .quant.nf2 import check_bits
 from .variants.lora_init import quantized_start, set_adapter_start
 
 QLORA_INITS = ("kaiming", "gaussian", "pissa", "loftq")
@@ -82,16 +81,25 @@ class QLoRALinear(LoRALinear):
         """deq(W) + scaling · B A in fp32."""
         return self.base_layer.dequantized_weight(torch.float32) + self.delta_weight()
 
-    def merged_layer(self, requantize: bool = False) -> nn.Module:
-        """An nn.Linear holding deq(W) + scaling·B·A (or, with requantize, that sum quantized again, NF4 or NF2 as
-        the base was)."""
+    def merged_layer(self) -> nn.Module:
+        """An nn.Linear holding deq(W) + scaling·B·A."""
         if not self.merged:
             self.merge()
-        linear, base = self.merged_linear, self.base_layer
-        if not requantize:
-            return linear
-        return NF4Linear.from_linear(linear, blocksize=base._state.blocksize, compute_dtype=base.compute_dtype,
-                                     backend=base.backend, bits=base.bits)
+        return self.merged_linear
+
+    @torch.no_grad()
+    def fold_requantized(self) -> float:
+        """W0 <- Q(deq(W0) + ΔW): the mounted adapter folded into a new quantized base (NF4, or NF2 as W0 was),
+        under the adapters this layer carries besides it. Returns the rounding error ‖deq(Q(W)) − W‖ / ‖W‖."""
+        w = self.merged_weight()
+        self.base_layer = requantized(self.base_layer, self.base_layer.to_linear(w))
+        return ((self.base_layer.dequantized_weight(torch.float32) - w).norm() / w.norm()).item()
+
+
+def requantized(base: NF4Linear, linear: nn.Linear) -> NF4Linear:
+    """linear quantized in base's format: its bits, blocksize, double quantization, compute dtype and backend."""
+    return NF4Linear.from_linear(linear, blocksize=base._state.blocksize, double_quant=base._state.double_quant,
+                                 compute_dtype=base.compute_dtype, backend=base.backend, bits=base.bits)
 
 
 register_lora_wrapper(NF4Linear, QLoRALinear)
@@ -113,7 +121,6 @@ def quantize_model(model: nn.Module, targets: str | list[str] | None = None, blo
                    backend: str = "auto", bits: int = 4) -> nn.Module:
     """Replace the target nn.Linear layers (default: every nn.Linear whose weight is not shared, e.g. not a
     tied lm_head) by frozen NF4Linear layers, in place (bits=2: NF2 weights). add_lora on the result gives QLoRA."""
-    check_bits(bits)
     names = untied_linears(model) if targets is None else find_targets(model, targets)
     for name in names:
         module = model.get_submodule(name)
@@ -165,7 +172,6 @@ def add_qlora(model: nn.Module, targets: str | list[str], r: int = 8, alpha: flo
         raise ValueError(f"init must be one of {QLORA_INITS}, got {init!r}")
     if isinstance(loftq_iter, bool) or not isinstance(loftq_iter, int) or loftq_iter < 1:
         raise ValueError(f"loftq_iter must be an int >= 1, got {loftq_iter!r}")
-    check_bits(bits)
     names = find_targets(model, targets)
     quantized = _quantizable(model, targets, "add_qlora")
     with all_or_nothing(model, names):
@@ -190,7 +196,8 @@ def load_qlora_adapter(model: nn.Module, adapter_dir, compute_dtype: torch.dtype
                        adapter_name: str = "default", bits: int | None = None) -> nn.Module:
     """A saved adapter on an NF4 base (in place): quantize the untied nn.Linear among the adapter's
     target_modules (as PiSSA or LoftQ did, when its init_lora_weights says so), then load_adapter. The base is NF2
-    when the config says 2 bits (base_bits) or bits=2 is given. On an error the model is left as it was."""
+    when the config says 2 bits (quantized_base_bits, LoftQ's loftq_bits) or bits=2 is given. On an error the
+    model is left as it was."""
     config = read_adapter_config(adapter_dir)
     bits = base_bits(config, adapter_dir, bits)
     quantized = _quantizable(model, config["target_modules"], "load_qlora_adapter")
@@ -210,24 +217,33 @@ def load_qlora_adapter(model: nn.Module, adapter_dir, compute_dtype: torch.dtype
     return model
 
 
-def merge_qlora(model: nn.Module, requantize: bool = False) -> tuple[nn.Module, dict[str, float]]:
+def merge_qlora(model: nn.Module, requantize: bool = False, adapter_name: str | None = None
+                ) -> tuple[nn.Module, dict[str, float]]:
     """Fold each QLoRA adapter into its dequantized base (in place); the result is a dense model. With
     requantize the merged weights (and the quantized layers without an adapter) stay NF4; the report maps layer
     name -> relative rounding error ‖Q(W) − W‖ / ‖W‖ of that step. An adapter on a tied lm_head (kept in full
-    precision) gets its own merged matrix, as in merge_lora: the embedding keeps W0."""
+    precision) gets its own merged matrix, as in merge_lora: the embedding keeps W0. With adapter_name (and
+    requantize), only that adapter is folded in, W0 <- Q(deq(W0) + ΔW); the other adapters stay, on the new base."""
     report = {}
+    if adapter_name is not None and not requantize:
+        raise ValueError("merge_qlora(adapter_name=...) needs requantize=True: the other adapters stay on a quantized base")
     untie_lora_bases(model)
+
+    def fold(name, layer):  # W0 <- Q(deq(W0) + ΔW); a tied lm_head keeps its dense W0 + ΔW, as in merge_lora
+        if isinstance(layer, QLoRALinear):
+            report[name] = layer.fold_requantized()
+        else:
+            layer.merge()
+    if adapter_name is not None:
+        return fold_adapter(model, adapter_name, fold, "merge_qlora"), report
     if not requantize:  # a dequantized model: quantized layers without an adapter become dense too
         for name, module in list(model.named_modules()):
             if isinstance(module, NF4Linear) and not name.endswith(".base_layer"):
                 set_submodule(model, name, module.to_linear())
     for name, layer in lora_layers(model).items():
-        if not isinstance(layer, QLoRALinear):
+        if requantize and isinstance(layer, QLoRALinear):
+            fold(name, layer)
+            set_submodule(model, name, layer.base_layer)
+        else:
             set_submodule(model, name, layer.merged_layer())
-            continue
-        merged = layer.merged_layer(requantize=requantize)
-        if requantize:
-            w = layer.merged_weight()
-            report[name] = ((merged.dequantized_weight(torch.float32) - w).norm() / w.norm()).item()
-        set_submodule(model, name, merged)
     return model, report

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from adapter_checks import perturb, rel_err
-from minilora import (GPT, active_adapter, add_lora, add_qlora, adapter_names, delete_adapter, disable_adapters,
-                      load_adapter, lora_layers, merge_lora, save_adapter, set_adapter)
+from minilora import (GPT, NF4Linear, active_adapter, add_lora, add_qlora, adapter_names, delete_adapter,
+                      disable_adapters, load_adapter, lora_layers, merge_lora, merge_qlora, save_adapter, set_adapter)
+from minilora.quant import quantize_nf
 
 peft = pytest.importorskip("peft", reason="peft (dev extra) is the reference for named adapters")
 
@@ -186,3 +187,47 @@ def test_a_dora_and_a_plain_adapter_on_one_layer_equal_peft_both_ways(hf_gpt2_di
     set_adapter(ours, "plain")
     with torch.no_grad():
         assert rel_err(ours(idx), theirs(input_ids=idx).logits) < 1e-5
+
+
+@pytest.mark.parametrize("bits, use_dora", [(4, False), (4, True), (2, False)])
+def test_merging_one_named_adapter_into_a_quantized_base_keeps_the_others(tiny_gpt, bits, use_dora):
+    """W0' = Q(deq(W0) + ΔW_default) where 'default' sits; 'other' (plain, and on c_attn) keeps working on W0'."""
+    model = add_qlora(copy.deepcopy(tiny_gpt), ["c_attn", "c_fc"], r=4, alpha=8, compute_dtype=torch.float32, bits=bits,
+                      use_dora=use_dora)
+    add_lora(model, ["c_attn"], r=2, alpha=4, adapter_name="other")
+    perturb(model, seed=7)
+    model.eval()
+    idx = torch.randint(0, 97, (3, 8))
+    layers = lora_layers(model)
+    with torch.no_grad():
+        before = model(idx)  # 'default' active
+        want = {n: layer.merged_weight() for n, layer in layers.items()}  # deq(W0) + ΔW_default, fp32
+        other = {n: layer.parked_adapters["other"] for n, layer in layers.items() if "attn" in n}
+        model, report = merge_qlora(model, requantize=True, adapter_name="default")
+    assert adapter_names(model) == ["other"] and active_adapter(model) == "other"
+    assert set(report) == set(layers)
+    for n, w in want.items():
+        layer = model.get_submodule(n)
+        base = layer.base_layer if n in other else layer  # c_fc carried 'default' only: an NF4 layer now
+        assert isinstance(base, NF4Linear) and base.bits == bits
+        assert torch.equal(base.packed, quantize_nf(w, bits).packed)  # the new base is Q(deq(W0) + ΔW), exactly
+        assert report[n] == pytest.approx(rel_err(base.dequantized_weight(torch.float32), w), rel=1e-5)
+        assert 0 < report[n] < (0.7 if bits == 2 else 0.15)
+    # the definition: a dense model with deq(W0') everywhere and + s·B A of 'other' on c_attn
+    dense = copy.deepcopy(tiny_gpt).eval()
+    with torch.no_grad():
+        for n in want:
+            layer = model.get_submodule(n)
+            w = (layer.base_layer if n in other else layer).dequantized_weight(torch.float32)
+            if n in other:
+                w = w + other[n].settings["scaling"] * (other[n].B @ other[n].A)
+            dense.get_submodule(n).weight.copy_(w)
+        assert rel_err(model(idx), dense(idx)) < 1e-5
+        with disable_adapters(model):  # the merged base alone is 'default' up to the rounding of Q
+            assert rel_err(model(idx), before) < (0.6 if bits == 2 else 0.1)
+    with pytest.raises(ValueError, match="needs requantize=True"):
+        merge_qlora(model, adapter_name="other")
+    with pytest.raises(ValueError, match=r"quantized base; .*merge_qlora\(model, requantize=True, adapter_name='other'\)"):
+        merge_lora(model, adapter_name="other")
+    merge_qlora(model, requantize=True, adapter_name="other")
+    assert not lora_layers(model) and isinstance(model.get_submodule("transformer.h.0.attn.c_attn"), NF4Linear)

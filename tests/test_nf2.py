@@ -1,6 +1,7 @@
 """NF2, the 2-bit base of QLoRA: its codebook, its bytes, QLoRA / PiSSA / LoftQ on it, its adapter files and the
 command line's --bits. (The round-trip error bound is a property test in test_quant_properties.py.)"""
 import copy
+import importlib.util
 import json
 import math
 
@@ -64,6 +65,10 @@ def test_nf2_is_coarser_than_nf4_and_refused_where_only_nf4_fits():
         to_bnb_state_dict(quantize_nf2(x))
     with pytest.raises(ValueError, match="triton' runs NF4 only"):
         NF4Linear(quantize_nf2(x), None, backend="triton")
+    if importlib.util.find_spec("triton") is not None:
+        from minilora.kernels import nf4_dequantize_state
+        with pytest.raises(ValueError, match="the kernels read NF4"):
+            nf4_dequantize_state(quantize_nf2(x))
     for call in (lambda m: add_qlora(m, ["c_attn"], bits=3), lambda m: quantize_model(m, bits=8)):
         with pytest.raises(ValueError, match=r"bits must be 4 \(NF4\) or 2 \(NF2\), got"):
             call(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=50, block_size=16)))
@@ -105,7 +110,7 @@ def test_loftq_at_2_bits_lowers_the_error_of_every_layer_of_the_demo_base(demo_b
     weights = {n: base.get_submodule(n).weight.detach().float().clone() for n in names}
     plain = add_qlora(copy.deepcopy(base), names, r=16, alpha=64, compute_dtype=torch.float32, bits=2)
     errors = {}
-    for it in (1, 5):
+    for it in (1, 3):
         m = add_qlora(copy.deepcopy(base), names, r=16, alpha=64, compute_dtype=torch.float32, init="loftq",
                       loftq_iter=it, bits=2)
         layers = lora_layers(m)
@@ -115,8 +120,10 @@ def test_loftq_at_2_bits_lowers_the_error_of_every_layer_of_the_demo_base(demo_b
             assert all(torch.equal(layers[n].base_layer.packed, lora_layers(plain)[n].base_layer.packed) for n in names)
     for n in names:
         q_err = (weights[n] - lora_layers(plain)[n].base_layer.dequantized_weight(torch.float32)).norm().item()
-        assert errors[1][n] <= 0.9 * q_err and errors[5][n] <= errors[1][n], (n, errors[1][n] / q_err,
-                                                                               errors[5][n] / q_err)
+        # the issue's bar, 3 % below plain quantization (measured: 14-24 % below at one round); more rounds help up
+        # to about 3 (measured: at least 4 % below one round at 3), past which, at 2 bits, it stops falling
+        assert errors[1][n] <= 0.97 * q_err and errors[3][n] < errors[1][n], (n, errors[1][n] / q_err,
+                                                                               errors[3][n] / q_err)
 
 
 @pytest.mark.parametrize("init", ["kaiming", "pissa", "loftq"])
@@ -138,6 +145,12 @@ def test_a_2bit_adapter_file_is_a_4bit_one_that_records_its_bits(tiny_gpt, tmp_p
                      else {"quantized_base_bits": 2})
     with pytest.raises(ValueError, match="bits=4 but .* was made on a 2-bit base"):
         load_qlora_adapter(copy.deepcopy(tiny_gpt), tmp_path / "2", bits=4)
+    if init == "loftq":  # PEFT's 8-bit LoftQ is not a base minilora builds: refused, not rebuilt as NF4
+        peft_8bit = {k: v for k, v in files[2].items() if k != "quantized_base_bits"}
+        peft_8bit["loftq_config"] = {"loftq_bits": 8, "loftq_iter": 2}
+        (tmp_path / "2" / "adapter_config.json").write_text(json.dumps(peft_8bit))
+        with pytest.raises(ValueError, match="quantized_base_bits / loftq_bits must be 4 .NF4. or 2 .NF2., got 8"):
+            load_qlora_adapter(copy.deepcopy(tiny_gpt), tmp_path / "2")
     if init == "kaiming":  # a file that records no bits (as PEFT writes it) goes on the base it is asked to
         on_nf2 = load_qlora_adapter(copy.deepcopy(tiny_gpt), tmp_path / "4", bits=2)
         assert all(layer.base_layer.bits == 2 for layer in lora_layers(on_nf2).values())
@@ -161,3 +174,7 @@ def test_command_line_bits(tmp_path, capsys):
     cli.main([str(a) for a in run + ["--out", tmp_path / "o", "--bits", "2", "--init", "loftq"]])
     config = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
     assert config["quantized_base_bits"] == 2 and config["loftq_config"]["loftq_bits"] == 2
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in ["generate", "--model", tmp_path / "b", "--adapter", tmp_path / "o" / "adapter",
+                                    "--qlora", "--context", "You must rest.", "--max-new-tokens", "3"]])
+    assert rc in (0, None) and capsys.readouterr().err == ""  # the NF2 base rebuilt from the adapter's config

@@ -1,7 +1,7 @@
 """minilora.quant: storage formats for quantized weights (plain tensors, no nn.Module).
 
     int8 absmax          quantize_int8 / dequantize_int8                  X_int8 = round(127/absmax · X)
-    codebooks            nf4_code, fp4_code, int4_code, dynamic_code      the tables, derived in code
+    codebooks            nf4_code, nf2_code, fp4_code, int4_code, dynamic_code   the tables, derived in code
     blockwise 4-bit      quantize_blockwise_4bit / dequantize_blockwise_4bit (any codebook)
     8-bit blockwise      quantize_blockwise_8bit / dequantize_blockwise_8bit  (signed / unsigned dynamic maps)
     double quantization  quantize_absmax / dequantize_absmax_8bit; int8 teaching mode double_quantize_int8

@@ -60,7 +60,8 @@ def absmax_error_bound(state: QuantState) -> torch.Tensor:
 
 
 def error_bound_4bit(x: torch.Tensor, state: QuantState, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-element bound on |x - dequantize(state)| (equations 1 and 3), in x's shape; dtype: the output dtype."""
+    """Per-element bound on |x - dequantize(state)| (equations 1 and 3), in x's shape; dtype: the output dtype.
+    A 2-bit (NF2) state obeys the same bound, with G the largest gap of its own code (1, between -1 and 0)."""
     a = block_absmax(x, state.blocksize)
     delta = absmax_error_bound(state)
     per_block = torch.where(a < TINY, 2 * a, a * (max_gap(state.code) / 2 + 5 * U)) + delta * (1 + U) + SMALLEST
