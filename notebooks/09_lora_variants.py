@@ -286,8 +286,10 @@ for s in runs:
 # at the same rank). **Not here**: at this size and this short budget, trained with LoRA's recipe, DoRA learns
 # the Yoda task far more slowly. On every recorded seed it ends with **at least twice LoRA's validation loss**
 # and **at least 25 points less exact match**; the cell prints how far the recorded seeds are from those bounds.
-# Why is not measured here (the recipe is LoRA's, and no longer run was recorded), so the notebook claims only
-# the gap it measured at this budget, not that DoRA is worse in general.
+# It is not a difference from PEFT's DoRA: minilora's DoRA gives PEFT's logits and PEFT's gradients for A, B and m
+# (tests/test_dora.py), so PEFT trained the same way would land at the same place. Why DoRA is slower here is not
+# measured (the recipe is LoRA's, and no longer run was recorded), so the notebook claims only the gap it
+# measured at this budget, not that DoRA is worse in general.
 
 # %%
 DORA_LOSS_RATIO, DORA_POINTS = 2.0, 25

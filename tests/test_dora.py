@@ -137,3 +137,34 @@ def test_dora_on_nf4_base_equals_peft_on_bitsandbytes(tmp_path):
     again = load_qlora_adapter(copy.deepcopy(plain), tmp_path / "q")  # and back into minilora
     with torch.no_grad():
         assert rel_err(again(idx), a) < 1e-5
+
+
+def test_dora_gradients_equal_peft(hf_gpt2_dir, tmp_path):
+    """Training, not only the forward: one loss's gradients for A, B and m equal PEFT's DoRA on the same adapter."""
+    path, hf = hf_gpt2_dir
+    config = peft.LoraConfig(r=3, lora_alpha=12, target_modules=["c_attn", "c_fc", "attn.c_proj"], use_dora=True,
+                             fan_in_fan_out=True, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(hf, config).train()
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(GPT.from_pretrained(path), tmp_path / "peft").train()
+    for name, p in ours.named_parameters():
+        p.requires_grad_("lora_" in name)
+    idx = torch.randint(0, 101, (2, 15))
+
+    def loss(logits):
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 101), idx[:, 1:].reshape(-1))
+
+    loss(theirs(input_ids=idx).logits).backward()
+    loss(ours(idx)).backward()
+    peft_grads = {n.replace("base_model.model.", "").replace(".default", "").removesuffix(".weight"): p.grad
+                  for n, p in theirs.named_parameters() if p.requires_grad}
+    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert len(ours_grads) == 3 * 3 * 3 and set(ours_grads) <= set(peft_grads)  # A, B, m × 3 targets × 3 blocks
+    for name, g in ours_grads.items():
+        assert g is not None and g.abs().sum() > 0, name
+        assert rel_err(g, peft_grads[name].reshape(g.shape)) < 1e-5, name
