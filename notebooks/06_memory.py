@@ -244,18 +244,18 @@ for mode in ("lora", "qlora"):
 # ## 4 · A second check: the QLoRA paper's 65B figures
 #
 # *Paper-only figures* (Dettmers et al., *QLoRA: Efficient Finetuning of Quantized LLMs*, 2023): more than
-# 780 GB of GPU memory to fine-tune a 65B LLaMA in 16 bits, and under 48 GB with QLoRA (one 48 GB GPU). The
-# paper's model and setup are not ours, so those two numbers are not computed here; what is computed is the
-# same accounting for minilora's GPT scaled to 65B: **16-bit full fine-tuning comes out above 780 GB**,
-# **QLoRA with checkpointing under 48 GB**, and **paging the Adam state to the host lowers the device total
-# further** by exactly the bytes it moves off.
+# 780 GB of GPU memory to fine-tune a 65B LLaMA in 16 bits, and under 48 GB with QLoRA (one 48 GB GPU). What is
+# computed here is minilora's accounting on LLaMA-65B's own architecture (the `llama-65b` preset of
+# `minilora.Llama`, one 512-token sequence): **16-bit full fine-tuning comes out above 780 GB**, **QLoRA with
+# checkpointing under 48 GB**, and **paging the Adam state to the host lowers the device total further** by
+# exactly the bytes it moves off.
 
 # %%
-c65 = scaled_config(65_000_000_000, n_layer=80, n_embd=8192, n_head=64, block_size=2048)
+l65 = LlamaConfig(**PRESETS["llama-65b"])
 rows65 = [
-    estimate(c65, "full", **LECTURE, batch_size=1, seq_len=512, label="65B full, 16-bit"),
-    estimate(c65, "qlora", **QLORA, r=64, batch_size=1, seq_len=512, checkpointing=True, label="65B QLoRA + ckpt"),
-    estimate(c65, "qlora", **QLORA, r=64, batch_size=1, seq_len=512, checkpointing=True, optimizer="paged",
+    estimate(l65, "full", **LECTURE, batch_size=1, seq_len=512, label="65B full, 16-bit"),
+    estimate(l65, "qlora", **QLORA, r=64, batch_size=1, seq_len=512, checkpointing=True, label="65B QLoRA + ckpt"),
+    estimate(l65, "qlora", **QLORA, r=64, batch_size=1, seq_len=512, checkpointing=True, optimizer="paged",
              device_budget=0, label="65B QLoRA + ckpt + paged"),
 ]
 print(format_table(rows65, unit="GB"))
@@ -263,7 +263,7 @@ full65, q65, paged65 = rows65
 print(f"\n16-bit full fine-tuning: {format_bytes(full65.total, 'GB')} (paper: > 780 GB)")
 print(f"QLoRA: {format_bytes(q65.total, 'GB')} (paper: < 48 GB); with the Adam state paged to the host: "
       f"{format_bytes(paged65.total, 'GB')} on the device, {format_bytes(paged65.offloaded, 'GB')} on the host")
-fig = plots.plot_memory_breakdown(rows65, unit="GB", title="65B parameters, 1 × 512 tokens",
+fig = plots.plot_memory_breakdown(rows65, unit="GB", title="LLaMA-65B, 1 × 512 tokens",
                                   reference_lines={"paper: 780 GB": 780, "48 GB GPU": 48})
 
 # %%
@@ -286,7 +286,6 @@ assert paged65.total < q65.total, "claim 'paging lowers the device total' broke"
 # out the device holds **47 GB**.
 
 # %%
-l65 = LlamaConfig(**PRESETS["llama-65b"])
 PAPER = dict(**QLORA, r=64, lora_dropout=0.05, seq_len=16 + 512, checkpointing=True)
 resident = estimate(l65, "qlora", **PAPER, batch_size=4, label="Adam state on device")
 paged_all = estimate(l65, "qlora", **PAPER, batch_size=4, optimizer="paged", device_budget=0,
@@ -479,7 +478,7 @@ assert f"{host['llama-2-70b'] / GB:.0f}" == "46" and f"{host['llama-2-7b'] / GB:
 # 2. How many GB (10⁹ bytes) does a **7B**-parameter base take in NF4 with double quantization
 #    (blocksize 64, second-level blocksize 256)? Two decimals are enough.
 # 3. LoRA of rank **r = 64** on one 5120 × 5120 linear layer: how many trainable parameters?
-# 4. On the paper's 48 GB GPU, with `estimate`'s accounting for the 65B model above (QLoRA, checkpointing,
+# 4. On the paper's 48 GB GPU, with `estimate`'s accounting for LLaMA-65B as in section 4 (QLoRA, checkpointing,
 #    BF16, 512-token sequences, Adam state on the device): how many sequences fit in one batch at most?
 # 5. Llama-2-70B (section 5) on **four 24 GB GPUs** with FSDP, no CPU offload (QLoRA r = 64, BF16,
 #    checkpointing, 2048-token sequences): how many sequences per GPU fit at most?
@@ -510,7 +509,7 @@ def check(name, answer, is_right):
 
 
 def _fits_65b(b: int) -> bool:
-    return estimate(c65, "qlora", **QLORA, r=64, batch_size=b, seq_len=512, checkpointing=True).total <= 48 * GB
+    return estimate(l65, "qlora", **QLORA, r=64, batch_size=b, seq_len=512, checkpointing=True).total <= 48 * GB
 
 
 check("exercise 1", answer_1, lambda a: abs(a - mixed.state_bytes / mixed.n_params) < 0.01)
