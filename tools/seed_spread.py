@@ -2,6 +2,7 @@
 
     for s in 0 1 2; do python -m minilora demo --seed $s --no-progress --out runs/demo-seed$s; done
     python tools/seed_spread.py runs/demo-seed0 runs/demo-seed1 runs/demo-seed2
+    python tools/seed_spread.py --add runs/demo-seed3      # more seeds of the same recipe, into the same file
 
 Each run directory's summary.json (written by the demo) gives, per mode, the exact match and validation loss
 on the held-out sentences and the training time. The runs must share one recipe (every DemoConfig field but
@@ -17,6 +18,8 @@ import platform
 import sys
 import time
 from pathlib import Path
+
+from minilora.runs.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_RECIPE = ("seed", "out", "overwrite", "cache", "progress", "n_show")  # DemoConfig fields a run may vary
@@ -46,17 +49,31 @@ def spread(run_dirs: list[Path]) -> dict:
             "recorded": time.strftime("%Y-%m-%d"), "runs": sorted(runs, key=lambda r: r["seed"])}
 
 
+def add(old: dict, new: dict) -> dict:
+    """new's runs added to old's: the recipe must be the same, and a seed is recorded once."""
+    if old["recipe"] != new["recipe"]:
+        raise ValueError("the runs were made with another recipe than the recorded ones; record them separately")
+    seen = {r["seed"] for r in old["runs"]} & {r["seed"] for r in new["runs"]}
+    if seen:
+        raise ValueError(f"seed(s) {sorted(seen)} already recorded")
+    machines = old["machine"] if old["machine"] == new["machine"] else f"{old['machine']}; {new['machine']}"
+    return {**new, "machine": machines, "runs": sorted(old["runs"] + new["runs"], key=lambda r: r["seed"])}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="demo run directories (each with summary.json)")
     p.add_argument("--out", type=Path, default=ROOT / "notebooks" / "seed_spread.json")
+    p.add_argument("--add", action="store_true", help="add these runs to the ones already recorded in --out")
     a = p.parse_args(argv)
     try:
         data = spread(a.runs)
+        if a.add:
+            data = add(json.loads(a.out.read_text(encoding="utf-8")), data)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    a.out.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(a.out, json.dumps(data, indent=1) + "\n")
     for r in data["runs"]:
         print(f"seed {r['seed']}: " + "  ".join(f"{m} {v['exact_match']:.1%} / {v['loss']:.4f}"
                                                 for m, v in r.items() if m != "seed"))
