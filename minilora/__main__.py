@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import sys
 
 
@@ -238,7 +239,14 @@ BAD_INPUT = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError
              IsADirectoryError, PermissionError)
 
 
-def _error(msg: str) -> None:
+def _error(msg: str, args=None) -> None:
+    """One line `error: msg`; a setting the library names as TrainConfig.x / DemoConfig.x is named by its flag
+    --x where this command has one (args: the parsed arguments)."""
+    def flag(m):
+        name = f"--{m[1].replace('_', '-')}"
+        return name if hasattr(args, m[1]) and name not in msg else m[0]  # (a message may name it already)
+    if args is not None:
+        msg = re.sub(r"\b(?:TrainConfig|DemoConfig)\.(\w+)", flag, msg)
     print(f"error: {' '.join(msg.split())}", file=sys.stderr)  # one line, whatever the message holds
 
 
@@ -260,7 +268,7 @@ def _run(args) -> int:
     except AnotherRankFailed:  # a lower rank refused the same input and says so: one line from one rank
         return 2
     except BAD_INPUT as e:
-        _error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
+        _error(str(e.args[0] if isinstance(e, KeyError) and e.args else e), args)
         return 2
     except DistributedError as e:
         _error(str(e))

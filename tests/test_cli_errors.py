@@ -224,7 +224,8 @@ def test_refusals_come_before_the_run_directory(base, tmp_path, capsys, monkeypa
     out = tmp_path / "o"
     one_error(capsys, finetune(base, out, "--r", "100"), "r (LoRA rank) = 100", "'transformer.h.0.attn.c_attn'",
               "choose r <= 32")
-    one_error(capsys, finetune(base, out, "--lr", "1e308"), "lr=1e+308 is too large")
+    err = one_error(capsys, finetune(base, out, "--lr", "1e308"), "--lr=1e+308 is too large")
+    assert "TrainConfig" not in err  # the flag the user typed, not the library's name for it
     bad = poisoned(base, tmp_path / "inf")
     one_error(capsys, finetune(bad, out), f"the base model {bad} holds inf/NaN weights",
               "transformer.h.0.attn.c_attn.weight has 1 non-finite value(s)")
@@ -235,7 +236,7 @@ def test_refusals_come_before_the_run_directory(base, tmp_path, capsys, monkeypa
 
 
 @pytest.mark.parametrize("argv, needle", [(["--n-embd", "30", "--n-head", "4"], "n_embd (30) must be divisible"),
-                                          (["--lr", "1e308"], "lr=1e+308 is too large"),
+                                          (["--lr", "1e308"], "--lr=1e+308 is too large"),
                                           (["--vocab-size", "256"], "--vocab-size")])
 def test_pretrain_refuses_before_the_tokenizer_is_trained(tmp_path, capsys, monkeypatch, argv, needle):
     monkeypatch.setattr(cli, "pretrain_base", lambda *a, **k: pytest.fail("pretrain_base was called"))
