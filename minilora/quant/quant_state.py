@@ -14,12 +14,11 @@ never a wrong tensor. The checks read no tensor values (no device synchronisatio
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, fields
 
 import torch
 
-from .codebooks import check_code
+from .codebooks import check_code_once
 from .format import FLOAT_DTYPES, NESTED_BLOCKSIZE, check_blocksize, kbit_nbytes
 
 
@@ -91,24 +90,6 @@ def _tensor(state: QuantState, name: str, dtypes: tuple[torch.dtype, ...], numel
         raise ValueError(f"QuantState.{name} is on {t.device}, packed on {device}: all tensors must be on one device")
 
 
-# machinery: every dequantization checks its state, and all layers share one codebook tensor, so a codebook that
-# passed check_code is remembered (by identity, with its version counter: an in-place change checks it again).
-_checked_codes: dict[int, tuple] = {}
-
-
-def _check_code_once(code, name: str, size: int) -> None:
-    """check_code(code, name, size), skipped for the same tensor, unchanged, already checked at this size."""
-    if not isinstance(code, torch.Tensor) or code.is_inference():  # inference tensors keep no version counter
-        check_code(code, name, size)
-        return
-    seen = _checked_codes.get(id(code))
-    if seen is not None and seen[0]() is code and seen[1:] == (code._version, size):
-        return
-    check_code(code, name, size)
-    key = id(code)
-    _checked_codes[key] = (weakref.ref(code, lambda _: _checked_codes.pop(key, None)), code._version, size)
-
-
 def check_state(state: QuantState) -> QuantState:
     """Every field consistent with the others (see the module docstring); returns state, or raises naming the field."""
     if not isinstance(state, QuantState):
@@ -131,7 +112,7 @@ def check_state(state: QuantState) -> QuantState:
     _tensor(state, "packed", (torch.uint8,), -(-n * state.bits // 8), device)
     if not isinstance(state.code, torch.Tensor) or state.code.device != device:
         raise ValueError(f"QuantState.code must be a tensor on {device} like packed")
-    _check_code_once(state.code, "QuantState.code", 2 ** state.bits)
+    check_code_once(state.code, "QuantState.code", 2 ** state.bits)
     if not state.double_quant:
         if isinstance(state.absmax, torch.Tensor) and state.absmax.dtype == torch.uint8:
             raise ValueError("QuantState.absmax is uint8 (double-quantized codes) but double_quant is False")
