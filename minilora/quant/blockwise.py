@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .codebooks import check_code, midpoints
+from .codebooks import check_code, check_code_once, midpoints
 from .dispatch import fast_path
 from .format import FLOAT_DTYPES, TINY, check_blocksize, check_float_tensor
 
@@ -98,7 +98,7 @@ def dequantize_blockwise_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: 
                          + (str(absmax.numel()) if isinstance(absmax, torch.Tensor) else type(absmax).__name__))
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    code = check_code(code)
+    code = check_code_once(code)
     packed, absmax = packed.reshape(-1), absmax.reshape(-1).float()
     fast = fast_path()
     if fast is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 
@@ -149,6 +150,25 @@ def check_code(code: torch.Tensor, name: str = "code", size: int = 16) -> torch.
         raise ValueError(f"{name} must be sorted ascending (no value more than twice)")
     return code
 
+
+
+# machinery: every dequantization checks its codebook, and all layers share one codebook tensor, so the result
+# of check_code is remembered per tensor (by identity, with its version counter: an in-place change checks it
+# again); an entry goes when its tensor does.
+_checked: dict[int, tuple] = {}
+
+
+def check_code_once(code: torch.Tensor, name: str = "code", size: int = 16) -> torch.Tensor:
+    """check_code(code, name, size), computed once for the same unchanged tensor at the same size."""
+    if not isinstance(code, torch.Tensor) or code.is_inference():  # inference tensors keep no version counter
+        return check_code(code, name, size)
+    key = id(code)
+    seen = _checked.get(key)
+    if seen is not None and seen[0]() is code and seen[1] == (code._version, size):
+        return seen[2]
+    checked = check_code(code, name, size).clone()  # a copy: a view would keep `code` alive
+    _checked[key] = (weakref.ref(code, lambda _: _checked.pop(key, None)), (code._version, size), checked)
+    return checked
 
 CODEBOOKS = {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code}
 

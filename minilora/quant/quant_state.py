@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .codebooks import check_code
+from .codebooks import check_code_once
 from .format import FLOAT_DTYPES, NESTED_BLOCKSIZE, check_blocksize, kbit_nbytes
 
 
@@ -112,7 +112,7 @@ def check_state(state: QuantState) -> QuantState:
     _tensor(state, "packed", (torch.uint8,), -(-n * state.bits // 8), device)
     if not isinstance(state.code, torch.Tensor) or state.code.device != device:
         raise ValueError(f"QuantState.code must be a tensor on {device} like packed")
-    check_code(state.code, "QuantState.code", 2 ** state.bits)
+    check_code_once(state.code, "QuantState.code", 2 ** state.bits)
     if not state.double_quant:
         if isinstance(state.absmax, torch.Tensor) and state.absmax.dtype == torch.uint8:
             raise ValueError("QuantState.absmax is uint8 (double-quantized codes) but double_quant is False")
