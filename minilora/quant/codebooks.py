@@ -151,7 +151,6 @@ def check_code(code: torch.Tensor, name: str = "code", size: int = 16) -> torch.
     return code
 
 
-
 # machinery: every dequantization checks its codebook, and all layers share one codebook tensor, so the result
 # of check_code is remembered per tensor (by identity, with its version counter: an in-place change checks it
 # again); an entry goes when its tensor does.
@@ -169,6 +168,7 @@ def check_code_once(code: torch.Tensor, name: str = "code", size: int = 16) -> t
     checked = check_code(code, name, size).clone()  # a copy: a view would keep `code` alive
     _checked[key] = (weakref.ref(code, lambda _: _checked.pop(key, None)), (code._version, size), checked)
     return checked
+
 
 CODEBOOKS = {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code}
 

@@ -7,9 +7,10 @@ What changes against the reference, and why (figures in chunks.py and hugepages.
 - the nearest code is found with a bin grid (nearest.py): two table look-ups and a compare per element
   instead of a binary search (torch.bucketize).
 - dequantize looks each byte up once in a 256-entry table of float32 PAIRS (high nibble first) and scales the
-  pairs by their block's absmax (in place: in the output for float32; for 16-bit outputs in the float32 scratch,
-  then copied into the output, rounded once: a mixed-dtype mul measured slower than the two); the byte indices and looked-up pairs live in
-  per-thread scratch buffers kept between calls, and large outputs come from the huge-page cache.
+  pairs by their block's absmax in place: in the output for float32; for 16-bit outputs in the float32 scratch,
+  then copied into the output, rounded once (a mixed-dtype mul measured slower than these two passes). The byte
+  indices and looked-up pairs live in per-thread scratch buffers kept between calls, and large outputs come from
+  the huge-page cache.
 
 The ragged last block (fewer than blocksize elements) is left to the reference: it is at most one block.
 tests/test_quant_fast.py proves every output byte-equal to the reference.
