@@ -14,6 +14,20 @@ peft = pytest.importorskip("peft", reason="peft (dev extra) is the reference for
 TARGETS = ["c_attn", "c_fc", "attn.c_proj"]
 
 
+def peft_dora(hf, targets, alpha, seed, out):
+    """PEFT's DoRA (r = 3) on transformers' GPT-2, B and m moved off their start, saved into out."""
+    config = peft.LoraConfig(r=3, lora_alpha=alpha, target_modules=targets, use_dora=True, fan_in_fan_out=True,
+                             task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(hf, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs.save_pretrained(out)
+    return theirs
+
+
 def test_dora_layer_is_its_equation():
     torch.manual_seed(0)
     base = nn.Linear(24, 16)
@@ -53,15 +67,7 @@ def test_minilora_dora_adapter_loads_into_peft_with_equal_logits(hf_gpt2_dir, tm
 
 def test_peft_dora_adapter_loads_into_minilora_with_equal_logits(hf_gpt2_dir, tmp_path):
     path, hf = hf_gpt2_dir
-    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], use_dora=True,
-                             fan_in_fan_out=True, task_type="CAUSAL_LM")
-    theirs = peft.get_peft_model(hf, config).eval()
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_B" in name or "magnitude" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = peft_dora(hf, ["c_attn", "c_fc"], alpha=6, seed=3, out=tmp_path / "peft").eval()
     ours = load_adapter(GPT.from_pretrained(path).eval(), tmp_path / "peft")
     assert len(lora_layers(ours)) == 2 * 3 and all(isinstance(l, DoRALinear) for l in lora_layers(ours).values())
     idx = torch.randint(0, 101, (2, 15))
@@ -142,15 +148,7 @@ def test_dora_on_nf4_base_equals_peft_on_bitsandbytes(tmp_path):
 def test_dora_gradients_equal_peft(hf_gpt2_dir, tmp_path):
     """Training, not only the forward: one loss's gradients for A, B and m equal PEFT's DoRA on the same adapter."""
     path, hf = hf_gpt2_dir
-    config = peft.LoraConfig(r=3, lora_alpha=12, target_modules=["c_attn", "c_fc", "attn.c_proj"], use_dora=True,
-                             fan_in_fan_out=True, task_type="CAUSAL_LM")
-    theirs = peft.get_peft_model(hf, config).train()
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_B" in name or "magnitude" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = peft_dora(hf, ["c_attn", "c_fc", "attn.c_proj"], alpha=12, seed=4, out=tmp_path / "peft").train()
     ours = load_adapter(GPT.from_pretrained(path), tmp_path / "peft").train()
     for name, p in ours.named_parameters():
         p.requires_grad_("lora_" in name)
