@@ -349,8 +349,10 @@ for bits in (4, 2):
 # %% [markdown]
 # What held on every recorded seed (each bound is printed next to the recorded figure nearest to it):
 #
-# - **At 2 bits, LoftQ ends with a lower validation loss than plain QLoRA**, by at least 10 % (its exact match
-#   was also higher on every seed, by as little as 4.5 points on one, too close to claim).
+# - At 2 bits LoftQ ended with a lower validation loss than plain QLoRA on the three recorded seeds, but that is
+#   **not claimed**: the same arms run on two further seeds (`tools/variant_spread.py --seeds 3 --arms qlora2
+#   loftq2`, and seed 4; not in the file) put LoftQ behind on seed 3 (0.153 against 0.141). The cell prints the
+#   recorded ratios only.
 # - **Plain QLoRA at 2 bits still learns the task**: at least 30 % exact match on every seed, although its base
 #   starts with more than half of ‖W‖ as error: 150 k trainable parameters make up for it on one narrow task.
 # - **At 4 bits LoftQ and plain QLoRA are not in one order**: LoftQ ended better on some seeds and worse on
@@ -369,13 +371,12 @@ plain2 = min(em("qlora2"))
 order4 = [l < q for q, l in zip(loss("qlora4"), loss("loftq4"))]
 pissa_ratio = min(p / q for b in (4, 2) for q, p in zip(loss(f"qlora{b}"), loss(f"pissa{b}")))
 pissa_points = min(100 * (q - p) for b in (4, 2) for q, p in zip(em(f"qlora{b}"), em(f"pissa{b}")))
-print(f"2 bits: plain QLoRA's loss / LoftQ's, smallest over seeds {loftq_gain:.2f} (the claim: ≥ 1.1); LoftQ's "
-      f"exact match ahead by at least {loftq_points:.1f} points (not claimed)")
+print(f"2 bits: plain QLoRA's loss / LoftQ's, smallest over the recorded seeds {loftq_gain:.2f}; LoftQ's exact "
+      f"match ahead by at least {loftq_points:.1f} points (neither claimed)")
 print(f"2 bits: plain QLoRA's lowest exact match {plain2:.1%} (the claim: ≥ 30 %)")
 print(f"4 bits: LoftQ's loss below plain QLoRA's on {sum(order4)} of {len(order4)} seeds")
 print(f"QPiSSA / plain QLoRA loss, smallest over seeds and widths: {pissa_ratio:.2f} (the claim: ≥ 1.25); "
       f"exact match behind by at least {pissa_points:.1f} points (the claim: ≥ 5)")
-assert loftq_gain >= 1.1, "claim 'at 2 bits LoftQ ends at least 10 % below plain QLoRA' broke"
 assert plain2 >= 0.30, "claim 'plain QLoRA at 2 bits reaches 30 % exact match' broke"
 assert 0 < sum(order4) < len(order4), "claim 'at 4 bits LoftQ and plain QLoRA are not in one order' broke"
 assert pissa_ratio >= 1.25 and pissa_points >= 5, "claim 'QPiSSA ends worse than plain QLoRA' broke"
