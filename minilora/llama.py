@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .checkpointing import checkpoint_sequential
 from .gpt import GPT
 from .data.token_ids import check_token_ids
+from .linear_cross_entropy import head_and_loss
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -204,11 +205,10 @@ class Llama(nn.Module):
         check_token_ids(idx, self.config.vocab_size)
         x = self.model.embed_tokens(idx)  # (B, T, C): no position embedding, positions enter q and k by rotation
         x = self.run_blocks(x, *self.rope(idx.size(1), idx.device, x.dtype))
-        logits = self.lm_head(self.model.norm(x))  # (B, T, vocab)
+        x = self.model.norm(x)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+            return self.lm_head(x)  # (B, T, vocab)
+        return head_and_loss(self.lm_head, x, targets)  # the head and the loss in one step: linear_cross_entropy.py
 
     def run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The decoder layers in order; with gradient checkpointing, in recomputed segments (the rotary tables
