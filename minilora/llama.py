@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .checkpointing import checkpoint_sequential
 from .gpt import GPT
 from .data.token_ids import check_token_ids
-from .linear_cross_entropy import head_and_loss
+from .ops.linear_cross_entropy import head_and_loss
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -208,7 +208,7 @@ class Llama(nn.Module):
         x = self.model.norm(x)
         if targets is None:
             return self.lm_head(x)  # (B, T, vocab)
-        return head_and_loss(self.lm_head, x, targets)  # the head and the loss in one step: linear_cross_entropy.py
+        return head_and_loss(self.lm_head, x, targets)  # the head and the loss in one step: ops/linear_cross_entropy.py
 
     def run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The decoder layers in order; with gradient checkpointing, in recomputed segments (the rotary tables

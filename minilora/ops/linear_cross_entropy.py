@@ -8,10 +8,12 @@ so dx = (softmax(z) / n) W − W[t] / n and, when W trains, dW = (softmax(z) / n
 
 F.cross_entropy(F.linear(x, W), t) computes the same thing through three more (tokens, vocab) tensors: the
 log-probabilities it saves, a one-hot gradient and the gradient of the logits. Each is 100 MB for 512 tokens of
-GPT-2's 50,257 words, and writing fresh memory of that size costs about as much on a CPU as the arithmetic on it.
+GPT-2's 50,257 words, and on a CPU the first write to that much fresh memory costs more than an exp over it.
 Here the logits are the only such tensor: the forward writes them and keeps them for the backward (the same bytes
-log_softmax's output took), and the backward walks the vocabulary in column blocks of a few MB, turning each block
-of logits into its block of gradient in one reused buffer and multiplying it into dx (and dW) at once.
+log_softmax's output took). The loss, −log softmax(z_i) at t_i, and the backward's logsumexp come from log_softmax
+run a few rows at a time into one small buffer; the backward then walks the vocabulary in column blocks of a few
+MB, turning each block of logits into its block of gradient in one reused buffer and multiplying it into dx (and
+dW) at once.
 
 The logits are also written block by block: a BLAS writing rows of an odd length such as 50,257 floats is about a
 third slower than one writing rows of 1,024, so each block is multiplied into an aligned buffer and copied over
@@ -34,10 +36,21 @@ def column_blocks(n_rows: int, n_cols: int) -> range:
     return range(0, n_cols, max(256, BLOCK_BYTES // (4 * n_rows)))
 
 
-def logsumexp_rows(z: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the last dim, a few rows at a time so the temporaries stay small."""
-    rows = max(1, BLOCK_BYTES // (4 * z.size(1)))
-    return torch.cat([torch.logsumexp(z[i:i + rows], dim=-1) for i in range(0, z.size(0), rows)])
+def row_log_softmax(z: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """For each row i, log softmax(z_i) at column cols_i, or with cols None logsumexp_j z_ij = max z_i − max log
+    softmax(z_i) (exact to the rounding of a number no larger than log(vocab)). log_softmax is one fused pass; it
+    runs a few rows at a time into one reused buffer, so no (rows, vocab) tensor is allocated."""
+    N, V = z.shape
+    rows = min(N, max(1, BLOCK_BYTES // (4 * V)))
+    buf, out = z.new_empty(rows, V), z.new_empty(N)
+    for i in range(0, N, rows):
+        block = z[i:i + rows]
+        logp = torch.log_softmax(block, dim=-1, out=buf[:block.size(0)])
+        if cols is None:
+            torch.sub(block.amax(1), logp.amax(1), out=out[i:i + rows])
+        else:
+            out[i:i + rows] = logp.gather(1, cols[i:i + rows, None]).squeeze(1)
+    return out
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -56,8 +69,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits[:, j:j + w].copy_(torch.mm(x, weight[j:j + w].t(), out=block))
         kept = targets != IGNORE
         n = kept.sum().to(logits.dtype)  # 0 when every target is ignored: loss 0/0 = nan, as F.cross_entropy
-        picked = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # z_i,t_i
-        loss = ((logsumexp_rows(logits) - picked) * kept).sum() / n
+        loss = -torch.where(kept, row_log_softmax(logits, targets.clamp(min=0)), 0.0).sum() / n
         ctx.save_for_backward(x if weight.requires_grad else None, weight, logits, targets, n)
         return logits, loss
 
@@ -69,7 +81,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[:2]
         per_row = grad_loss / n if grad_loss is not None else logits.new_zeros(())
         scale = torch.where(targets != IGNORE, per_row, 0.0)  # (N,): 0 on ignored rows, even when n = 0
-        lse = logsumexp_rows(logits)[:, None] if grad_loss is not None else None
+        lse = row_log_softmax(logits)[:, None] if grad_loss is not None else None  # (N, 1)
         dx = torch.zeros(N, weight.size(1), dtype=logits.dtype, device=logits.device) if want_x else None
         dw = torch.empty_like(weight) if want_w else None
         starts = column_blocks(N, V)
