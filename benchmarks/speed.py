@@ -24,6 +24,9 @@ models are the same. What each side computes, in which dtype:
             the bf16 base output and casts once; PEFT casts each to float32 and adds (and clones the base
             output, as its bitsandbytes layer does). bitsandbytes dequantizes in its compiled CPU kernel,
             minilora in PyTorch (minilora/quant/fast/).
+    Llama   as above, and minilora's Llama computes its head and loss in one step (minilora/ops/
+            linear_cross_entropy.py: the same float32 logits, with loss and gradients equal to F.cross_entropy's
+            within float32 rounding) where transformers runs lm_head, then its cross-entropy.
 
 Times are medians of --reps repetitions, interleaved (ABBA order) so that load changes hit both sides alike,
 after a warm-up step each. On a machine whose cores other jobs keep busy, two or more threads per process

@@ -9,6 +9,7 @@ starts A and B from W0's principal singular directions, and named adapters share
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -120,15 +121,22 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_adapters is not None:  # a mixed batch: each example names its adapter (multi/)
             return mixed_batch_forward(self, x)
-        y = self.base_layer(x)
+        base = self.base_layer
         if self.merged or self.disabled:
-            return y
-        if y.dtype != self.lora_A.dtype:
-            return y + self.lora_forward(x).to(y.dtype)
+            return base(x)
+        if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks) \
+                and base.weight.dtype == self.lora_A.dtype:
+            y = F.linear(x.reshape(-1, self.in_features), base.weight, base.bias)  # (rows, out), fresh and not
+            add = y.addmm_                                 # kept by F.linear's backward: the adapter term goes in
+        else:
+            y = base(x)
+            if y.dtype != self.lora_A.dtype:
+                return y + self.lora_forward(x).to(y.dtype)
+            add = functools.partial(torch.addmm, y.reshape(-1, self.out_features))  # into a copy of y
         # speed: the same sum as one addmm, y + scaling · (x_d Aᵀ) Bᵀ, so that neither the (rows, out) product
         # nor its scaled copy is written (and backward scales only the (rows, r) gradient)
         xa = (self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()).reshape(-1, self.r)
-        return torch.addmm(y.reshape(-1, self.out_features), xa, self.lora_B.t(), alpha=self.scaling).view(y.shape)
+        return add(xa, self.lora_B.t(), alpha=self.scaling).view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def merge(self) -> None:

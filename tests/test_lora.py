@@ -41,6 +41,31 @@ def test_only_adapters_get_gradients():
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
 
 
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain-base", "hooked-base"])
+def test_forward_and_gradients_equal_the_definition(hooked):
+    """y = x W0ᵀ + b + s·(x Aᵀ) Bᵀ on a (2, 3, in) input, with W0 and b trained too: the output and the gradients
+    of x, W0, b, A and B equal those of the formula written out (a plain base takes the in-place path, a hooked
+    one the copy)."""
+    layer = make_layer()
+    nn.init.normal_(layer.lora_B)
+    layer.base_layer.requires_grad_(True)
+    if hooked:
+        layer.base_layer.register_forward_hook(lambda module, args, out: None)
+    x = torch.randn(2, 3, 20, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ours = [t.grad.clone() for t in (x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B)]
+    leaves = [t.detach().clone().requires_grad_() for t in (x, layer.base_layer.weight, layer.base_layer.bias,
+                                                             layer.lora_A, layer.lora_B)]
+    x0, w0, b0, a0, b_lora = leaves
+    ref = x0 @ w0.t() + b0 + layer.scaling * (x0 @ a0.t()) @ b_lora.t()
+    ref.backward(g)
+    torch.testing.assert_close(y, ref)
+    for got, leaf in zip(ours, leaves):
+        torch.testing.assert_close(got, leaf.grad)
+
+
 def test_merge_unmerge_agree_and_double_merge_is_an_error():
     layer = make_layer()
     nn.init.normal_(layer.lora_B)
